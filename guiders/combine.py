@@ -1,0 +1,148 @@
+"""Evaluate a guidance plan on one model evaluation's predictions (pure torch, no ComfyUI).
+
+All predictions are denoised (x0) predictions, as ComfyUI's CFG path passes them: ``C`` cond,
+``U`` uncond, ``B`` an extra branch; ``x`` the noisy input at noise level σ.
+
+Stage 2 in full, for FDG levels l (one level without FDG), base weights ``w_l`` (the sampler's
+cfg, or FDG's per-level scales):
+
+    f       = CFG schedule multiplier at this step (1 without a schedule; 0 outside its window)
+    W_l     = 1 + (w_l − 1)·f                         (the schedule scales the increment)
+    W_l    ← W_l·β(τ)·(σ/‖C − U‖)^γ                   (with β-CFG; per sample)
+    g_l     = l-th Laplacian band of g = C − U (g itself without FDG)
+    without APG:  G_l = U_l + W_l·g_l                 (= ComfyUI's CFG formula when W = cfg)
+    with APG:     G_l = C_l + (W_l − 1)·Δ'_l,  Δ'_l = APG(g_l, C_l) with its own momentum buffer
+    D̂       = reconstruct(G_0 … G_{L−1})
+
+Each transform is invariant-preserving: with f = 1, no β-CFG, no APG and equal FDG weights w this
+is exactly CFG at w.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .frequency import laplacian_pyramid, reconstruct
+from .normalization import beta_cfg_factor, rescale_to_cond_std
+from .plan import Branch, GuidancePlan
+from .progress import StepPosition
+from .projection import apg_direction
+from .tensor_ops import to_f32
+from .uncond_rewrites import optimized_scale, scale_uncond_velocity, tangential_damping
+
+
+@dataclass
+class GuidanceState:
+    """Run-scoped state of a plan (momentum buffers). A new sampling run starts with a new one."""
+
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which model evaluations one step of a plan needs."""
+
+    cond: bool
+    uncond: bool
+    branches: tuple[Branch, ...]
+
+
+@dataclass
+class StepInputs:
+    x: torch.Tensor
+    sigma: torch.Tensor  # [B] (or scalar)
+    cond_scale: float
+    position: StepPosition
+    parameterization: str  # "ve" | "flow"
+    cond: torch.Tensor
+    uncond: torch.Tensor | None  # None when not evaluated (cfg 1, or outside the CFG window)
+    branches: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def sigma_value(self) -> float:
+        return float(torch.as_tensor(self.sigma).reshape(-1)[0])
+
+
+def needs(plan: GuidancePlan, position: StepPosition, sigma: float) -> Needs:
+    """The evaluations this step needs; a branch whose term is off here costs nothing."""
+    if plan.is_zero_init_step(position):
+        return Needs(cond=False, uncond=False, branches=())
+    uncond = plan.cfg_multiplier(position, sigma) != 0.0
+    branches = tuple(t.branch for t in plan.extra if t.scale_at(position, sigma) != 0.0)
+    return Needs(cond=True, uncond=uncond, branches=branches)
+
+
+def rewrite_uncond(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor) -> torch.Tensor:
+    """Stage 1: TCFG, then CFG-Zero*'s optimised scale."""
+    if plan.tcfg is not None:
+        uncond = tangential_damping(inp.x, inp.cond, uncond)
+    z = plan.cfg_zero_star
+    if z is not None and z.optimized_scale:
+        alpha = optimized_scale(inp.x, inp.cond, uncond, inp.sigma)
+        uncond = scale_uncond_velocity(inp.x, uncond, alpha)
+    return uncond
+
+
+def guide_cfg_direction(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor, multiplier: float,
+                        state: GuidanceState) -> torch.Tensor:
+    """Stage 2 (see the module docstring). Returns float32."""
+    cond = to_f32(inp.cond)
+    uncond = to_f32(uncond)
+    base = plan.fdg.scales if plan.fdg is not None else (inp.cond_scale,)
+    weights: list[torch.Tensor | float] = [1.0 + (w - 1.0) * multiplier for w in base]
+    if plan.beta_cfg is not None:
+        bc = plan.beta_cfg
+        factor = beta_cfg_factor(cond, uncond, inp.sigma, inp.position.progress, bc.a, bc.b, bc.gamma,
+                                 bc.normalize_peak)
+        weights = [w * factor for w in weights]
+    diff = cond - uncond
+    if plan.fdg is not None:
+        levels = len(plan.fdg.scales)
+        cond_bands = laplacian_pyramid(cond, levels)
+        diff_bands = laplacian_pyramid(diff, levels)
+    else:
+        cond_bands, diff_bands = [cond], [diff]
+    uncond_bands = [uncond] if plan.fdg is None else [c - g for c, g in zip(cond_bands, diff_bands)]
+    guided = []
+    for level, (c_band, u_band, g_band, w) in enumerate(zip(cond_bands, uncond_bands, diff_bands, weights)):
+        if plan.apg is not None:
+            key = f"apg/{level}"
+            direction, state.momentum[key] = apg_direction(
+                g_band, c_band, plan.apg.eta, plan.apg.norm_threshold, plan.apg.momentum, state.momentum.get(key))
+            guided.append(c_band + (w - 1.0) * direction)
+        else:
+            guided.append(u_band + g_band * w)
+    return reconstruct(guided) if plan.fdg is not None else guided[0]
+
+
+def combine(plan: GuidancePlan, inp: StepInputs, state: GuidanceState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The guided prediction D̂ and the (rewritten) uncond to hand back to the sampler.
+
+    The returned uncond is None when it was not evaluated (guidance off at this step); it is what
+    CFG++ samplers and later hooks should see as the unconditional prediction.
+    """
+    out_dtype = inp.cond.dtype
+    sigma = inp.sigma_value
+    if plan.is_zero_init_step(inp.position):
+        # CFG-Zero* zero-init: a zero velocity/ε, i.e. D̂ = x, leaves the sample where it is
+        return inp.x.to(out_dtype), inp.x.to(out_dtype)
+    multiplier = plan.cfg_multiplier(inp.position, sigma)
+    uncond_out = None
+    if inp.uncond is None or multiplier == 0.0:
+        guided = to_f32(inp.cond)
+    else:
+        uncond_out = rewrite_uncond(plan, inp, inp.uncond)
+        guided = guide_cfg_direction(plan, inp, uncond_out, multiplier, state)
+    for term in plan.extra:
+        scale = term.scale_at(inp.position, sigma)
+        if scale == 0.0:
+            continue
+        if term.branch.name not in inp.branches:
+            raise KeyError(f"{term.label}: the prediction of branch {term.branch.name!r} is missing")
+        guided = guided + scale * (to_f32(inp.cond) - to_f32(inp.branches[term.branch.name]))
+    if plan.rescale is not None:
+        guided = rescale_to_cond_std(guided, inp.cond, inp.x, inp.sigma, inp.parameterization,
+                                     plan.rescale.multiplier)
+    return guided.to(out_dtype), (uncond_out.to(out_dtype) if uncond_out is not None else None)

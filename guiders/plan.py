@@ -1,0 +1,245 @@
+"""The guidance plan: which methods act on a model, with their settings. Pure data, no tensors.
+
+Method nodes add terms to the plan carried by a MODEL (each node clones the model first); the
+engine evaluates the whole plan at one point per model evaluation (``combine.py``). The combine
+order is fixed by *stage*, not by node order, because node order carries no meaning here:
+
+1. **uncond rewrites** — TCFG (tangential damping), then CFG-Zero*'s optimised scale α*.
+   Order-sensitive between the two; fixed as listed.
+2. **the CFG direction** g = C − U' and its transforms — FDG bands (per-level weights), the CFG
+   weight schedule, β-CFG's adaptive factor, APG's momentum/clip/projection (per FDG band).
+   At most one of each; they commute as documented in ``combine.py``.
+3. **extra guidance terms**, each ``s_t·(C − B)`` for its own branch B. Additive, so their order
+   does not matter.
+4. **output corrections** — RescaleCFG (std match to the cond), then CFG-Zero*'s zero-init
+   (which overrides everything on its steps).
+
+A node that adds a method already in the plan raises ``PlanError``: the second setting would
+silently replace the first otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .progress import StepPosition
+from .schedules import Schedule
+
+
+class PlanError(ValueError):
+    """A plan that cannot be built (duplicate method, bad settings); the message names the node."""
+
+
+@dataclass(frozen=True)
+class Branch:
+    """An extra model evaluation a term needs, batched with cond and uncond.
+
+    ``source`` names the conditioning it is evaluated with: "cond" (the positive prompt),
+    "uncond", or the name of an extra conditioning given to the Guidance Guider.
+    ``perturbation`` is applied by the engine's hooks to this branch's chunk only; it is opaque
+    here (``None`` = the unperturbed model).
+    """
+
+    name: str
+    source: str = "cond"
+    perturbation: object | None = None
+
+
+@dataclass(frozen=True)
+class BetaCFG:
+    """β-CFG: weight × β(τ; a, b)·(σ/‖C − U‖)^γ (see ``normalization.beta_cfg_factor``)."""
+
+    a: float = 2.0
+    b: float = 2.0
+    gamma: float = 1.0
+    normalize_peak: bool = False
+    label: str = "β-CFG"
+
+    def validate(self) -> None:
+        if self.a < 1 or self.b < 1:
+            raise PlanError(f"{self.label}: a and b must be ≥ 1 (the beta density is infinite at the ends "
+                            f"otherwise); got a={self.a}, b={self.b}")
+        if not (0 <= self.gamma <= 2):
+            raise PlanError(f"{self.label}: gamma must be in [0, 2] (got {self.gamma}); the paper uses 1")
+
+
+@dataclass(frozen=True)
+class APG:
+    """Adaptive Projected Guidance settings (see ``projection.apg_direction``)."""
+
+    eta: float = 0.0
+    norm_threshold: float = 15.0
+    momentum: float = -0.5
+    label: str = "APG"
+
+    def validate(self) -> None:
+        if self.norm_threshold < 0:
+            raise PlanError(f"{self.label}: norm_threshold must be ≥ 0 (0 disables the clip); "
+                            f"got {self.norm_threshold}")
+        if not (-1.0 < self.momentum < 1.0):
+            raise PlanError(f"{self.label}: momentum must be in (−1, 1) for the running sum to stay bounded; "
+                            f"the paper uses −0.5 (got {self.momentum})")
+
+
+@dataclass(frozen=True)
+class FDG:
+    """Frequency-decoupled guidance: one CFG weight per Laplacian level, high → low frequency."""
+
+    scales: tuple[float, ...] = (10.0, 5.0)
+    label: str = "FDG"
+
+    def validate(self) -> None:
+        if len(self.scales) < 2:
+            raise PlanError(f"{self.label}: give one scale per frequency level, high → low, at least two "
+                            f"(e.g. '10, 5'); got {list(self.scales)}")
+        if len(self.scales) > 6:
+            raise PlanError(f"{self.label}: at most 6 levels (latents are small); got {len(self.scales)}")
+        if not all(math.isfinite(s) for s in self.scales):
+            raise PlanError(f"{self.label}: scales must be finite numbers")
+
+
+@dataclass(frozen=True)
+class TCFG:
+    label: str = "TCFG"
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class CFGZeroStar:
+    """CFG-Zero*: optimised uncond scale α* and/or zero-init of the first ``zero_init_steps`` steps.
+
+    ``zero_init_steps`` counts zeroed steps: 0 = off, 1 = the first step (the official code's
+    ``zero_steps=0``), 2 = the first two (official ``zero_steps=1``, its Wan T2V setting).
+    """
+
+    optimized_scale: bool = True
+    zero_init_steps: int = 1
+    label: str = "CFG-Zero*"
+
+    def validate(self) -> None:
+        if self.zero_init_steps < 0:
+            raise PlanError(f"{self.label}: zero_init_steps must be ≥ 0 (got {self.zero_init_steps})")
+        if not self.optimized_scale and self.zero_init_steps == 0:
+            raise PlanError(f"{self.label}: both the optimised scale and zero-init are off, so the node would do "
+                            f"nothing; enable one of them or remove the node")
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """RescaleCFG-style std match to the cond prediction, in v space (velocity on flow models)."""
+
+    multiplier: float = 0.7
+    label: str = "Rescale"
+
+    def validate(self) -> None:
+        if not (0.0 <= self.multiplier <= 1.0):
+            raise PlanError(f"{self.label}: multiplier is a blend in [0, 1] (got {self.multiplier})")
+
+
+@dataclass(frozen=True)
+class ExtraGuidance:
+    """Stage-3 term: ``D̂ += s_t·(C − B)`` where B is the prediction of ``branch``."""
+
+    branch: Branch
+    scale: float
+    schedule: Schedule = field(default_factory=Schedule)
+    label: str = "extra guidance"
+
+    def validate(self) -> None:
+        if not math.isfinite(self.scale):
+            raise PlanError(f"{self.label}: scale must be a finite number")
+        self.schedule.validate(self.label)
+
+    def scale_at(self, position: StepPosition, sigma: float) -> float:
+        if self.scale == 0:
+            return 0.0
+        return self.scale * self.schedule.multiplier(position.progress, sigma, position.n_steps)
+
+
+SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale")
+
+
+@dataclass(frozen=True)
+class GuidancePlan:
+    cfg_schedule: Schedule | None = None
+    cfg_schedule_label: str = "CFG Schedule"
+    tcfg: TCFG | None = None
+    cfg_zero_star: CFGZeroStar | None = None
+    apg: APG | None = None
+    fdg: FDG | None = None
+    beta_cfg: BetaCFG | None = None
+    rescale: Rescale | None = None
+    extra: tuple[ExtraGuidance, ...] = ()
+
+    # --- building -------------------------------------------------------------------------------
+    def with_method(self, slot: str, value, label: str) -> GuidancePlan:
+        """A copy with ``slot`` set; raises PlanError if the slot is taken (one of each method)."""
+        if slot not in SINGLETON_SLOTS:
+            raise PlanError(f"{label}: unknown plan slot {slot!r}")
+        if getattr(self, slot) is not None:
+            raise PlanError(f"{label}: this model already has {label} in its guidance plan (from an earlier node "
+                            f"in the chain). Chain each method once; to change its settings, edit that node.")
+        if slot == "cfg_schedule":
+            value.validate(label)
+            return replace(self, cfg_schedule=value, cfg_schedule_label=label)
+        value.validate()
+        return replace(self, **{slot: value})
+
+    def with_extra(self, term: ExtraGuidance) -> GuidancePlan:
+        term.validate()
+        if any(t.branch.name == term.branch.name for t in self.extra):
+            raise PlanError(f"{term.label}: a term with branch {term.branch.name!r} is already in the plan")
+        return replace(self, extra=self.extra + (term,))
+
+    # --- queries --------------------------------------------------------------------------------
+    @property
+    def is_empty(self) -> bool:
+        return all(getattr(self, s) is None for s in SINGLETON_SLOTS) and not self.extra
+
+    @property
+    def needs_uncond_at_cfg_one(self) -> bool:
+        """Methods that act even at cfg 1 (so ComfyUI must not drop the uncond call there)."""
+        return self.fdg is not None or self.beta_cfg is not None
+
+    def cfg_multiplier(self, position: StepPosition, sigma: float) -> float:
+        """f(p) of the CFG increment at this evaluation (1 without a schedule)."""
+        if self.cfg_schedule is None:
+            return 1.0
+        return self.cfg_schedule.multiplier(position.progress, sigma, position.n_steps)
+
+    def is_zero_init_step(self, position: StepPosition) -> bool:
+        z = self.cfg_zero_star
+        return z is not None and position.step_index < z.zero_init_steps
+
+    def inactive_at_cfg_one(self, uncond_evaluated: bool) -> list[str]:
+        """Labels of methods that cannot act when the CFG scale is 1 (there is no CFG direction).
+
+        Uncond rewrites (TCFG, CFG-Zero*'s α*) still act at cfg 1 when the uncond is evaluated
+        anyway (CFG++ samplers re-noise with it).
+        """
+        if self.fdg is not None or self.beta_cfg is not None:
+            return []
+        labels = []
+        if self.cfg_schedule is not None:
+            labels.append(self.cfg_schedule_label)
+        if self.apg is not None:
+            labels.append(self.apg.label)
+        if not uncond_evaluated:
+            if self.tcfg is not None:
+                labels.append(self.tcfg.label)
+            if self.cfg_zero_star is not None and self.cfg_zero_star.optimized_scale:
+                labels.append(self.cfg_zero_star.label + (" (optimised scale; zero-init still acts)"
+                                                          if self.cfg_zero_star.zero_init_steps else ""))
+        if self.rescale is not None and not self.extra:
+            labels.append(self.rescale.label)
+        return labels
+
+    def windows(self) -> list[tuple[str, Schedule]]:
+        out = []
+        if self.cfg_schedule is not None:
+            out.append((self.cfg_schedule_label, self.cfg_schedule))
+        out.extend((t.label, t.schedule) for t in self.extra)
+        return out

@@ -1,0 +1,298 @@
+"""Model-patch nodes for the methods that change how cond and uncond predictions are combined.
+
+Each node clones the MODEL and adds its method to the model's guidance plan; the plan is
+evaluated by the engine with the sampler's cfg (KSampler, KSamplerAdvanced, SamplerCustom,
+CFGGuider, Guidance Guider). The formulas live in ``guiders/``.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..guiders.plan import APG, FDG, TCFG, BetaCFG, CFGZeroStar, PlanError, Rescale
+from ..guiders.schedules import SHAPES
+from .common import (
+    CATEGORY_CFG,
+    MODEL_TOOLTIP,
+    NODE_PREFIX,
+    SIGMA_NO_LIMIT,
+    add_method,
+    build_schedule,
+    node_error,
+    parse_float_list,
+    validation_message,
+)
+
+
+def _model_input():
+    return io.Model.Input("model", tooltip=MODEL_TOOLTIP)
+
+
+def _model_output():
+    return io.Model.Output(tooltip="The model with the method added to its guidance plan.")
+
+
+class CFGSchedule(io.ComfyNode):
+    LABEL = "CFG Schedule"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "CFGSchedule",
+            display_name="CFG Schedule · Weight Schedulers & Guidance Interval",
+            category=CATEGORY_CFG,
+            description=(
+                "Varies the CFG scale over the sampling run (Wang et al., 'Analysis of Classifier-Free Guidance "
+                "Weight Schedulers', TMLR 2024) and/or limits guidance to a sigma interval (Kynkäänniemi et al., "
+                "NeurIPS 2024). The sampler's cfg w becomes w_t = 1 + (w − 1)·f(progress): increasing shapes give "
+                "little guidance at high noise and more at the end; every shape has mean 1 over the run, so compare "
+                "it with plain CFG at the same cfg. Outside the window the step is conditional-only and the "
+                "unconditional model call is skipped (fewer model calls)."),
+            inputs=[
+                _model_input(),
+                io.Combo.Input("schedule", options=list(SHAPES), default="constant",
+                               tooltip="Shape of the guidance strength over the run. 'linear_increasing' and "
+                                       "'cosine_increasing' are the paper's recommended schedules; 'constant' with a "
+                                       "sigma window is the guidance interval; 'step_list' takes your own values."),
+                io.Float.Input("power", default=2.0, min=0.1, max=10.0, step=0.1,
+                               tooltip="Exponent k of the power schedules (u^k, normalised to mean 1). Ignored by "
+                                       "other shapes."),
+                io.String.Input("step_values", default="1, 1, 0.5, 0", multiline=False,
+                                tooltip="For 'step_list': multipliers of the guidance strength (1 = the sampler's "
+                                        "cfg, 0 = no guidance), spread evenly over the run and interpolated between; "
+                                        "give one value per step for per-step control. Ignored by other shapes."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Guidance acts from this fraction of the run (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Guidance acts until this fraction of the run (1 = last step)."),
+                io.Float.Input("sigma_high", default=SIGMA_NO_LIMIT, min=0.0, max=SIGMA_NO_LIMIT, step=0.01,
+                               tooltip="Guidance interval: guide only while sigma ≤ this value. 1000 = no limit. "
+                                       "SDXL/SD1.5 (eps) sigmas run from ~14.6 down; flow models (Flux, SD3, WAN) "
+                                       "from 1.0. Paper value for SDXL: 5.42."),
+                io.Float.Input("sigma_low", default=0.0, min=0.0, max=SIGMA_NO_LIMIT, step=0.01,
+                               tooltip="Guidance interval: guide only while sigma > this value. 0 = no limit. "
+                                       "Paper value for SDXL: 0.28."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, schedule="constant", power=2.0, step_values="", start_percent=0.0, end_percent=1.0,
+                        sigma_high=SIGMA_NO_LIMIT, sigma_low=0.0, **kwargs):
+        return validation_message(build_schedule, cls.LABEL, schedule, power, step_values, start_percent,
+                                  end_percent, sigma_high, sigma_low)
+
+    @classmethod
+    def execute(cls, model, schedule, power, step_values, start_percent, end_percent, sigma_high, sigma_low):
+        built = build_schedule(cls.LABEL, schedule, power, step_values, start_percent, end_percent, sigma_high,
+                               sigma_low)
+        return io.NodeOutput(add_method(model, "cfg_schedule", built, cls.LABEL))
+
+
+class BetaCFGNode(io.ComfyNode):
+    LABEL = "β-CFG"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "BetaCFG",
+            display_name="β-CFG · Classifier-free Guidance with Adaptive Scaling",
+            category=CATEGORY_CFG,
+            description=(
+                "β-CFG (Malarz et al., arXiv 2502.10574): gradient-normalised guidance shaped by a beta-density "
+                "time curve. In ε/velocity space ε̂ = ε_u + cfg·β(τ; a, b)·(ε_c − ε_u)/‖ε_c − ε_u‖^γ with "
+                "τ = step/(steps − 1). With γ = 1 the guidance has a fixed length cfg·β(τ), so the sampler's cfg no "
+                "longer means 'CFG scale': retune it. For a, b > 1 there is no guidance on the first and last steps "
+                "(the prediction there is the unconditional one, as in the paper)."),
+            inputs=[
+                _model_input(),
+                io.Float.Input("a", default=2.0, min=1.0, max=10.0, step=0.1,
+                               tooltip="Beta-curve parameter a (≥ 1). Larger a moves the guidance peak later. "
+                                       "Official default 2."),
+                io.Float.Input("b", default=2.0, min=1.0, max=10.0, step=0.1,
+                               tooltip="Beta-curve parameter b (≥ 1). Larger b moves the guidance peak earlier. "
+                                       "Official default 2 (README example 3)."),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Exponent of the norm in the gradient normalisation. 1 = fixed-length "
+                                       "guidance (paper), 0 = no normalisation (a time-curved CFG)."),
+                io.Boolean.Input("normalize_peak", default=False,
+                                 tooltip="Divide the beta curve by its peak so it tops out at 1 (official optional "
+                                         "normalisation; needs a, b > 1 or equal to 1)."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, a, b, gamma, normalize_peak):
+        return io.NodeOutput(add_method(model, "beta_cfg", BetaCFG(a, b, gamma, normalize_peak, cls.LABEL),
+                                        cls.LABEL))
+
+
+class APGNode(io.ComfyNode):
+    LABEL = "APG"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "APG",
+            display_name="APG · Adaptive Projected Guidance",
+            category=CATEGORY_CFG,
+            description=(
+                "APG (Sadat, Hilliges, Weber, ICLR 2025, arXiv 2410.02416), paper-exact on the denoised "
+                "prediction: Δ = C − U with momentum and a norm clip, split into the part parallel to C (which "
+                "causes oversaturation) and the orthogonal part; D = C + (cfg − 1)·(Δ⊥ + η·Δ∥). At η = 1, "
+                "threshold 0, momentum 0 it equals plain CFG at the same cfg (ComfyUI core's APG node equals CFG "
+                "at cfg + 1 there). Use it at high cfg (e.g. 10–15) for saturated, artifact-free images."),
+            inputs=[
+                _model_input(),
+                io.Float.Input("eta", default=0.0, min=-1.0, max=2.0, step=0.01,
+                               tooltip="Weight η of the guidance component parallel to the conditional prediction. "
+                                       "0 (paper recommendation) removes it; 1 keeps it (plain CFG direction)."),
+                io.Float.Input("norm_threshold", default=15.0, min=0.0, max=200.0, step=0.5,
+                               tooltip="Clip the guidance vector's L2 norm (per sample, over the whole latent) to "
+                                       "this value; 0 disables. Model-dependent: sweep it (≈5–15 for SD1.5/SDXL "
+                                       "latents; larger latents and 16-channel flow latents need more)."),
+                io.Float.Input("momentum", default=-0.5, min=-0.99, max=0.99, step=0.01,
+                               tooltip="Momentum β of the running guidance average Δ̄ = Δ + β·Δ̄_prev. The paper "
+                                       "uses negative values (−0.5, sometimes −0.75); 0 disables. Reset every run."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, eta, norm_threshold, momentum):
+        return io.NodeOutput(add_method(model, "apg", APG(eta, norm_threshold, momentum, cls.LABEL), cls.LABEL))
+
+
+class TCFGNode(io.ComfyNode):
+    LABEL = "TCFG"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "TCFG",
+            display_name="TCFG · Tangential Damping CFG",
+            category=CATEGORY_CFG,
+            description=(
+                "TCFG (Kwon et al., CVPR 2025, arXiv 2503.18137): removes the tangential component of the "
+                "unconditional score, keeping only its projection on the dominant direction of span{ε_u, ε_c} "
+                "(computed per sample, exactly, without an SVD of the latent). Then ordinary CFG. No parameters; "
+                "the sampler's cfg is the scale. Stacks with APG, FDG, β-CFG and schedules (it rewrites the uncond "
+                "first)."),
+            inputs=[_model_input()],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model):
+        return io.NodeOutput(add_method(model, "tcfg", TCFG(cls.LABEL), cls.LABEL))
+
+
+class CFGZeroStarNode(io.ComfyNode):
+    LABEL = "CFG-Zero*"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "CFGZeroStar",
+            display_name="CFG-Zero* · Optimized Scale and Zero-Init",
+            category=CATEGORY_CFG,
+            description=(
+                "CFG-Zero* (Fan et al., arXiv 2503.18886), paper-exact for flow (velocity) and eps models: the "
+                "unconditional velocity is scaled by α* = ⟨v_c, v_u⟩/‖v_u‖² per sample, then CFG; in x0 space "
+                "D = cfg·C + α*(1 − cfg)·U + (1 − α*)(1 − cfg)·x (ComfyUI core's CFGZeroStar drops the x term). "
+                "Zero-init leaves the latent unchanged on the first steps and skips their model calls. For "
+                "guidance-distilled models (Flux dev) use zero-init only."),
+            inputs=[
+                _model_input(),
+                io.Boolean.Input("optimized_scale", default=True,
+                                 tooltip="Scale the unconditional prediction by the optimal α* (the 'CFG-Zero*' part). "
+                                         "Acts only when cfg ≠ 1."),
+                io.Int.Input("zero_init_steps", default=1, min=0, max=100,
+                             tooltip="Number of first steps whose output is zeroed (the latent is left unchanged and "
+                                     "no model call is made). 0 = off, 1 = first step (official zero_steps=0), "
+                                     "2 = first two (official Wan T2V setting). Paper: about 4% of the steps."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, optimized_scale, zero_init_steps):
+        return io.NodeOutput(add_method(model, "cfg_zero_star",
+                                        CFGZeroStar(optimized_scale, zero_init_steps, cls.LABEL), cls.LABEL))
+
+
+class FDGNode(io.ComfyNode):
+    LABEL = "FDG"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "FDG",
+            display_name="FDG · Frequency-Decoupled Guidance",
+            category=CATEGORY_CFG,
+            description=(
+                "FDG (Sadat et al., arXiv 2506.19713): splits C and U into a Laplacian pyramid (kornia) and applies "
+                "a separate CFG scale per frequency band, high → low: strong guidance on high frequencies for detail, "
+                "weak on low frequencies to keep colours and diversity. The scales replace the sampler's cfg "
+                "(which then only matters for other nodes); a schedule scales each band's increment. Works on image "
+                "(4-D) and video (5-D, per frame) latents. Add APG for the paper's projected variant (its η applies "
+                "per band)."),
+            inputs=[
+                _model_input(),
+                io.String.Input("scales", default="10, 5",
+                                tooltip="One CFG scale per pyramid level, from the highest frequency to the lowest "
+                                        "(the count sets the number of levels, 2–6). Paper/diffusers SDXL value: "
+                                        "'10, 5'. Equal values everywhere = plain CFG at that value."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def _build(cls, scales: str) -> FDG:
+        fdg = FDG(parse_float_list(scales, cls.LABEL, "scales"), cls.LABEL)
+        try:
+            fdg.validate()
+        except PlanError as e:
+            raise node_error(str(e)) from None
+        return fdg
+
+    @classmethod
+    def validate_inputs(cls, scales="10, 5", **kwargs):
+        return validation_message(cls._build, scales)
+
+    @classmethod
+    def execute(cls, model, scales):
+        return io.NodeOutput(add_method(model, "fdg", cls._build(scales), cls.LABEL))
+
+
+class RescaleNode(io.ComfyNode):
+    LABEL = "Rescale"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "Rescale",
+            display_name="Rescale Guidance · std match (RescaleCFG, flow-aware)",
+            category=CATEGORY_CFG,
+            description=(
+                "RescaleCFG (Lin et al., WACV 2024, arXiv 2305.08891 §3.4) applied to the whole guided prediction of "
+                "the plan (CFG and every stacked method): its standard deviation in v space is matched to the "
+                "conditional prediction's, then blended by 'multiplier'. Uses the VP v-prediction on SD1.5/SD2/SDXL "
+                "and the velocity on flow models (Flux, SD3, WAN), where ComfyUI core's RescaleCFG uses the wrong "
+                "space. Keeps high-scale stacks from overexposing."),
+            inputs=[
+                _model_input(),
+                io.Float.Input("multiplier", default=0.7, min=0.0, max=1.0, step=0.01,
+                               tooltip="Blend φ between the rescaled and the unrescaled prediction. 0.7 is the "
+                                       "paper's value; 0 = off."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, multiplier):
+        return io.NodeOutput(add_method(model, "rescale", Rescale(multiplier, cls.LABEL), cls.LABEL))
+
+
+NODES = [CFGSchedule, BetaCFGNode, APGNode, TCFGNode, CFGZeroStarNode, FDGNode, RescaleNode]

@@ -1,0 +1,74 @@
+"""Shared pieces of the node classes: ids, categories, input parsing and plan updates."""
+
+from __future__ import annotations
+
+import math
+
+from ..guiders.plan import GuidancePlan, PlanError
+from ..guiders.schedules import SHAPES, Schedule, ScheduleError, Window, parse_step_values
+from .engine import apply_plan, plan_of
+
+NODE_PREFIX = "GuidanceKit_"
+CATEGORY_ROOT = "sampling/guidance"
+CATEGORY_CFG = CATEGORY_ROOT + "/cfg"
+
+MODEL_TOOLTIP = ("The diffusion model to patch. It is cloned; the input model is left unchanged. "
+                 "Chain several Guidance Kit nodes to stack methods in one guidance plan.")
+
+SIGMA_NO_LIMIT = 1000.0
+
+
+def node_error(message: str) -> ValueError:
+    """The error type ComfyUI shows on the node (message names the node and the fix)."""
+    return ValueError(message)
+
+
+def add_method(model, slot: str, method, label: str):
+    """A clone of ``model`` whose plan also has ``method`` in ``slot``."""
+    try:
+        plan: GuidancePlan = plan_of(model).with_method(slot, method, label)
+    except (PlanError, ScheduleError) as e:
+        raise node_error(str(e)) from None
+    return apply_plan(model, plan)
+
+
+def parse_float_list(text: str, label: str, field: str) -> tuple[float, ...]:
+    values = []
+    for part in text.replace(";", ",").replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise node_error(f"{label}: '{part}' in {field} is not a number; write numbers separated by commas, "
+                             f"e.g. '10, 5'") from None
+        if not math.isfinite(v):
+            raise node_error(f"{label}: {field} must be finite numbers (got {part})")
+        values.append(v)
+    return tuple(values)
+
+
+def build_schedule(label: str, shape: str, power: float, step_values: str, start_percent: float,
+                   end_percent: float, sigma_high: float, sigma_low: float) -> Schedule:
+    """A validated Schedule from node widget values (``sigma_high`` ≥ 1000 means no upper limit)."""
+    if shape not in SHAPES:
+        raise node_error(f"{label}: unknown schedule '{shape}'; choose one of {', '.join(SHAPES)}")
+    values = parse_step_values(step_values, label) if shape == "step_list" else ()
+    window = Window(start=start_percent, end=end_percent, sigma_low=sigma_low,
+                    sigma_high=math.inf if sigma_high >= SIGMA_NO_LIMIT else sigma_high)
+    schedule = Schedule(shape=shape, power=power, step_values=values, window=window)
+    try:
+        schedule.validate(label)
+    except ScheduleError as e:
+        raise node_error(str(e)) from None
+    return schedule
+
+
+def validation_message(fn, *args) -> bool | str:
+    """Run a builder for ``validate_inputs``: True when it succeeds, else its message."""
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+    return True

@@ -1,0 +1,407 @@
+"""The guidance engine: evaluates a model's GuidancePlan inside ComfyUI's CFG path.
+
+Installed once per model (idempotent) by every method node:
+
+* ``sampler_calc_cond_batch_function`` (single slot; a previous occupant is kept and called):
+  decides per step which evaluations the plan needs (a branch outside its window, the uncond
+  outside the CFG window, everything on a CFG-Zero* zero-init step costs nothing) and runs cond,
+  uncond **and every extra branch in one** ``calc_cond_batch`` **call**. Branch chunks are marked
+  in ``transformer_options[BRANCH_MAP_KEY]`` (batch index → Branch) so perturbation hooks act on
+  their chunk only (``hooks.py``).
+* ``sampler_pre_cfg_function`` (list): combines the predictions (``guiders.combine``), hands the
+  (rewritten) uncond back so core CFG, later pre-cfg patches and CFG++ samplers see it, and keeps
+  the difference between the plan's result and core CFG for the post-cfg hook.
+* ``sampler_post_cfg_function`` (list): adds that difference to whatever ComfyUI's CFG (or a
+  ``sampler_cfg_function`` such as RescaleCFG) produced. With nothing else installed the output is
+  exactly the plan's D̂; other post-cfg nodes compose additively, in chain order.
+* an ``OUTER_SAMPLE`` wrapper that gives every sampling run a fresh ``RunState`` (momentum etc.).
+
+If another pack replaces our calc-cond-batch slot, or a guider bypasses the pre-cfg list
+(ComfyUI's DualCFGGuider), the plan is still applied (extra branches then run as separate
+forwards) and a warning says why it costs more. It never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ..guiders.combine import GuidanceState, Needs, StepInputs, combine, needs
+from ..guiders.plan import Branch, GuidancePlan
+from ..guiders.progress import StepPosition, step_position
+
+log = logging.getLogger("guidance_kit")
+
+PLAN_KEY = "guidance_kit_plan"
+RUN_KEY = "guidance_kit_run"
+EXTRA_CONDS_KEY = "guidance_kit_conds"
+BRANCH_MAP_KEY = "guidance_kit_branches"
+WRAPPER_KEY = "guidance_kit"
+PACK = "Guidance Kit"
+
+
+class GuidanceRuntimeError(RuntimeError):
+    """Raised during sampling with a message that names the method and the fix."""
+
+
+@dataclass
+class StepStash:
+    x: torch.Tensor
+    position: StepPosition
+    parameterization: str
+    branches: dict[str, torch.Tensor]
+    uncond_evaluated: bool
+    uncond_skipped_by_plan: bool
+
+
+@dataclass
+class RunState:
+    """Everything that lives for one sampling run and no longer."""
+
+    guidance: GuidanceState = field(default_factory=GuidanceState)
+    sigmas: list[float] | None = None
+    sigmas_ref: object = None
+    stash: StepStash | None = None
+    delta: tuple[torch.Tensor, torch.Tensor] | None = None
+    windows_checked: bool = False
+    cfg_checked: bool = False
+    warned: set = field(default_factory=set)
+    calc_calls: int = 0
+    evaluations: int = 0
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# plan access and installation
+# ------------------------------------------------------------------------------------------------
+
+def get_plan(model_options: dict) -> GuidancePlan | None:
+    plan = model_options.get(PLAN_KEY)
+    return plan if isinstance(plan, GuidancePlan) else None
+
+
+def run_state(model_options: dict) -> RunState:
+    state = model_options.get(RUN_KEY)
+    if state is None:
+        # Not started through CFGGuider.sample (no OUTER_SAMPLE wrapper): this dict is the
+        # sampler's per-run model_options, so state kept here still lives for one run only.
+        state = RunState()
+        model_options[RUN_KEY] = state
+    return state
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    guider.model_options[RUN_KEY] = RunState()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options.pop(RUN_KEY, None)
+
+
+class CalcCondBatchHook:
+    """Our occupant of the single ``sampler_calc_cond_batch_function`` slot (chains to ``previous``)."""
+
+    is_guidance_kit = True
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, args):
+        return evaluate_batch(args, self.previous)
+
+
+def install_engine(model_patcher) -> None:
+    """Install the engine's hooks on a (cloned) ModelPatcher; a no-op when already installed."""
+    mo = model_patcher.model_options
+    current = mo.get("sampler_calc_cond_batch_function")
+    if not getattr(current, "is_guidance_kit", False):
+        model_patcher.set_model_sampler_calc_cond_batch_function(CalcCondBatchHook(previous=current))
+    if pre_cfg_hook not in mo.get("sampler_pre_cfg_function", []):
+        model_patcher.set_model_sampler_pre_cfg_function(pre_cfg_hook)
+    if post_cfg_hook not in mo.get("sampler_post_cfg_function", []):
+        model_patcher.set_model_sampler_post_cfg_function(post_cfg_hook)
+    if not model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                           outer_sample_wrapper)
+
+
+def apply_plan(model_patcher, plan: GuidancePlan):
+    """Clone, set the plan, install the engine. Never mutates the input model."""
+    m = model_patcher.clone()
+    m.model_options[PLAN_KEY] = plan
+    if plan.needs_uncond_at_cfg_one:
+        m.model_options["disable_cfg1_optimization"] = True
+    install_engine(m)
+    return m
+
+
+def plan_of(model_patcher) -> GuidancePlan:
+    return get_plan(model_patcher.model_options) or GuidancePlan()
+
+
+# ------------------------------------------------------------------------------------------------
+# per-step context
+# ------------------------------------------------------------------------------------------------
+
+def parameterization_of(model) -> str:
+    sampling = getattr(model, "model_sampling", None)
+    return "flow" if isinstance(sampling, comfy.model_sampling.CONST) else "ve"
+
+
+def _schedule_sigmas(run: RunState, model_options: dict, model) -> list[float]:
+    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sigmas is None:
+        # a sampler outside CFGGuider: fall back to the model's own sigma range, 1000 steps
+        sampling = model.model_sampling
+        hi, lo = float(sampling.sigma_max), float(sampling.sigma_min)
+        return [hi * (lo / hi) ** (i / 999) for i in range(1000)] + [0.0]
+    if run.sigmas is None or run.sigmas_ref is not sigmas:
+        run.sigmas = [float(s) for s in sigmas.detach().float().cpu().tolist()]
+        run.sigmas_ref = sigmas
+    return run.sigmas
+
+
+def sigma_value(sigma) -> float:
+    return float(torch.as_tensor(sigma).reshape(-1)[0])
+
+
+def _position(run: RunState, model_options: dict, model, sigma) -> StepPosition:
+    return step_position(_schedule_sigmas(run, model_options, model), sigma_value(sigma))
+
+
+def _check_windows(plan: GuidancePlan, run: RunState, model_options: dict, model) -> None:
+    if run.windows_checked:
+        return
+    run.windows_checked = True
+    sigmas = _schedule_sigmas(run, model_options, model)
+    for label, schedule in plan.windows():
+        try:
+            schedule.window.check_reachable(label, sigmas)
+        except ValueError as e:
+            raise GuidanceRuntimeError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# batched evaluation
+# ------------------------------------------------------------------------------------------------
+
+def _branch_conds(branch: Branch, conds: list, model_options: dict) -> list | None:
+    if branch.source == "cond":
+        source = conds[0]
+    elif branch.source == "uncond":
+        source = conds[1] if len(conds) > 1 else None
+    else:
+        extra = model_options.get(EXTRA_CONDS_KEY, {})
+        if branch.source not in extra:
+            raise GuidanceRuntimeError(
+                f"{PACK}: the term needing branch '{branch.name}' needs the '{branch.source}' conditioning, "
+                f"which only the Guidance Guider node provides; sample with it (SamplerCustomAdvanced).")
+        source = extra[branch.source]
+    if source is None:
+        return None
+    out = []
+    for c in source:
+        copy = dict(c)
+        # a stable id per (cond, branch): caches keyed by uuid must not mix a branch with its cond
+        copy["uuid"] = uuid.uuid5(c["uuid"], branch.name) if isinstance(c.get("uuid"), uuid.UUID) else uuid.uuid4()
+        out.append(copy)
+    return out
+
+
+def with_branch_map(model_options: dict, branch_map: dict[int, Branch]) -> dict:
+    mo = dict(model_options)
+    to = dict(mo.get("transformer_options", {}))
+    to[BRANCH_MAP_KEY] = branch_map
+    mo["transformer_options"] = to
+    return mo
+
+
+def _run_batch(model, batch: list, x, sigma, model_options: dict, previous, args: dict) -> list:
+    if previous is None:
+        return comfy.samplers.calc_cond_batch(model, batch, x, sigma, model_options)
+    # another pack's calc-cond-batch function: it only understands [cond, uncond]
+    head = previous({**args, "conds": batch[:2], "model_options": model_options})
+    if len(batch) > 2:
+        head = list(head) + comfy.samplers.calc_cond_batch(model, [None, None] + batch[2:], x, sigma,
+                                                           model_options)[2:]
+    return list(head)
+
+
+def evaluate_batch(args: dict, previous=None) -> list:
+    """The calc-cond-batch slot: one batched call for every evaluation the plan needs this step."""
+    model_options = args["model_options"]
+    plan = get_plan(model_options)
+    conds = list(args["conds"])
+    x, sigma, model = args["input"], args["sigma"], args["model"]
+    if plan is None or plan.is_empty:
+        return _run_batch(model, conds, x, sigma, model_options, previous, args)
+    run = run_state(model_options)
+    _check_windows(plan, run, model_options, model)
+    position = _position(run, model_options, model, sigma)
+    need: Needs = needs(plan, position, sigma_value(sigma))
+    cond_list = conds[0]
+    uncond_list = conds[1] if len(conds) > 1 else None
+    run_cond = need.cond and cond_list is not None
+    run_uncond = need.uncond and uncond_list is not None
+    batch = [cond_list if run_cond else None, uncond_list if run_uncond else None] + conds[2:]
+    branch_map: dict[int, Branch] = {}
+    for branch in need.branches:
+        branch_map[len(batch)] = branch
+        batch.append(_branch_conds(branch, conds, model_options))
+    call_options = with_branch_map(model_options, branch_map) if branch_map else model_options
+    if any(c is not None for c in batch):
+        out = _run_batch(model, batch, x, sigma, call_options, previous, args)
+        run.calc_calls += 1
+    else:
+        out = [torch.zeros_like(x) for _ in batch]
+    run.evaluations += 1
+    if not need.cond:  # zero-init step: no model call, D̂ = x
+        cond_out = x
+        uncond_out = x
+    else:
+        cond_out = out[0]
+        uncond_out = out[1] if run_uncond or uncond_list is None else cond_out
+    run.stash = StepStash(
+        x=x, position=position, parameterization=parameterization_of(model),
+        branches={b.name: out[i] for i, b in branch_map.items()},
+        uncond_evaluated=run_uncond,
+        uncond_skipped_by_plan=uncond_list is not None and not run_uncond,
+    )
+    return [cond_out, uncond_out] + list(out[2:len(conds)])
+
+
+def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_list, uncond_list,
+                           cond_pred, uncond_pred, reason: str) -> StepStash:
+    """Our calc-cond-batch slot did not run this step: evaluate branches separately."""
+    model_options, x, sigma, model = args["model_options"], args["input"], args["sigma"], args["model"]
+    _check_windows(plan, run, model_options, model)
+    position = _position(run, model_options, model, sigma)
+    need = needs(plan, position, sigma_value(sigma))
+    branches = {}
+    if need.branches:
+        run.warn_once("separate-forward", f"{PACK}: {reason}; extra guidance branches run as separate "
+                                          f"forwards (slower, same result).")
+        conds = [cond_list, uncond_list]
+        batch, branch_map = [None, None], {}
+        for b in need.branches:
+            branch_map[len(batch)] = b
+            batch.append(_branch_conds(b, conds, model_options))
+        out = comfy.samplers.calc_cond_batch(model, batch, x, sigma, with_branch_map(model_options, branch_map))
+        branches = {b.name: out[i] for i, b in branch_map.items()}
+    evaluated = uncond_list is not None and uncond_pred is not None
+    return StepStash(x=x, position=position, parameterization=parameterization_of(model), branches=branches,
+                     uncond_evaluated=evaluated, uncond_skipped_by_plan=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# combine and hand back
+# ------------------------------------------------------------------------------------------------
+
+def _check_cfg_scale(plan: GuidancePlan, run: RunState, cond_scale: float, uncond_evaluated: bool) -> None:
+    if run.cfg_checked:
+        return
+    run.cfg_checked = True
+    if math.isclose(cond_scale, 1.0):
+        inactive = plan.inactive_at_cfg_one(uncond_evaluated)
+        if inactive:
+            run.warn_once("cfg1", f"{PACK}: the sampler's cfg is 1, so there is no CFG direction to modify: "
+                                  f"{', '.join(inactive)} have no effect in this run. Raise cfg (e.g. 4–8), or "
+                                  f"remove those nodes for distilled models that run at cfg 1.")
+
+
+def _guided(plan: GuidancePlan, run: RunState, stash: StepStash, x, sigma, cond_scale: float,
+            cond_pred, uncond_pred) -> tuple[torch.Tensor, torch.Tensor | None]:
+    inp = StepInputs(x=x, sigma=sigma, cond_scale=cond_scale, position=stash.position,
+                     parameterization=stash.parameterization, cond=cond_pred,
+                     uncond=uncond_pred if stash.uncond_evaluated else None, branches=stash.branches)
+    guided, uncond_rewritten = combine(plan, inp, run.guidance)
+    if not bool(torch.isfinite(guided).all()):
+        raise GuidanceRuntimeError(_nonfinite_message(plan, inp))
+    return guided, uncond_rewritten
+
+
+def _nonfinite_message(plan: GuidancePlan, inp: StepInputs) -> str:
+    where = f"at step {inp.position.step_index + 1} of {inp.position.n_steps} (sigma {inp.sigma_value:.4g})"
+    sources = [("cond", inp.cond), ("uncond", inp.uncond)] + list(inp.branches.items())
+    for name, t in sources:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return (f"{PACK}: the model returned NaN/inf in its {name} prediction {where}. This comes from the "
+                    f"model, not the guidance: try fp32 / --force-fp32, a different VAE/precision setting, "
+                    f"or a lower resolution.")
+    methods = [m.label for m in (plan.tcfg, plan.cfg_zero_star, plan.apg, plan.fdg, plan.beta_cfg, plan.rescale)
+               if m is not None] + [t.label for t in plan.extra]
+    return (f"{PACK}: the guided prediction became NaN/inf {where} with finite model outputs; methods in the plan: "
+            f"{', '.join(methods) or 'CFG only'}. Lower the cfg or the methods' scales.")
+
+
+def pre_cfg_hook(args: dict) -> list:
+    model_options = args["model_options"]
+    plan = get_plan(model_options)
+    conds_out = list(args["conds_out"])
+    if plan is None or plan.is_empty or len(conds_out) < 2:
+        return conds_out
+    run = run_state(model_options)
+    x = args["input"]
+    cond_scale = float(args["cond_scale"])
+    conds = args.get("conds") or [None, None]
+    _check_cfg_scale(plan, run, cond_scale, uncond_evaluated=conds[1] is not None)
+    stash = run.stash if run.stash is not None and run.stash.x is x else None
+    run.stash = None
+    if stash is None:
+        stash = _evaluate_without_slot(args, plan, run, conds[0], conds[1], conds_out[0],
+                                       conds_out[1] if conds[1] is not None else None,
+                                       "another node replaced the sampler_calc_cond_batch_function slot")
+    cond_pred = conds_out[0]
+    guided, uncond_rewritten = _guided(plan, run, stash, x, args["sigma"], cond_scale, cond_pred, conds_out[1])
+    if uncond_rewritten is not None:
+        uncond_hand = uncond_rewritten
+    elif stash.uncond_skipped_by_plan:
+        uncond_hand = cond_pred
+    else:
+        uncond_hand = conds_out[1]
+    plain = uncond_hand + (cond_pred - uncond_hand) * cond_scale
+    run.delta = (x, guided - plain)
+    return [cond_pred, uncond_hand] + conds_out[2:]
+
+
+def post_cfg_hook(args: dict) -> torch.Tensor:
+    model_options = args["model_options"]
+    plan = get_plan(model_options)
+    denoised = args["denoised"]
+    if plan is None or plan.is_empty:
+        return denoised
+    run = run_state(model_options)
+    x = args["input"]
+    if run.delta is not None and run.delta[0] is x:
+        delta = run.delta[1]
+        run.delta = None
+        return denoised + delta
+    # the pre-cfg list was bypassed (e.g. ComfyUI's DualCFGGuider): combine here instead
+    run.warn_once("post-cfg-fallback", f"{PACK}: this guider bypasses ComfyUI's pre-cfg hooks; the guidance plan is "
+                                       f"applied after CFG instead (same result for the plan's own methods).")
+    cond_scale = float(args["cond_scale"])
+    cond_pred, uncond_pred = args["cond_denoised"], args["uncond_denoised"]
+    uncond_list = args.get("uncond")
+    _check_cfg_scale(plan, run, cond_scale, uncond_evaluated=uncond_list is not None)
+    stash = run.stash if run.stash is not None and run.stash.x is x else None
+    run.stash = None
+    if stash is None:
+        fwd_args = {"model_options": model_options, "input": x, "sigma": args["sigma"], "model": args["model"]}
+        stash = _evaluate_without_slot(fwd_args, plan, run, args.get("cond"), uncond_list, cond_pred,
+                                       uncond_pred if uncond_list is not None else None,
+                                       "this guider bypasses the batched evaluation")
+    guided, _ = _guided(plan, run, stash, x, args["sigma"], cond_scale, cond_pred, uncond_pred)
+    plain = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    return denoised + (guided - plain)

@@ -1,0 +1,74 @@
+"""The Guidance Guider: a GUIDER for SamplerCustomAdvanced that samples a model's guidance plan.
+
+It is ComfyUI's CFGGuider with the engine guaranteed to be installed: the plan comes from the
+method nodes chained on the MODEL, the cfg from this node, and predictions go through the same
+``sampling_function`` as KSampler, so a plan gives the same numbers on both paths and every other
+pre-/post-cfg patch (and CFG++ samplers) keeps working. Conditionings beyond positive/negative,
+which some terms need (an independent condition, a NAG negative), are passed to the engine by
+name; a model with no plan samples exactly like CFGGuider.
+"""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from .common import CATEGORY_ROOT, NODE_PREFIX
+from .engine import EXTRA_CONDS_KEY, install_engine
+
+
+class GuidanceKitGuider(comfy.samplers.CFGGuider):
+    def __init__(self, model_patcher):
+        patched = model_patcher.clone()
+        install_engine(patched)
+        super().__init__(patched)
+        self.extra_cond_names: list[str] = []
+
+    def set_conds(self, positive, negative, **extra):
+        self.extra_cond_names = list(extra)
+        self.inner_set_conds({"positive": positive, "negative": negative, **extra})
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = {} if model_options is None else model_options
+        if self.extra_cond_names:
+            model_options = dict(model_options)
+            model_options[EXTRA_CONDS_KEY] = {k: self.conds.get(k) for k in self.extra_cond_names}
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative", None),
+                                                self.conds.get("positive", None), self.cfg,
+                                                model_options=model_options, seed=seed)
+
+
+class GuidanceGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "GuidanceGuider",
+            display_name="Guidance Guider (for SamplerCustomAdvanced)",
+            category=CATEGORY_ROOT,
+            description=(
+                "A GUIDER that samples the guidance plan of the model (the Guidance Kit method nodes chained on it) "
+                "with SamplerCustomAdvanced. Same results as KSampler with the same plan and cfg; all branches of a "
+                "step run in one batched model call. Use it where you need a GUIDER (custom sigmas, noise, "
+                "samplers)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model, with Guidance Kit method nodes applied (or none: then "
+                                                "this is plain CFG)."),
+                io.Conditioning.Input("positive", tooltip="The prompt to guide towards."),
+                io.Conditioning.Input("negative",
+                                      tooltip="The negative/empty prompt: the unconditional branch of CFG."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="The CFG scale the plan's methods use (FDG's per-band scales replace it). "
+                                       "1 = no CFG (the unconditional call is skipped unless a method needs it)."),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg):
+        guider = GuidanceKitGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+NODES = [GuidanceGuiderNode]

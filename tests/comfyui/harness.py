@@ -1,0 +1,183 @@
+"""ComfyUI test harness: import ComfyUI on CPU, build tiny models, sample through real paths.
+
+Tiny models are ComfyUI's own model classes (``supported_models.<Family>(unet_config).get_model``)
+with random weights, wrapped in a real ModelPatcher; they sample in milliseconds per step on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import COMFYUI_HOW, COMFYUI_PATH
+
+if COMFYUI_PATH is None:
+    pytest.skip(COMFYUI_HOW, allow_module_level=True)
+
+if str(COMFYUI_PATH) not in sys.path[:1]:
+    # ComfyUI first: its top-level modules (nodes, execution, ...) must win over this repo's folders
+    sys.path.insert(0, str(COMFYUI_PATH))
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing(False)
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.supported_models  # noqa: E402
+
+logging.getLogger("guidance_kit").setLevel(logging.INFO)
+
+FAMILIES = ("sd15", "flux", "sd3", "wan21")
+
+CONFIGS = {
+    "sd15": (comfy.supported_models.SD15, dict(
+        image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+        transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
+        use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+        use_spatial_transformer=True, legacy=False, num_heads=2, num_head_channels=-1, use_temporal_resblock=False,
+        num_classes=None)),
+    "flux": (comfy.supported_models.Flux, dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
+        mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True)),
+    "sd3": (comfy.supported_models.SD3, dict(
+        in_channels=16, out_channels=16, patch_size=2, depth=2, num_patches=None, pos_embed_max_size=16,
+        adm_in_channels=32, context_embedder_config={"target": "torch.nn.Linear",
+                                                     "params": {"in_features": 64, "out_features": 128}},
+        qk_norm="rms", pos_embed_scaling_factor=None)),
+    "wan21": (comfy.supported_models.WAN21_T2V, dict(
+        image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=128, ffn_dim=256,
+        freq_dim=256, text_dim=4096, out_dim=16, num_heads=1, num_layers=2, window_size=(-1, -1), qk_norm=True,
+        cross_attn_norm=True, eps=1e-6)),
+}
+
+LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8)}
+CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096}
+
+
+def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Weights start uninitialised: normal(0, 1/√fan_in) for matrices, 1 for norm scales, 0 for biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif "norm" in name or name.endswith("scale") or name.endswith(".weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for name, b in module.named_buffers():
+            if b.is_floating_point() and "pos_embed" in name:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+_MODELS: dict[str, comfy.model_patcher.ModelPatcher] = {}
+
+
+def tiny_model(family: str) -> comfy.model_patcher.ModelPatcher:
+    """A fresh ModelPatcher (clone) around a cached tiny model of the family."""
+    if family not in _MODELS:
+        cls, unet_config = CONFIGS[family]
+        config = cls(dict(unet_config))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({})
+        init_random_(model.diffusion_model)
+        _MODELS[family] = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                                           offload_device=torch.device("cpu"))
+    return _MODELS[family].clone()
+
+
+def conditioning(family: str, seed: int, tokens: int = 6) -> list:
+    g = torch.Generator().manual_seed(seed)
+    extra = {}
+    if family in ("flux", "sd3"):
+        extra["pooled_output"] = torch.randn(1, 32, generator=g)
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[torch.randn(1, tokens, CONTEXT[family], generator=g), extra]]
+
+
+def latent(family: str, batch: int = 1) -> torch.Tensor:
+    shape = LATENT_SHAPES[family]
+    return torch.zeros((batch,) + shape[1:])
+
+
+def noise_for(family: str, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return comfy.sample.prepare_noise(latent(family, batch), seed)
+
+
+def ksample(model, family: str, cfg: float, steps: int = 6, sampler: str = "euler", scheduler: str = "normal",
+            seed: int = 0, batch: int = 1, positive=None, negative=None) -> torch.Tensor:
+    """The KSampler node's path: comfy.sample.sample → CFGGuider."""
+    positive = positive if positive is not None else conditioning(family, 1)
+    negative = negative if negative is not None else conditioning(family, 2)
+    return comfy.sample.sample(model, noise_for(family, seed, batch), steps, cfg, sampler, scheduler, positive,
+                               negative, latent(family, batch), disable_pbar=True, seed=seed)
+
+
+def sigmas_for(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+
+
+def custom_advanced(guider, family: str, steps: int = 6, sampler: str = "euler", scheduler: str = "normal",
+                    seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """SamplerCustomAdvanced's path, through ComfyUI's node class."""
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    sigmas = sigmas_for(guider.model_patcher, steps, scheduler)
+    out, _ = SamplerCustomAdvanced().sample(Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
+                                            sigmas, {"samples": latent(family, batch)})
+    return out["samples"]
+
+
+def cfg_guider(model, family: str, cfg: float):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(conditioning(family, 1), conditioning(family, 2))
+    guider.set_cfg(cfg)
+    return guider
+
+
+class CallCounter:
+    """Counts diffusion-model forwards and their batch sizes via an APPLY_MODEL wrapper."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def __call__(self, executor, x, *args, **kwargs):
+        self.batches.append(int(x.shape[0]))
+        return executor(x, *args, **kwargs)
+
+    @property
+    def calls(self) -> int:
+        return len(self.batches)
+
+
+def counted(model) -> tuple[comfy.model_patcher.ModelPatcher, CallCounter]:
+    counter = CallCounter()
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_counter", counter)
+    return m, counter
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+import comfy.utils  # noqa: E402
+
+comfy.utils.PROGRESS_BAR_ENABLED = False
+
+
+def out(node_output, index: int = 0):
+    """The value of a V3 node's output (NodeOutput) or a V1 node's tuple."""
+    result = getattr(node_output, "result", node_output)
+    return result[index]

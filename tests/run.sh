@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run): installs what the tests need into a virtual environment
+# and runs both tiers. The ComfyUI tier runs when a ComfyUI checkout is found (COMFYUI_PATH, this
+# repo inside ComfyUI/custom_nodes, or ~/ComfyUI) and is skipped with a visible reason otherwise.
+#   bash tests/run.sh [pytest args...]
+# Environment: GUIDANCE_KIT_VENV (default .venv), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${GUIDANCE_KIT_VENV:-.venv}"
+python="${PYTHON:-python3}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+
+comfyui=""
+for candidate in "${COMFYUI_PATH:-}" "$(cd .. && pwd)/.." "$HOME/ComfyUI"; do
+  if [ -n "$candidate" ] && [ -f "$candidate/comfy/samplers.py" ] && [ -f "$candidate/main.py" ]; then
+    comfyui="$(cd "$candidate" && pwd)"
+    break
+  fi
+done
+
+if [ -n "$comfyui" ]; then
+  echo "tests/run.sh: ComfyUI found at $comfyui: installing CPU-capable torch 2.14.1 + torchvision 0.29.1 and ComfyUI's requirements"
+  "${pip[@]}" torch==2.14.1 torchvision==0.29.1
+  grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$comfyui/requirements.txt" > "$venv/comfyui-requirements.txt"
+  "${pip[@]}" -r "$venv/comfyui-requirements.txt" -r tests/requirements.txt
+  export COMFYUI_PATH="$comfyui"
+else
+  echo "tests/run.sh: no ComfyUI checkout found: installing CPU torch 2.13.0; the ComfyUI tier will be skipped"
+  "${pip[@]}" torch==2.13.0 -r tests/requirements.txt
+fi
+
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+exec "$venv/bin/python" -m pytest "$@"
