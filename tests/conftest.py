@@ -76,6 +76,11 @@ def pytest_runtest_logreport(report):
             _skip_reasons.add(report.longrepr[2])
 
 
+def pytest_collectreport(report):
+    if report.outcome == "skipped" and "tests/comfyui" in report.nodeid:
+        _outcomes["comfyui"]["skipped modules"] = _outcomes["comfyui"].get("skipped modules", 0) + 1
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("Guidance Kit test tiers")

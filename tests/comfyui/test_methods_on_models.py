@@ -58,6 +58,8 @@ def test_method_changes_the_output_with_one_batched_call_per_step(family, case, 
         assert counter.batches[0] == 1 and set(counter.batches[1:]) == {2}  # f(0) = 0: cond only
     else:
         assert set(counter.batches) == {2}
+    guider = out(GuidanceGuiderNode.execute(model, conditioning(family, 1), conditioning(family, 2), CFG))
+    assert torch.equal(custom_advanced(guider, family, STEPS), result)  # SamplerCustomAdvanced path
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -59,3 +59,11 @@ def test_node_info_is_valid_for_the_frontend():
         assert info["name"] == node.GET_SCHEMA().node_id
         for name, spec in info["input"]["required"].items():
             assert "tooltip" in spec[1], name
+
+
+@pytest.mark.parametrize("node", node_list(), ids=lambda n: n.__name__)
+def test_every_node_has_a_help_page(node):
+    page = REPO / "web" / "docs" / f"{node.GET_SCHEMA().node_id}.md"
+    assert page.is_file(), f"missing {page.relative_to(REPO)}"
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# ") and len(text) > 400
