@@ -32,4 +32,10 @@ else
 fi
 
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+if command -v node >/dev/null 2>&1; then
+  echo "tests/run.sh: web extension tests (node --test web/tests/)"
+  node --test web/tests/
+else
+  echo "tests/run.sh: node not found: web extension tests SKIPPED (install Node.js >= 20 to run them)"
+fi
 exec "$venv/bin/python" -m pytest "$@"
