@@ -159,7 +159,23 @@ class ExtraGuidance:
         return self.scale * self.schedule.multiplier(position.progress, sigma, position.n_steps)
 
 
-SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale")
+@dataclass(frozen=True)
+class IndependentCondition:
+    """Stage-1 uncond source (ICG): the unconditional branch is evaluated under ``branch`` instead.
+
+    ``branch.perturbation`` rewrites the conditioning (see ``nodes/hooks.py``); the CFG formula and
+    every later stage are unchanged, so ICG stacks with APG, TCFG, schedules and extra terms.
+    """
+
+    branch: Branch
+    label: str = "ICG"
+
+    def validate(self) -> None:
+        if self.branch.source != "cond":
+            raise PlanError(f"{self.label}: the independent condition is derived from the prompt's conditioning")
+
+
+SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg")
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,7 @@ class GuidancePlan:
     fdg: FDG | None = None
     beta_cfg: BetaCFG | None = None
     rescale: Rescale | None = None
+    icg: IndependentCondition | None = None
     extra: tuple[ExtraGuidance, ...] = ()
 
     # --- building -------------------------------------------------------------------------------
@@ -191,7 +208,8 @@ class GuidancePlan:
     def with_extra(self, term: ExtraGuidance) -> GuidancePlan:
         term.validate()
         if any(t.branch.name == term.branch.name for t in self.extra):
-            raise PlanError(f"{term.label}: a term with branch {term.branch.name!r} is already in the plan")
+            raise PlanError(f"{term.label}: this model already has {term.label} in its guidance plan (from an earlier "
+                            f"node in the chain). Chain each method once; to change its settings, edit that node.")
         return replace(self, extra=self.extra + (term,))
 
     # --- queries --------------------------------------------------------------------------------
@@ -223,6 +241,8 @@ class GuidancePlan:
         if self.fdg is not None or self.beta_cfg is not None:
             return []
         labels = []
+        if self.icg is not None:
+            labels.append(self.icg.label)
         if self.cfg_schedule is not None:
             labels.append(self.cfg_schedule_label)
         if self.apg is not None:

@@ -59,6 +59,7 @@ class StepStash:
     branches: dict[str, torch.Tensor]
     uncond_evaluated: bool
     uncond_skipped_by_plan: bool
+    uncond_override: torch.Tensor | None = None  # ICG evaluated outside our slot
 
 
 @dataclass
@@ -211,12 +212,13 @@ def _branch_conds(branch: Branch, conds: list, model_options: dict) -> list | No
         source = extra[branch.source]
     if source is None:
         return None
+    rewrite = getattr(branch.perturbation, "rewrite_cond", None)
     out = []
     for c in source:
         copy = dict(c)
         # a stable id per (cond, branch): caches keyed by uuid must not mix a branch with its cond
         copy["uuid"] = uuid.uuid5(c["uuid"], branch.name) if isinstance(c.get("uuid"), uuid.UUID) else uuid.uuid4()
-        out.append(copy)
+        out.append(rewrite(copy) if rewrite is not None else copy)
     return out
 
 
@@ -255,8 +257,11 @@ def evaluate_batch(args: dict, previous=None) -> list:
     uncond_list = conds[1] if len(conds) > 1 else None
     run_cond = need.cond and cond_list is not None
     run_uncond = need.uncond and uncond_list is not None
-    batch = [cond_list if run_cond else None, uncond_list if run_uncond else None] + conds[2:]
     branch_map: dict[int, Branch] = {}
+    if run_uncond and plan.icg is not None:
+        uncond_list = _branch_conds(plan.icg.branch, conds, model_options)
+        branch_map[1] = plan.icg.branch
+    batch = [cond_list if run_cond else None, uncond_list if run_uncond else None] + conds[2:]
     for branch in need.branches:
         branch_map[len(batch)] = branch
         batch.append(_branch_conds(branch, conds, model_options))
@@ -290,19 +295,25 @@ def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_l
     position = _position(run, model_options, model, sigma)
     need = needs(plan, position, sigma_value(sigma))
     branches = {}
-    if need.branches:
+    evaluated = uncond_list is not None and uncond_pred is not None
+    extra = list(need.branches)
+    if plan.icg is not None and evaluated:
+        extra.append(plan.icg.branch)
+    override = None
+    if extra:
         run.warn_once("separate-forward", f"{PACK}: {reason}; extra guidance branches run as separate "
                                           f"forwards (slower, same result).")
         conds = [cond_list, uncond_list]
         batch, branch_map = [None, None], {}
-        for b in need.branches:
+        for b in extra:
             branch_map[len(batch)] = b
             batch.append(_branch_conds(b, conds, model_options))
         out = comfy.samplers.calc_cond_batch(model, batch, x, sigma, with_branch_map(model_options, branch_map))
         branches = {b.name: out[i] for i, b in branch_map.items()}
-    evaluated = uncond_list is not None and uncond_pred is not None
+        if plan.icg is not None and evaluated:
+            override = branches.pop(plan.icg.branch.name)
     return StepStash(x=x, position=position, parameterization=parameterization_of(model), branches=branches,
-                     uncond_evaluated=evaluated, uncond_skipped_by_plan=False)
+                     uncond_evaluated=evaluated, uncond_skipped_by_plan=False, uncond_override=override)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +375,8 @@ def pre_cfg_hook(args: dict) -> list:
                                        conds_out[1] if conds[1] is not None else None,
                                        "another node replaced the sampler_calc_cond_batch_function slot")
     cond_pred = conds_out[0]
+    if stash.uncond_override is not None:
+        conds_out[1] = stash.uncond_override
     guided, uncond_rewritten = _guided(plan, run, stash, x, args["sigma"], cond_scale, cond_pred, conds_out[1])
     if uncond_rewritten is not None:
         uncond_hand = uncond_rewritten
@@ -402,6 +415,8 @@ def post_cfg_hook(args: dict) -> torch.Tensor:
         stash = _evaluate_without_slot(fwd_args, plan, run, args.get("cond"), uncond_list, cond_pred,
                                        uncond_pred if uncond_list is not None else None,
                                        "this guider bypasses the batched evaluation")
+    if stash.uncond_override is not None:
+        uncond_pred = stash.uncond_override
     guided, _ = _guided(plan, run, stash, x, args["sigma"], cond_scale, cond_pred, uncond_pred)
-    plain = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    plain = args["uncond_denoised"] + (cond_pred - args["uncond_denoised"]) * cond_scale
     return denoised + (guided - plain)

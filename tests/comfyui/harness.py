@@ -61,8 +61,31 @@ CONFIGS = {
         cross_attn_norm=True, eps=1e-6)),
 }
 
-LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8)}
-CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096}
+CONFIGS.update({
+    "chroma": (comfy.supported_models.Chroma, dict(
+        image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
+        num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=64, n_layers=2)),
+    "hunyuan_video": (comfy.supported_models.HunyuanVideo, dict(
+        image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+        hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False)),
+    "qwen_image": (comfy.supported_models.QwenImage, dict(
+        image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12))),
+    "ltxv": (comfy.supported_models.LTXV, dict(
+        in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2, caption_channels=64,
+        num_layers=2)),
+})
+MORE_FAMILIES = ("chroma", "hunyuan_video", "qwen_image", "ltxv")
+ALL_FAMILIES = FAMILIES + MORE_FAMILIES
+
+LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8),
+                 "chroma": (1, 16, 16, 16), "hunyuan_video": (1, 16, 3, 8, 8), "qwen_image": (1, 16, 1, 16, 16),
+                 "ltxv": (1, 128, 2, 4, 4)}
+CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096, "chroma": 64, "hunyuan_video": 64, "qwen_image": 64,
+           "ltxv": 64}
 
 
 def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -100,10 +123,12 @@ def tiny_model(family: str) -> comfy.model_patcher.ModelPatcher:
 def conditioning(family: str, seed: int, tokens: int = 6) -> list:
     g = torch.Generator().manual_seed(seed)
     extra = {}
-    if family in ("flux", "sd3"):
+    if family in ("flux", "sd3", "chroma", "hunyuan_video"):
         extra["pooled_output"] = torch.randn(1, 32, generator=g)
-    if family == "flux":
+    if family in ("flux", "hunyuan_video"):
         extra["guidance"] = 3.5
+    if family == "ltxv":
+        extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
     return [[torch.randn(1, tokens, CONTEXT[family], generator=g), extra]]
 
 

@@ -1,0 +1,466 @@
+"""Model-patch nodes for perturbation guidance: PAG, SEG, TPG, skip-layer (SLG/STG), S²-Guidance, TSG, ICG.
+
+Each node clones the MODEL, resolves its layer selection against the model's blocks (errors name
+the node, the family and the valid blocks), installs the family's hooks once (``hooks.py``) and adds
+one term to the guidance plan: ``D̂ += s_t·(C − C̃)`` with ``C̃`` the conditional prediction of the
+degraded network. The degraded branch runs in the same batched model call as cond and uncond.
+ICG instead replaces the unconditional branch by the prediction under an independent condition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from comfy_api.latest import io
+
+from ..guiders.attention_ops import drop_count
+from ..guiders.layers import LayerError, parse_layers, resolve
+from ..guiders.plan import Branch, ExtraGuidance, IndependentCondition, PlanError
+from ..guiders.schedules import SHAPES, ScheduleError
+from . import hooks
+from .common import CATEGORY_ROOT, MODEL_TOOLTIP, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, node_error
+from .engine import apply_plan, plan_of
+
+CATEGORY_PERTURB = CATEGORY_ROOT + "/perturbation"
+SCHEDULE_SHAPES = [s for s in SHAPES if s != "step_list"]
+INFINITE_BLUR = 10000.0
+
+LAYERS_TOOLTIP = (
+    "Where the perturbation acts. 'auto' = the recommended blocks for this model family (see the help page). "
+    "UNet (SD1.5/SDXL): 'middle 0', 'input 7-8', 'output 0-2', transformer layers inside a block with N.T "
+    "('input 8.2-5'). DiTs use ComfyUI's block numbers: 'double 7-9, single 0-37' (Flux, Chroma, HunyuanVideo, "
+    "AuraFlow), 'double 12' or 'blocks 12' (SD3, WAN, Qwen-Image, LTXV: all their blocks are 'double'). "
+    "Ranges are inclusive; 'all' selects a whole group.")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-family defaults ("auto")
+# ------------------------------------------------------------------------------------------------
+
+def _middle(n: int) -> int:
+    return n // 2
+
+
+def auto_layers(method: str, spec: hooks.FamilySpec, layout) -> str:
+    """The family default for ``layers = auto`` (METHODS-perturb.md), fitted to the model's size."""
+    if spec.is_unet:
+        groups = layout.unet_blocks
+        if method == "TPG":
+            inputs = sorted(groups.get("input", {}))
+            return ", ".join(f"input {b}" for b in inputs[-2:]) if inputs else "middle all"
+        if method == "S²-Guidance":
+            return "input all, middle all, output all"
+        return "middle all" if groups.get("middle") else f"input {max(groups.get('input', {0: 0}))}"
+    double = layout.dit_blocks.get("double", 0)
+    single = layout.dit_blocks.get("single", 0)
+    if method == "S²-Guidance":
+        return "double all" + (", single all" if single else "")
+    if method == "SLG":
+        preferred = {"SD3/SD3.5": (7, 9), "WAN": (9, 9), "WAN VACE": (9, 9), "LTXV": (19, 19)}
+        first, last = preferred.get(spec.name, (7, 9))
+        if last < double:
+            return f"double {first}-{last}" if first != last else f"double {first}"
+    if double:
+        return f"double {_middle(double)}"
+    return f"single {_middle(single)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# shared node plumbing
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Defaults:
+    scale: float
+    start: float = 0.0
+    end: float = 1.0
+
+
+def _schedule_inputs(defaults: Defaults) -> list:
+    return [
+        io.Combo.Input("schedule", options=SCHEDULE_SHAPES, default="constant",
+                       tooltip="Shape of this term's scale over the run (the foundation's schedules, mean 1 over "
+                               "the run): 'constant' = the same scale every step."),
+        io.Float.Input("start_percent", default=defaults.start, min=0.0, max=1.0, step=0.01,
+                       tooltip="The term acts from this fraction of the run (0 = first step). Outside its window "
+                               "the degraded branch is not evaluated (no extra model cost)."),
+        io.Float.Input("end_percent", default=defaults.end, min=0.0, max=1.0, step=0.01,
+                       tooltip="The term acts until this fraction of the run (1 = last step)."),
+    ]
+
+
+def _scale_input(defaults: Defaults, tooltip: str):
+    return io.Float.Input("scale", default=defaults.scale, min=0.0, max=100.0, step=0.05, round=0.01,
+                          tooltip=tooltip)
+
+
+def _layers_input(example: str):
+    return io.String.Input("layers", default="auto", multiline=False, tooltip=LAYERS_TOOLTIP + " " + example)
+
+
+def _model_io():
+    return io.Model.Input("model", tooltip=MODEL_TOOLTIP)
+
+
+def _model_output():
+    return io.Model.Output(tooltip="The model with the method added to its guidance plan.")
+
+
+def _family(model, label: str):
+    try:
+        spec = hooks.family_of(model, label)
+    except hooks.FamilyError as e:
+        raise node_error(str(e)) from None
+    return spec, hooks.block_layout(model, spec)
+
+
+def _blocks(label: str, method: str, layers: str, spec, layout) -> tuple[tuple, ...]:
+    try:
+        selection = parse_layers(layers, label)
+        if selection.auto:
+            selection = parse_layers(auto_layers(method, spec, layout), label)
+        blocks = resolve(selection, layout, label)
+    except LayerError as e:
+        raise node_error(str(e)) from None
+    if not blocks:
+        raise node_error(f"{label}: the layer selection '{layers}' selects no blocks on {spec.name}")
+    return blocks
+
+
+def _layers_syntax(layers: str, label: str) -> bool | str:
+    try:
+        parse_layers(layers, label)
+    except LayerError as e:
+        return str(e)
+    return True
+
+
+def add_perturbation_term(model, label: str, perturbation: hooks.Perturbation, scale: float, schedule: str,
+                          start_percent: float, end_percent: float):
+    """Clone, install the family hooks for ``perturbation`` and add its term to the plan."""
+    built = build_schedule(label, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
+    term = ExtraGuidance(Branch(f"{perturbation.method}", source="cond", perturbation=perturbation), scale=scale,
+                         schedule=built, label=label)
+    try:
+        plan = plan_of(model).with_extra(term)
+    except (PlanError, ScheduleError) as e:
+        raise node_error(str(e)) from None
+    patched = apply_plan(model, plan)
+    spec = hooks.FAMILIES_BY_NAME[perturbation.family]
+    layout = hooks.block_layout(patched, spec)
+    hooks.install(patched, hooks.plan_installation(spec, layout, perturbation), layout)
+    return patched
+
+
+def _seed_input():
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                        tooltip="Seed of the random choices (permutations, dropped blocks, noise). The same seed "
+                                "gives the same result; it is independent of the sampler's noise seed.")
+
+
+# ------------------------------------------------------------------------------------------------
+# nodes
+# ------------------------------------------------------------------------------------------------
+
+class PAGNode(io.ComfyNode):
+    LABEL = "PAG"
+    DEFAULTS = Defaults(scale=3.0)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "PAG",
+            display_name="PAG · Perturbed-Attention Guidance",
+            category=CATEGORY_PERTURB,
+            description=(
+                "Perturbed-Attention Guidance (Ahn et al., ECCV 2024): the self-attention map of the chosen layers "
+                "is replaced by the identity (each token keeps its own value) in an extra conditional branch, and "
+                "the result is pushed away from it: D = CFG + scale·(cond − cond_PAG). Improves structure and "
+                "detail, also with cfg 1. On joint-attention DiTs (Flux, SD3, Qwen-Image, HunyuanVideo) image "
+                "tokens attend to themselves and to the text (diffusers' joint PAG). The branch runs in the same "
+                "batched model call as cond and uncond. Works on SD1.5/SDXL and Flux, Chroma, SD3, AuraFlow, WAN, "
+                "HunyuanVideo, Qwen-Image, LTXV."),
+            inputs=[
+                _model_io(),
+                _scale_input(cls.DEFAULTS, "Strength of the PAG term. Paper/diffusers: 3 with CFG 4–7 on SD1.5/SDXL; "
+                                           "start lower (1–2) on DiTs. 0 = off (no extra model cost)."),
+                _layers_input("PAG default: the UNet middle block (all its transformer layers), the middle double "
+                              "block on DiTs."),
+                *_schedule_inputs(cls.DEFAULTS),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, layers="auto", **kwargs):
+        return _layers_syntax(layers, cls.LABEL)
+
+    @classmethod
+    def execute(cls, model, scale, layers, schedule, start_percent, end_percent):
+        spec, layout = _family(model, cls.LABEL)
+        p = hooks.Perturbation(cls.LABEL, "identity_attention", spec.name,
+                               _blocks(cls.LABEL, cls.LABEL, layers, spec, layout))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+
+class SEGNode(io.ComfyNode):
+    LABEL = "SEG"
+    DEFAULTS = Defaults(scale=3.0)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "SEG",
+            display_name="SEG · Smoothed Energy Guidance",
+            category=CATEGORY_PERTURB,
+            description=(
+                "Smoothed Energy Guidance (Hong, NeurIPS 2024): in an extra conditional branch the self-attention "
+                "queries of the chosen layers are blurred with a Gaussian over the image-token grid (smoothing the "
+                "attention energy); D = CFG + scale·(cond − cond_SEG). blur_sigma ≥ 9999 is the infinite blur "
+                "(every query the mean query: uniform attention), the official default. Same kernel and padding "
+                "as the official code."),
+            inputs=[
+                _model_io(),
+                _scale_input(cls.DEFAULTS, "Strength of the SEG term. Official default 3 (SDXL, with CFG). 0 = off."),
+                io.Float.Input("blur_sigma", default=INFINITE_BLUR, min=0.0, max=INFINITE_BLUR, step=0.5,
+                               tooltip="Std of the Gaussian blur of the queries, in tokens. ≥ 9999 = infinite "
+                                       "(uniform attention, official default; strongest). 10 = the paper's "
+                                       "milder setting. 0 = no perturbation."),
+                _layers_input("SEG default: the UNet middle block, the middle double block on DiTs."),
+                *_schedule_inputs(cls.DEFAULTS),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, layers="auto", **kwargs):
+        return _layers_syntax(layers, cls.LABEL)
+
+    @classmethod
+    def execute(cls, model, scale, blur_sigma, layers, schedule, start_percent, end_percent):
+        spec, layout = _family(model, cls.LABEL)
+        p = hooks.Perturbation(cls.LABEL, "smoothed_attention", spec.name,
+                               _blocks(cls.LABEL, cls.LABEL, layers, spec, layout), sigma=float(blur_sigma))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+
+class TPGNode(io.ComfyNode):
+    LABEL = "TPG"
+    DEFAULTS = Defaults(scale=3.0)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "TPG",
+            display_name="TPG · Token Perturbation Guidance",
+            category=CATEGORY_PERTURB,
+            description=(
+                "Token Perturbation Guidance (Rajabi et al., TaatiTeam/Token-Perturbation-Guidance): in an extra "
+                "conditional branch the image tokens entering the chosen transformer layers are randomly permuted "
+                "(norm-preserving), D = CFG + scale·(cond − cond_TPG); a fresh seeded permutation every step. "
+                "UNet: tokens shuffled before the layer, as the official pipeline. DiTs with rotary positions "
+                "(Flux, Chroma, WAN, HunyuanVideo, Qwen-Image, LTXV): shuffled before the block and restored after "
+                "it. SD3 and AuraFlow add positions once at the input, so a shuffled-and-restored block is "
+                "unchanged there: use PAG, SEG or skip-layer guidance on them."),
+            inputs=[
+                _model_io(),
+                _scale_input(cls.DEFAULTS, "Strength of the TPG term. Official SDXL setting 3 with CFG. 0 = off."),
+                _layers_input("TPG default: the two deepest down-block transformers of the UNet (SDXL input 7, 8 = "
+                              "the official down_blocks.2), the middle double block on DiTs."),
+                _seed_input(),
+                *_schedule_inputs(cls.DEFAULTS),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, layers="auto", **kwargs):
+        return _layers_syntax(layers, cls.LABEL)
+
+    @classmethod
+    def execute(cls, model, scale, layers, seed, schedule, start_percent, end_percent):
+        spec, layout = _family(model, cls.LABEL)
+        if not spec.is_unet and not spec.rope:
+            raise node_error(f"{cls.LABEL}: {spec.name} adds positions once at its input (no rotary positions in "
+                             f"its blocks), so shuffling tokens around a block and restoring them changes nothing. "
+                             f"Use PAG, SEG or Skip-Layer Guidance on {spec.name}.")
+        p = hooks.Perturbation(cls.LABEL, "token_shuffle", spec.name,
+                               _blocks(cls.LABEL, cls.LABEL, layers, spec, layout), seed=int(seed))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+
+class SkipLayerNode(io.ComfyNode):
+    LABEL = "SLG"
+    DEFAULTS = Defaults(scale=2.8, start=0.01, end=0.2)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "SkipLayer",
+            display_name="Skip-Layer Guidance · SLG / STG (UNet and DiT)",
+            category=CATEGORY_PERTURB,
+            description=(
+                "Skip-layer guidance (Stability AI, SD3.5) / spatiotemporal skip guidance (STG, Lightricks): in an "
+                "extra conditional branch the chosen blocks are skipped (each returns its input); D = CFG + "
+                "scale·(cond − cond_skip). Works on UNets too (ComfyUI core's skip-layer nodes silently do nothing "
+                "there): the chosen transformer layers are skipped. Pair with the Rescale node (0.7, STG's "
+                "rescale) at high scales."),
+            inputs=[
+                _model_io(),
+                _scale_input(cls.DEFAULTS, "Strength of the skip-layer term. SD3.5 Medium: 2.8 (diffusers; Stability "
+                                           "uses 2.5–3) in 1–20% of the run; STG on LTXV/WAN: 1–2 over the whole "
+                                           "run. 0 = off."),
+                _layers_input("SLG default: SD3/SD3.5 'double 7-9' (official), WAN 'blocks 9', LTXV 'blocks 19' "
+                              "(STG), other DiTs 'double 7-9' (the middle block on small models), UNet "
+                              "'middle all'."),
+                *_schedule_inputs(cls.DEFAULTS),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, layers="auto", **kwargs):
+        return _layers_syntax(layers, cls.LABEL)
+
+    @classmethod
+    def execute(cls, model, scale, layers, schedule, start_percent, end_percent):
+        spec, layout = _family(model, cls.LABEL)
+        p = hooks.Perturbation(cls.LABEL, "skip", spec.name, _blocks(cls.LABEL, "SLG", layers, spec, layout))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+
+class S2GuidanceNode(io.ComfyNode):
+    LABEL = "S²-Guidance"
+    DEFAULTS = Defaults(scale=0.25, start=0.1, end=0.9)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "S2Guidance",
+            display_name="S²-Guidance · Stochastic Self Guidance (block dropping)",
+            category=CATEGORY_PERTURB,
+            description=(
+                "S²-Guidance (Chen et al., 2025, 'Stochastic Self Guidance for Training-Free Enhancement of "
+                "Diffusion Models'): every step a random sub-network is formed by dropping drop_ratio of the "
+                "candidate blocks (never the first block of the model), its conditional prediction is made in the "
+                "same batched call, and D = CFG + scale·(cond − cond_sub). The dropped blocks are resampled every "
+                "step from the seed: the same seed gives the same image."),
+            inputs=[
+                _model_io(),
+                _scale_input(cls.DEFAULTS, "Weight ω of the self-guidance term. Paper: 0.25 (with CFG). 0 = off."),
+                io.Float.Input("drop_ratio", default=0.1, min=0.0, max=0.9, step=0.01,
+                               tooltip="Fraction of the candidate blocks dropped each step (rounded). Paper: ~10%. "
+                                       "0 = nothing dropped (the term vanishes)."),
+                _layers_input("S²-Guidance: the candidate blocks to drop from; default all transformer blocks "
+                              "(layers on UNets). The model's first block is never dropped."),
+                _seed_input(),
+                *_schedule_inputs(cls.DEFAULTS),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, layers="auto", drop_ratio=0.1, **kwargs):
+        return _layers_syntax(layers, cls.LABEL)
+
+    @classmethod
+    def execute(cls, model, scale, drop_ratio, layers, seed, schedule, start_percent, end_percent):
+        spec, layout = _family(model, cls.LABEL)
+        blocks = _blocks(cls.LABEL, cls.LABEL, layers, spec, layout)
+        first = _first_block(spec, layout)
+        candidates = tuple(b for b in blocks if b != first)
+        if not candidates:
+            raise node_error(f"{cls.LABEL}: the selection '{layers}' holds only the model's first block, which "
+                             f"S²-Guidance never drops; select more blocks (e.g. 'auto').")
+        if drop_count(len(candidates), drop_ratio) == 0 and drop_ratio > 0:
+            raise node_error(f"{cls.LABEL}: drop_ratio {drop_ratio} of {len(candidates)} candidate blocks rounds to "
+                             f"0 blocks, so nothing would be dropped; raise drop_ratio to at least "
+                             f"{math.ceil(50 / len(candidates)) / 100:.2f} or select more blocks.")
+        p = hooks.Perturbation(cls.LABEL, "drop", spec.name, candidates, drop_ratio=float(drop_ratio),
+                               seed=int(seed))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+
+def _first_block(spec, layout) -> tuple:
+    if spec.is_unet:
+        for group in ("input", "middle", "output"):
+            blocks = layout.unet_blocks.get(group)
+            if blocks:
+                return (group, min(blocks), 0)
+    return ("double", 0) if layout.dit_blocks.get("double") else ("single", 0)
+
+
+class TSGNode(io.ComfyNode):
+    LABEL = "TSG"
+    DEFAULTS = Defaults(scale=1.5)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "TSG",
+            display_name="TSG · Time-step Guidance",
+            category=CATEGORY_PERTURB,
+            description=(
+                "Time-step guidance (Sadat et al., ICLR 2025, 'No Training, No Problem'): an extra conditional "
+                "branch sees a perturbed time step, D = CFG + scale·(cond − cond_t̃) (at cfg 1: cond + "
+                "scale·(cond − cond_t̃)), so it also improves unconditional generation (empty prompt, cfg 1). The "
+                "model's time input is shifted by Gaussian noise of std time_noise × its time range (e.g. 0.1 × "
+                "1000 steps on SD1.5/SDXL) in the branch only; the input scaling and the denoised formula keep the "
+                "true sigma. Works on every family (no block hooks needed)."),
+            inputs=[
+                _model_io(),
+                _scale_input(cls.DEFAULTS, "Strength of the TSG term. Start at 1–2; lower it with high cfg. 0 = off."),
+                io.Float.Input("time_noise", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="Std of the time perturbation as a fraction of the model's time range "
+                                       "(clamped to the range). 0 = no perturbation (the term vanishes)."),
+                _seed_input(),
+                *_schedule_inputs(cls.DEFAULTS),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, scale, time_noise, seed, schedule, start_percent, end_percent):
+        spec = hooks.family_for_time_input(model)
+        p = hooks.Perturbation(cls.LABEL, "timestep", spec.name, seed=int(seed), timestep_shift=float(time_noise))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+
+class ICGNode(io.ComfyNode):
+    LABEL = "ICG"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "ICG",
+            display_name="ICG · Independent Condition Guidance",
+            category=CATEGORY_PERTURB,
+            description=(
+                "Independent Condition Guidance (Sadat et al., ICLR 2025, 'No Training, No Problem'): the "
+                "unconditional branch of CFG is evaluated under a condition independent of the prompt instead of "
+                "the negative/empty prompt: D = C_ind + cfg·(C − C_ind). For models trained without a null "
+                "condition, or to replace the empty prompt's prediction. The independent condition is a random "
+                "token embedding with the prompt embedding's per-channel statistics, fixed by the seed. The "
+                "negative prompt connected to the sampler is not used. Uses the sampler's cfg; no extra model "
+                "call (it replaces the unconditional one)."),
+            inputs=[
+                _model_io(),
+                _seed_input(),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed):
+        term = IndependentCondition(Branch("ICG", source="cond", perturbation=hooks.RandomCondition(cls.LABEL,
+                                                                                                    int(seed))),
+                                    label=cls.LABEL)
+        try:
+            plan = plan_of(model).with_method("icg", term, cls.LABEL)
+        except (PlanError, ScheduleError) as e:
+            raise node_error(str(e)) from None
+        return io.NodeOutput(apply_plan(model, plan))
+
+
+NODES = [PAGNode, SEGNode, TPGNode, SkipLayerNode, S2GuidanceNode, TSGNode, ICGNode]

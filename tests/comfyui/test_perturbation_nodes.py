@@ -1,0 +1,264 @@
+"""Perturbation guidance nodes on real ComfyUI models (tiny random weights, 8 families): each method
+changes the output, runs its degraded branch inside the one batched model call per step, equals a
+separate-forward evaluation, survives ComfyUI splitting the batch, and fails clearly where it cannot act."""
+
+# isort: off
+from tests.comfyui import harness  # noqa: F401  (first: ComfyUI on sys.path, or skip the module without it)
+# isort: on
+import comfy.samplers
+import pytest
+import torch
+
+from guidance_kit.nodes import cfg_methods as cm
+from guidance_kit.nodes import guider as gd
+from guidance_kit.nodes import hooks
+from guidance_kit.nodes import perturbation as P
+from tests.comfyui.harness import (
+    ALL_FAMILIES,
+    conditioning,
+    counted,
+    custom_advanced,
+    ksample,
+    out,
+    rel_diff,
+    tiny_model,
+)
+
+CFG = 4.0
+STEPS = 4
+
+
+def pag(m, scale=2.0, layers="auto", start=0.0, end=1.0):
+    return out(P.PAGNode.execute(m, scale, layers, "constant", start, end))
+
+
+def seg(m, scale=2.0, layers="auto", sigma=10000.0):
+    return out(P.SEGNode.execute(m, scale, sigma, layers, "constant", 0.0, 1.0))
+
+
+def tpg(m, scale=2.0, layers="auto", seed=0):
+    return out(P.TPGNode.execute(m, scale, layers, seed, "constant", 0.0, 1.0))
+
+
+def slg(m, scale=2.0, layers="auto", start=0.0, end=1.0):
+    return out(P.SkipLayerNode.execute(m, scale, layers, "constant", start, end))
+
+
+def s2g(m, scale=0.5, drop_ratio=0.6, layers="auto", seed=0):
+    return out(P.S2GuidanceNode.execute(m, scale, drop_ratio, layers, seed, "constant", 0.0, 1.0))
+
+
+def tsg(m, scale=2.0, noise=0.2, seed=0):
+    return out(P.TSGNode.execute(m, scale, noise, seed, "constant", 0.0, 1.0))
+
+
+def icg(m, seed=0):
+    return out(P.ICGNode.execute(m, seed))
+
+
+BRANCH_METHODS = {"PAG": pag, "SEG": seg, "TPG": tpg, "SLG": slg, "S2G": s2g, "TSG": tsg}
+METHODS = {**BRANCH_METHODS, "ICG": icg}
+NO_ROPE = ("sd3",)
+
+
+def cases():
+    for family in ALL_FAMILIES:
+        for name in METHODS:
+            if name == "TPG" and family in NO_ROPE:
+                continue
+            yield family, name
+
+
+@pytest.mark.parametrize("family, method", list(cases()))
+def test_method_changes_the_output_with_one_batched_call_per_step(family, method):
+    base = tiny_model(family)
+    plain = ksample(base, family, CFG, STEPS)
+    model, counter = counted(METHODS[method](base))
+    guided = ksample(model, family, CFG, STEPS)
+    assert torch.isfinite(guided).all()
+    assert rel_diff(guided, plain) > 1e-3, f"{method} did nothing on {family}"
+    assert counter.calls == STEPS
+    chunks = 2 if method == "ICG" else 3  # ICG replaces the uncond chunk; the others add one
+    assert counter.batches == [chunks] * STEPS
+
+
+def separate_forward(model):
+    """Displace our calc-cond-batch slot: the engine then evaluates branches in separate forwards."""
+    m = model.clone()
+    m.set_model_sampler_calc_cond_batch_function(
+        lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                    args["model_options"]))
+    return m
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "hunyuan_video", "qwen_image"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batched_branch_equals_a_separate_forward(family, method):
+    if method == "TPG" and family in NO_ROPE:
+        pytest.skip("TPG does not apply to SD3")
+    model = METHODS[method](tiny_model(family))
+    batched, counter = counted(model)
+    together = ksample(batched, family, CFG, STEPS)
+    apart, apart_counter = counted(separate_forward(model))
+    separate = ksample(apart, family, CFG, STEPS)
+    assert counter.calls == STEPS and apart_counter.calls == 2 * STEPS
+    assert rel_diff(together, separate) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "ltxv"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_result_survives_comfyui_splitting_the_batch(family, method, monkeypatch):
+    base = tiny_model(family)
+    model = METHODS[method](base)
+    together = ksample(model, family, CFG, STEPS)
+    monkeypatch.setattr(base.model, "memory_required", lambda *a, **k: float("inf"))
+    split_model, counter = counted(model)
+    split = ksample(split_model, family, CFG, STEPS)
+    assert counter.calls > STEPS and max(counter.batches) == 1  # one row per forward
+    assert rel_diff(split, together) <= 1e-5
+
+
+@pytest.mark.parametrize("family, first, second", [("sd15", pag, seg), ("flux", pag, slg), ("wan21", tpg, tsg)])
+def test_two_perturbation_terms_run_in_one_call_with_four_chunks(family, first, second):
+    model, counter = counted(second(first(tiny_model(family))))
+    ksample(model, family, CFG, STEPS)
+    assert counter.batches == [4] * STEPS
+
+
+@pytest.mark.parametrize("method", list(BRANCH_METHODS))
+def test_scale_zero_is_exactly_cfg_and_costs_nothing(method):
+    base = tiny_model("sd15")
+    model, counter = counted(BRANCH_METHODS[method](base, scale=0.0))
+    assert torch.equal(ksample(model, "sd15", CFG, STEPS), ksample(base, "sd15", CFG, STEPS))
+    assert counter.batches == [2] * STEPS
+
+
+def test_window_limits_the_branch_to_its_steps():
+    model, counter = counted(slg(tiny_model("sd3"), start=0.0, end=0.34))
+    ksample(model, "sd3", CFG, 4)
+    assert counter.batches == [3, 3, 2, 2]
+
+
+def test_pag_with_apg_and_schedule_through_the_guider_equals_ksampler():
+    family = "flux"
+    model = pag(out(cm.APGNode.execute(tiny_model(family), 0.0, 15.0, -0.5)))
+    via_ksampler = ksample(model, family, CFG, STEPS)
+    guider = out(gd.GuidanceGuiderNode.execute(model, conditioning(family, 1), conditioning(family, 2), CFG))
+    via_guider = custom_advanced(guider, family, STEPS)
+    assert rel_diff(via_guider, via_ksampler) <= 1e-5
+
+
+def test_s2_guidance_is_reproducible_under_its_seed():
+    base = tiny_model("flux")
+    a = ksample(s2g(base, seed=1, drop_ratio=0.3), "flux", CFG, STEPS)
+    b = ksample(s2g(base, seed=1, drop_ratio=0.3), "flux", CFG, STEPS)
+    c = ksample(s2g(base, seed=2, drop_ratio=0.3), "flux", CFG, STEPS)
+    assert torch.equal(a, b)
+    assert rel_diff(a, c) > 1e-4
+
+
+def test_s2_guidance_never_drops_the_first_block_and_rejects_empty_choices():
+    model = s2g(tiny_model("flux"), drop_ratio=0.3)
+    term = model.model_options["guidance_kit_plan"].extra[0]
+    assert ("double", 0) not in term.branch.perturbation.blocks
+    with pytest.raises(ValueError, match="first block"):
+        s2g(tiny_model("flux"), layers="double 0")
+    with pytest.raises(ValueError, match="rounds to 0 blocks"):
+        s2g(tiny_model("flux"), drop_ratio=0.01)
+
+
+def test_tsg_guides_unconditional_generation_at_cfg_one():
+    family = "sd15"
+    base = tiny_model(family)
+    empty = conditioning(family, 9)
+    plain = ksample(base, family, 1.0, STEPS, positive=empty, negative=empty)
+    model, counter = counted(tsg(base))
+    guided = ksample(model, family, 1.0, STEPS, positive=empty, negative=empty)
+    assert rel_diff(guided, plain) > 1e-3
+    assert counter.batches == [2] * STEPS  # cond + the time-perturbed branch, no uncond
+
+
+def test_tsg_with_zero_noise_equals_the_conditional_model():
+    family = "flux"
+    base = tiny_model(family)
+    assert rel_diff(ksample(tsg(base, noise=0.0), family, 1.0, STEPS), ksample(base, family, 1.0, STEPS)) <= 1e-6
+
+
+def test_icg_with_the_null_condition_is_exactly_cfg(monkeypatch):
+    family = "sd15"
+    negative = conditioning(family, 2)
+
+    def null_condition(self, cond):  # the 'independent' condition := the negative prompt's embedding
+        rewritten = dict(cond["model_conds"])
+        rewritten["c_crossattn"] = cond["model_conds"]["c_crossattn"]._copy_with(negative[0][0])
+        cond["model_conds"] = rewritten
+        return cond
+
+    monkeypatch.setattr(hooks.RandomCondition, "rewrite_cond", null_condition)
+    base = tiny_model(family)
+    assert rel_diff(ksample(icg(base), family, CFG, STEPS, negative=negative),
+                    ksample(base, family, CFG, STEPS, negative=negative)) <= 1e-6
+
+
+def test_icg_ignores_the_negative_prompt_and_stacks_with_apg():
+    family = "flux"
+    model = out(cm.APGNode.execute(icg(tiny_model(family)), 0.0, 15.0, -0.5))
+    a = ksample(model, family, CFG, STEPS, negative=conditioning(family, 2))
+    b = ksample(model, family, CFG, STEPS, negative=conditioning(family, 3))
+    assert torch.equal(a, b)
+
+
+def test_tpg_on_a_family_without_rotary_positions_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"TPG: SD3/SD3.5 .* Use PAG, SEG or Skip-Layer Guidance"):
+        tpg(tiny_model("sd3"))
+
+
+def test_unsupported_family_is_a_clear_error_naming_the_node_and_alternatives():
+    class NextDiT(torch.nn.Module):
+        pass
+
+    class Fake:
+        class model:  # noqa: N801
+            diffusion_model = NextDiT()
+
+    with pytest.raises(hooks.FamilyError, match=r"^PAG: .*Lumina2.* CFG-space methods"):
+        hooks.family_of(Fake, "PAG")
+
+
+@pytest.mark.parametrize("family, layers, message", [
+    ("sd15", "double 3", "do not exist on UNet"),
+    ("flux", "double 99", "out of range"),
+    ("sd15", "input 0", "no transformer layers"),
+])
+def test_bad_layer_selection_fails_at_the_node_with_valid_blocks(family, layers, message):
+    with pytest.raises(ValueError, match=message) as info:
+        pag(tiny_model(family), layers=layers)
+    assert str(info.value).startswith("PAG:")
+    assert P.PAGNode.validate_inputs(layers="triple 3").startswith("PAG: unknown block group")
+
+
+def test_nodes_never_mutate_their_input_model():
+    base = tiny_model("sd15")
+    before = (dict(base.model_options), dict(base.object_patches),
+              repr(base.model_options.get("transformer_options")))
+    for fn in METHODS.values():
+        fn(base)
+    assert (dict(base.model_options), dict(base.object_patches),
+            repr(base.model_options.get("transformer_options"))) == before
+
+
+def test_hooks_chain_to_an_existing_attention_patch():
+    base = tiny_model("sd15")
+    seen = []
+
+    def previous(q, k, v, extra_options):
+        seen.append(q.shape[0])
+        from comfy.ldm.modules.attention import optimized_attention
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    patched = base.clone()
+    for key in hooks.unet_layers(patched.model.diffusion_model):
+        patched.set_model_attn1_replace(previous, *key[:2], transformer_index=key[2]) if key[0] != "middle" else \
+            patched.set_model_attn1_replace(previous, "middle", 0, transformer_index=key[2])
+    ksample(pag(patched), "sd15", CFG, 2)
+    assert seen and set(seen) <= {1, 2, 3}  # the previous patch still runs (on the rows PAG leaves alone)
