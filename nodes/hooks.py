@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -208,6 +209,11 @@ def dropped_blocks(p: Perturbation, step: int) -> tuple:
         if len(_DROP_CACHE) > 4096:
             _DROP_CACHE.clear()
     return _DROP_CACHE[cache_key]
+
+
+def stable_key(key: tuple) -> int:
+    """A process-independent integer for a block key (Python's str hash is salted per process)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def step_of(transformer_options: dict) -> int:
@@ -522,7 +528,7 @@ class DitBlockHook:
         index = torch.arange(img.shape[1]).repeat(batch_size, 1)
         for p, rows in shuffles:
             perm = attention_ops.permutation(stop - start,
-                                             attention_ops.seeded_generator(p.seed, step, hash(self.key) & 0xFFFF))
+                                             attention_ops.seeded_generator(p.seed, step, stable_key(self.key)))
             index[rows, start:stop] = start + perm
         gather = index.to(img.device)[..., None].expand(-1, -1, img.shape[-1])
         args["img"] = torch.gather(img, 1, gather)
@@ -614,7 +620,7 @@ class UNetLayerForward:
         for p, rows in groups:
             if p.operator == "token_shuffle":
                 perm = attention_ops.permutation(x.shape[1], attention_ops.seeded_generator(
-                    p.seed, step_of(to), hash(self.key) & 0xFFFF))
+                    p.seed, step_of(to), stable_key(self.key)))
                 x = x.clone() if x is x_in else x
                 x[rows] = x[rows][:, perm.to(x.device)]
         if not skipped:

@@ -163,7 +163,30 @@ def _seed_input():
 # nodes
 # ------------------------------------------------------------------------------------------------
 
-class PAGNode(io.ComfyNode):
+class LayeredMethodNode(io.ComfyNode):
+    """Shared parts of the nodes whose degraded branch acts on selected blocks."""
+
+    LABEL = ""
+
+    @classmethod
+    def validate_inputs(cls, layers="auto", **kwargs):
+        return _layers_syntax(layers, cls.LABEL)
+
+    @classmethod
+    def add_term(cls, model, operator: str, layers: str, scale: float, schedule: str, start_percent: float,
+                 end_percent: float, **fields):
+        spec, layout = _family(model, cls.LABEL)
+        cls.check_family(spec)
+        p = hooks.Perturbation(cls.LABEL, operator, spec.name, _blocks(cls.LABEL, cls.LABEL, layers, spec, layout),
+                               **fields)
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+    @classmethod
+    def check_family(cls, spec) -> None:
+        pass
+
+
+class PAGNode(LayeredMethodNode):
     LABEL = "PAG"
     DEFAULTS = Defaults(scale=3.0)
 
@@ -193,18 +216,11 @@ class PAGNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers="auto", **kwargs):
-        return _layers_syntax(layers, cls.LABEL)
-
-    @classmethod
     def execute(cls, model, scale, layers, schedule, start_percent, end_percent):
-        spec, layout = _family(model, cls.LABEL)
-        p = hooks.Perturbation(cls.LABEL, "identity_attention", spec.name,
-                               _blocks(cls.LABEL, cls.LABEL, layers, spec, layout))
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+        return cls.add_term(model, "identity_attention", layers, scale, schedule, start_percent, end_percent)
 
 
-class SEGNode(io.ComfyNode):
+class SEGNode(LayeredMethodNode):
     LABEL = "SEG"
     DEFAULTS = Defaults(scale=3.0)
 
@@ -234,18 +250,12 @@ class SEGNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers="auto", **kwargs):
-        return _layers_syntax(layers, cls.LABEL)
-
-    @classmethod
     def execute(cls, model, scale, blur_sigma, layers, schedule, start_percent, end_percent):
-        spec, layout = _family(model, cls.LABEL)
-        p = hooks.Perturbation(cls.LABEL, "smoothed_attention", spec.name,
-                               _blocks(cls.LABEL, cls.LABEL, layers, spec, layout), sigma=float(blur_sigma))
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+        return cls.add_term(model, "smoothed_attention", layers, scale, schedule, start_percent, end_percent,
+                            sigma=float(blur_sigma))
 
 
-class TPGNode(io.ComfyNode):
+class TPGNode(LayeredMethodNode):
     LABEL = "TPG"
     DEFAULTS = Defaults(scale=3.0)
 
@@ -275,22 +285,19 @@ class TPGNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers="auto", **kwargs):
-        return _layers_syntax(layers, cls.LABEL)
-
-    @classmethod
-    def execute(cls, model, scale, layers, seed, schedule, start_percent, end_percent):
-        spec, layout = _family(model, cls.LABEL)
+    def check_family(cls, spec) -> None:
         if not spec.is_unet and not spec.rope:
             raise node_error(f"{cls.LABEL}: {spec.name} adds positions once at its input (no rotary positions in "
                              f"its blocks), so shuffling tokens around a block and restoring them changes nothing. "
                              f"Use PAG, SEG or Skip-Layer Guidance on {spec.name}.")
-        p = hooks.Perturbation(cls.LABEL, "token_shuffle", spec.name,
-                               _blocks(cls.LABEL, cls.LABEL, layers, spec, layout), seed=int(seed))
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+
+    @classmethod
+    def execute(cls, model, scale, layers, seed, schedule, start_percent, end_percent):
+        return cls.add_term(model, "token_shuffle", layers, scale, schedule, start_percent, end_percent,
+                            seed=int(seed))
 
 
-class SkipLayerNode(io.ComfyNode):
+class SkipLayerNode(LayeredMethodNode):
     LABEL = "SLG"
     DEFAULTS = Defaults(scale=2.8, start=0.01, end=0.2)
 
@@ -320,17 +327,11 @@ class SkipLayerNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers="auto", **kwargs):
-        return _layers_syntax(layers, cls.LABEL)
-
-    @classmethod
     def execute(cls, model, scale, layers, schedule, start_percent, end_percent):
-        spec, layout = _family(model, cls.LABEL)
-        p = hooks.Perturbation(cls.LABEL, "skip", spec.name, _blocks(cls.LABEL, "SLG", layers, spec, layout))
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+        return cls.add_term(model, "skip", layers, scale, schedule, start_percent, end_percent)
 
 
-class S2GuidanceNode(io.ComfyNode):
+class S2GuidanceNode(LayeredMethodNode):
     LABEL = "S²-Guidance"
     DEFAULTS = Defaults(scale=0.25, start=0.1, end=0.9)
 
@@ -359,10 +360,6 @@ class S2GuidanceNode(io.ComfyNode):
             ],
             outputs=[_model_output()],
         )
-
-    @classmethod
-    def validate_inputs(cls, layers="auto", drop_ratio=0.1, **kwargs):
-        return _layers_syntax(layers, cls.LABEL)
 
     @classmethod
     def execute(cls, model, scale, drop_ratio, layers, seed, schedule, start_percent, end_percent):

@@ -262,3 +262,40 @@ def test_hooks_chain_to_an_existing_attention_patch():
             patched.set_model_attn1_replace(previous, "middle", 0, transformer_index=key[2])
     ksample(pag(patched), "sd15", CFG, 2)
     assert seen and set(seen) <= {1, 2, 3}  # the previous patch still runs (on the rows PAG leaves alone)
+
+
+def test_pag_on_the_unet_middle_block_equals_comfyui_core_pag():
+    """Core PAG (middle block, separate forward) is our PAG with layers 'middle all' on a UNet."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    base = tiny_model("sd15")
+    core = ksample(out(PerturbedAttentionGuidance.execute(base, 3.0)), "sd15", CFG, STEPS)
+    ours, counter = counted(pag(base, scale=3.0, layers="middle all"))
+    assert rel_diff(ksample(ours, "sd15", CFG, STEPS), core) <= 1e-5
+    assert counter.batches == [3] * STEPS  # core needs a second forward per step for the same result
+
+
+@pytest.mark.parametrize("family, layers", [("flux", ("0", "0")), ("sd3", ("1", ""))])
+def test_skip_layer_equals_comfyui_core_on_dits(family, layers):
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    base = tiny_model(family)
+    core_model = out(SkipLayerGuidanceDiT.execute(base, 2.5, 0.0, 1.0, double_layers=layers[0],
+                                                  single_layers=layers[1]))
+    selection = f"double {layers[0]}" + (f", single {layers[1]}" if layers[1] else "")
+    ours = slg(base, scale=2.5, layers=selection)
+    assert rel_diff(ksample(ours, family, CFG, STEPS), ksample(core_model, family, CFG, STEPS)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan21"])
+def test_perturbation_terms_stack_with_cfg_space_terms_and_core_nodes(family):
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    base = tiny_model(family)
+    ours = slg(pag(out(cm.TCFGNode.execute(out(cm.APGNode.execute(base, 0.0, 15.0, -0.5))))), layers="auto")
+    stacked, counter = counted(out(RescaleCFG().patch(ours, 0.7)))
+    result = ksample(stacked, family, CFG, STEPS)
+    without_core = ksample(ours, family, CFG, STEPS)
+    assert torch.isfinite(result).all()
+    assert counter.batches == [4] * STEPS  # cond, uncond, PAG and skip-layer branches in one forward
+    assert rel_diff(result, without_core) > 1e-4  # the core node still acts on top of the plan
