@@ -79,7 +79,7 @@ def blur_grid_tokens(x: torch.Tensor, grid: tuple[int, ...], sigma: float) -> to
 
     Follows the official SEG code (Hong, SEG-SDXL ``gaussian_blur_2d``): kernel size
     ``ceil(6σ)+1−ceil(6σ) mod 2`` clamped to the grid, reflect padding, a normalised separable
-    Gaussian (kornia). σ ≤ 0 returns the input; σ > 9999 (or inf) returns the mean token, the limit
+    Gaussian (kornia). σ ≤ 0 returns the input; σ ≥ 9999 (or inf) returns the mean token, the limit
     of an infinite blur (the official ``query.mean`` branch). Video grids blur each frame.
     """
     if sigma <= 0:
@@ -87,7 +87,7 @@ def blur_grid_tokens(x: torch.Tensor, grid: tuple[int, ...], sigma: float) -> to
     b, h, length, d = x.shape
     if math.prod(grid) != length:
         raise ValueError(f"a token grid {tuple(grid)} does not hold {length} tokens")
-    if sigma > INFINITE_BLUR:
+    if sigma >= INFINITE_BLUR:
         return x.mean(dim=2, keepdim=True).expand_as(x).contiguous()
     from kornia.filters import gaussian_blur2d
 
