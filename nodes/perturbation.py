@@ -309,7 +309,8 @@ class SkipLayerNode(LayeredMethodNode):
             category=CATEGORY_PERTURB,
             description=(
                 "Skip-layer guidance (Stability AI, SD3.5) / spatiotemporal skip guidance (STG, Hyung et al. 2024, "
-                "used by LTX-Video): in an extra conditional branch the chosen blocks are skipped (each returns its input); D = CFG + "
+                "used by LTX-Video): in an extra conditional branch the chosen blocks are skipped (each returns its "
+                "input); D = CFG + "
                 "scale·(cond − cond_skip). Works on UNets too (ComfyUI core's skip-layer nodes silently do nothing "
                 "there): the chosen transformer layers are skipped. Pair with the Rescale node (0.7, STG's "
                 "rescale) at high scales."),
