@@ -13,23 +13,16 @@ from ..guiders.plan import APG, FDG, TCFG, BetaCFG, CFGZeroStar, PlanError, Resc
 from ..guiders.schedules import SHAPES
 from .common import (
     CATEGORY_CFG,
-    MODEL_TOOLTIP,
     NODE_PREFIX,
     SIGMA_NO_LIMIT,
     add_method,
     build_schedule,
+    model_input,
+    model_output,
     node_error,
     parse_float_list,
     validation_message,
 )
-
-
-def _model_input():
-    return io.Model.Input("model", tooltip=MODEL_TOOLTIP)
-
-
-def _model_output():
-    return io.Model.Output(tooltip="The model with the method added to its guidance plan.")
 
 
 class CFGSchedule(io.ComfyNode):
@@ -49,7 +42,7 @@ class CFGSchedule(io.ComfyNode):
                 "it with plain CFG at the same cfg. Outside the window the step is conditional-only and the "
                 "unconditional model call is skipped (fewer model calls)."),
             inputs=[
-                _model_input(),
+                model_input(),
                 io.Combo.Input("schedule", options=list(SHAPES), default="constant",
                                tooltip="Shape of the guidance strength over the run. 'linear_increasing' and "
                                        "'cosine_increasing' are the paper's recommended schedules; 'constant' with a "
@@ -73,7 +66,7 @@ class CFGSchedule(io.ComfyNode):
                                tooltip="Guidance interval: guide only while sigma > this value. 0 = no limit. "
                                        "Paper value for SDXL: 0.28."),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -105,7 +98,7 @@ class BetaCFGNode(io.ComfyNode):
                 "longer means 'CFG scale': retune it. For a, b > 1 there is no guidance on the first and last steps "
                 "(the prediction there is the unconditional one, as in the paper)."),
             inputs=[
-                _model_input(),
+                model_input(),
                 io.Float.Input("a", default=2.0, min=1.0, max=10.0, step=0.1,
                                tooltip="Beta-curve parameter a (≥ 1). Larger a moves the guidance peak later. "
                                        "Official default 2."),
@@ -119,7 +112,7 @@ class BetaCFGNode(io.ComfyNode):
                                  tooltip="Divide the beta curve by its peak so it tops out at 1 (official optional "
                                          "normalisation; needs a, b > 1 or equal to 1)."),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -144,7 +137,7 @@ class APGNode(io.ComfyNode):
                 "threshold 0, momentum 0 it equals plain CFG at the same cfg (ComfyUI core's APG node equals CFG "
                 "at cfg + 1 there). Use it at high cfg (e.g. 10–15) for saturated, artifact-free images."),
             inputs=[
-                _model_input(),
+                model_input(),
                 io.Float.Input("eta", default=0.0, min=-1.0, max=2.0, step=0.01,
                                tooltip="Weight η of the guidance component parallel to the conditional prediction. "
                                        "0 (paper recommendation) removes it; 1 keeps it (plain CFG direction)."),
@@ -156,7 +149,7 @@ class APGNode(io.ComfyNode):
                                tooltip="Momentum β of the running guidance average Δ̄ = Δ + β·Δ̄_prev. The paper "
                                        "uses negative values (−0.5, sometimes −0.75); 0 disables. Reset every run."),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -179,8 +172,8 @@ class TCFGNode(io.ComfyNode):
                 "(computed per sample, exactly, without an SVD of the latent). Then ordinary CFG. No parameters; "
                 "the sampler's cfg is the scale. Stacks with APG, FDG, β-CFG and schedules (it rewrites the uncond "
                 "first)."),
-            inputs=[_model_input()],
-            outputs=[_model_output()],
+            inputs=[model_input()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -204,7 +197,7 @@ class CFGZeroStarNode(io.ComfyNode):
                 "Zero-init leaves the latent unchanged on the first steps and skips their model calls. For "
                 "guidance-distilled models (Flux dev) use zero-init only."),
             inputs=[
-                _model_input(),
+                model_input(),
                 io.Boolean.Input("optimized_scale", default=True,
                                  tooltip="Scale the unconditional prediction by the optimal α* (the 'CFG-Zero*' part). "
                                          "Acts only when cfg ≠ 1."),
@@ -213,7 +206,7 @@ class CFGZeroStarNode(io.ComfyNode):
                                      "no model call is made). 0 = off, 1 = first step (official zero_steps=0), "
                                      "2 = first two (official Wan T2V setting). Paper: about 4% of the steps."),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -239,13 +232,13 @@ class FDGNode(io.ComfyNode):
                 "(4-D) and video (5-D, per frame) latents. Add APG for the paper's projected variant (its η applies "
                 "per band)."),
             inputs=[
-                _model_input(),
+                model_input(),
                 io.String.Input("scales", default="10, 5",
                                 tooltip="One CFG scale per pyramid level, from the highest frequency to the lowest "
                                         "(the count sets the number of levels, 2–6). Paper/diffusers SDXL value: "
                                         "'10, 5'. Equal values everywhere = plain CFG at that value."),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -282,12 +275,12 @@ class RescaleNode(io.ComfyNode):
                 "and the velocity on flow models (Flux, SD3, WAN), where ComfyUI core's RescaleCFG uses the wrong "
                 "space. Keeps high-scale stacks from overexposing."),
             inputs=[
-                _model_input(),
+                model_input(),
                 io.Float.Input("multiplier", default=0.7, min=0.0, max=1.0, step=0.01,
                                tooltip="Blend φ between the rescaled and the unrescaled prediction. 0.7 is the "
                                        "paper's value; 0 = off."),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod

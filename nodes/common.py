@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from comfy_api.latest import io
+
 from ..guiders.plan import GuidancePlan, PlanError
 from ..guiders.schedules import SHAPES, Schedule, ScheduleError, Window, parse_step_values
 from .engine import apply_plan, plan_of
@@ -16,6 +18,14 @@ MODEL_TOOLTIP = ("The diffusion model to patch. It is cloned; the input model is
                  "Chain several Guidance Kit nodes to stack methods in one guidance plan.")
 
 SIGMA_NO_LIMIT = 1000.0
+
+
+def model_input():
+    return io.Model.Input("model", tooltip=MODEL_TOOLTIP)
+
+
+def model_output():
+    return io.Model.Output(tooltip="The model with the method added to its guidance plan.")
 
 
 def node_error(message: str) -> ValueError:

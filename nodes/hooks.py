@@ -40,9 +40,12 @@ TEXT_LENGTH_KEY = "guidance_kit_text_length"
 LATENT_SHAPE_KEY = "guidance_kit_latent_shape"
 WRAPPER_KEY = "guidance_kit_hooks"
 TIME_WRAPPER_KEY = "guidance_kit_time"
+GUARD_WRAPPER_KEY = "guidance_kit_guard"
+APPLIED_KEY = "guidance_kit_applied"
 
 ATTENTION_OPERATORS = ("identity_attention", "smoothed_attention")
 BLOCK_OPERATORS = ("skip", "token_shuffle", "drop")
+ALL_OPERATORS = ATTENTION_OPERATORS + BLOCK_OPERATORS + ("timestep",)
 
 
 class FamilyError(ValueError):
@@ -251,6 +254,47 @@ def active(transformer_options: dict, batch_size: int, key: tuple | None, operat
     return [(p, torch.tensor(r, dtype=torch.long)) for p, r in rows.items()]
 
 
+def mark_applied(transformer_options: dict, groups) -> None:
+    """Record that these branches' perturbations acted in this forward (see ``perturbation_guard``)."""
+    applied = transformer_options.get(APPLIED_KEY)
+    if applied is not None:
+        applied.update(p for p, _ in groups)
+
+
+class PerturbationNotApplied(RuntimeError):
+    """A branch's perturbation never reached the model: its hook was replaced or bypassed."""
+
+
+def perturbation_guard(executor, x, t, *args, **kwargs):
+    """APPLY_MODEL wrapper: every branch perturbation in this forward must act at least once.
+
+    Another node can replace our block/attention patches after ours (they are single slots), and
+    a model update can stop calling a hook; the branch would then equal the cond and the method
+    would silently do nothing while costing a branch. This turns that into an error.
+    """
+    transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options")
+    if not isinstance(transformer_options, dict):
+        return executor(x, t, *args, **kwargs)
+    expected = {p for p, _ in active(transformer_options, x.shape[0], None, ALL_OPERATORS)}
+    if not expected:
+        return executor(x, t, *args, **kwargs)
+    applied: set = set()
+    transformer_options[APPLIED_KEY] = applied
+    try:
+        result = executor(x, t, *args, **kwargs)
+    finally:
+        transformer_options.pop(APPLIED_KEY, None)
+    missing = expected - applied
+    if missing:
+        names = ", ".join(sorted(f"{p.method} ({p.family})" for p in missing))
+        raise PerturbationNotApplied(
+            f"{names}: the perturbation never reached the model in this step, so the method would do nothing. "
+            f"Another node replaced Guidance Kit's block/attention patch (or this ComfyUI version no longer "
+            f"calls it). Put the Guidance Kit node after nodes that patch the same blocks or attention, or "
+            f"remove one of them.")
+    return result
+
+
 def _take(value, rows: torch.Tensor, batch_size: int):
     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size:
         return value.index_select(0, rows.to(value.device))
@@ -357,6 +401,7 @@ class AttentionDispatcher:
         heads = _heads_of(args, kwargs)
         skip_reshape = kwargs.get("skip_reshape", False)
         skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        mark_applied(transformer_options, groups)
         for p, rows in groups:
             part = perturbed_attention(p, *(_take(a, rows, batch_size) for a in args[:3]), heads, skip_reshape,
                                        skip_output_reshape, _take(kwargs.get("mask"), rows, batch_size), image, grid)
@@ -474,6 +519,7 @@ class DitBlockHook:
         groups = active(to, batch_size, self.key, ATTENTION_OPERATORS + BLOCK_OPERATORS)
         if not groups:
             return self._run(args, extra)
+        mark_applied(to, [(p, rows) for p, rows in groups if p.operator in BLOCK_OPERATORS])
         skip_rows = [rows for p, rows in groups if p.operator in ("skip", "drop")]
         shuffles = [(p, rows) for p, rows in groups if p.operator == "token_shuffle"]
         attention_groups = [(p, rows) for p, rows in groups if p.operator in ATTENTION_OPERATORS]
@@ -578,6 +624,7 @@ class UNetSelfAttentionHook:
         groups = active(extra_options, batch_size, self.key, ATTENTION_OPERATORS)
         if not groups:
             return self._normal(q, k, v, extra_options)
+        mark_applied(extra_options, groups)
         heads = extra_options["n_heads"]
         shape = extra_options.get("activations_shape")
         grid = tuple(shape[-2:]) if shape is not None else None
@@ -615,6 +662,7 @@ class UNetLayerForward:
         groups = active(to, batch_size, self.key, BLOCK_OPERATORS)
         if not groups:
             return self._original(x, context, to)
+        mark_applied(to, groups)
         skipped = [rows for p, rows in groups if p.operator in ("skip", "drop")]
         x_in = x
         for p, rows in groups:
@@ -625,15 +673,12 @@ class UNetLayerForward:
                 x[rows] = x[rows][:, perm.to(x.device)]
         if not skipped:
             return self._original(x, context, to)
-        keep = torch.ones(batch_size, dtype=torch.bool)
-        keep[torch.cat(skipped)] = False
-        kept = keep.nonzero().flatten()
-        out = x.clone()
-        if kept.numel():
-            sub_to = dict(to)
-            sub_to["cond_or_uncond"] = None
-            sub_context = context[kept] if torch.is_tensor(context) and context.shape[0] == batch_size else context
-            out[kept] = self._original(x[kept], sub_context, sub_to)
+        # the layer runs on every row (rows of other branches still need their own hooks inside it);
+        # skipped rows then get their inputs back
+        index = torch.cat(skipped).to(x.device)
+        kept_inputs = x[index].clone()
+        out = self._original(x, context, to).clone()
+        out[index] = kept_inputs.to(out.dtype)
         return out
 
 
@@ -680,7 +725,8 @@ def time_perturbation_wrapper(executor, x, t, *args, **kwargs):
     groups = active(transformer_options or {}, x.shape[0], None, ("timestep",))
     if not groups:
         return executor(x, t, *args, **kwargs)
-    token = _TIME_ROWS.set((groups, step_of(transformer_options), executor.class_obj.model_sampling))
+    token = _TIME_ROWS.set((groups, step_of(transformer_options), executor.class_obj.model_sampling,
+                            transformer_options))
     try:
         return executor(x, t, *args, **kwargs)
     finally:
@@ -707,7 +753,8 @@ class ProcessTimestep:
         context = _TIME_ROWS.get()
         if context is None or not torch.is_tensor(t) or t.ndim == 0:
             return t
-        groups, step, sampling = context
+        groups, step, sampling, transformer_options = context
+        mark_applied(transformer_options, groups)
         low = float(sampling.timestep(torch.as_tensor(float(sampling.sigma_min))))
         high = float(sampling.timestep(torch.as_tensor(float(sampling.sigma_max))))
         t = t.clone()
@@ -796,6 +843,9 @@ def install(model_patcher, inst: Installation, layout: BlockLayout) -> None:
                 model_patcher.add_object_patch(path, UNetLayerForward(layers[key], key))
     if inst.attention_override:
         install_attention_dispatcher(model_patcher)
+    if not model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, GUARD_WRAPPER_KEY):
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, GUARD_WRAPPER_KEY,
+                                           perturbation_guard)
     if inst.time_input:
         current = model_patcher.object_patches.get("process_timestep")
         if not isinstance(current, ProcessTimestep):

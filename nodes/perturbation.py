@@ -19,7 +19,7 @@ from ..guiders.layers import LayerError, parse_layers, resolve
 from ..guiders.plan import Branch, ExtraGuidance, IndependentCondition, PlanError
 from ..guiders.schedules import SHAPES, ScheduleError
 from . import hooks
-from .common import CATEGORY_ROOT, MODEL_TOOLTIP, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, node_error
+from .common import CATEGORY_ROOT, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, model_input, model_output, node_error
 from .engine import apply_plan, plan_of
 
 CATEGORY_PERTURB = CATEGORY_ROOT + "/perturbation"
@@ -98,13 +98,6 @@ def _scale_input(defaults: Defaults, tooltip: str):
 def _layers_input(example: str):
     return io.String.Input("layers", default="auto", multiline=False, tooltip=LAYERS_TOOLTIP + " " + example)
 
-
-def _model_io():
-    return io.Model.Input("model", tooltip=MODEL_TOOLTIP)
-
-
-def _model_output():
-    return io.Model.Output(tooltip="The model with the method added to its guidance plan.")
 
 
 def _family(model, label: str):
@@ -205,14 +198,14 @@ class PAGNode(LayeredMethodNode):
                 "batched model call as cond and uncond. Works on SD1.5/SDXL and Flux, Chroma, SD3, AuraFlow, WAN, "
                 "HunyuanVideo, Qwen-Image, LTXV."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the PAG term. Paper/diffusers: 3 with CFG 4–7 on SD1.5/SDXL; "
                                            "start lower (1–2) on DiTs. 0 = off (no extra model cost)."),
                 _layers_input("PAG default: the UNet middle block (all its transformer layers), the middle double "
                               "block on DiTs."),
                 *_schedule_inputs(cls.DEFAULTS),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -237,7 +230,7 @@ class SEGNode(LayeredMethodNode):
                 "(every query the mean query: uniform attention), the official default. Same kernel and padding "
                 "as the official code."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the SEG term. Official default 3 (SDXL, with CFG). 0 = off."),
                 io.Float.Input("blur_sigma", default=INFINITE_BLUR, min=0.0, max=INFINITE_BLUR, step=0.5,
                                tooltip="Std of the Gaussian blur of the queries, in tokens. ≥ 9999 = infinite "
@@ -246,7 +239,7 @@ class SEGNode(LayeredMethodNode):
                 _layers_input("SEG default: the UNet middle block, the middle double block on DiTs."),
                 *_schedule_inputs(cls.DEFAULTS),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -274,14 +267,14 @@ class TPGNode(LayeredMethodNode):
                 "it. SD3 and AuraFlow add positions once at the input, so a shuffled-and-restored block is "
                 "unchanged there: use PAG, SEG or skip-layer guidance on them."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the TPG term. Official SDXL setting 3 with CFG. 0 = off."),
                 _layers_input("TPG default: the two deepest down-block transformers of the UNet (SDXL input 7, 8 = "
                               "the official down_blocks.2), the middle double block on DiTs."),
                 _seed_input(),
                 *_schedule_inputs(cls.DEFAULTS),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -315,7 +308,7 @@ class SkipLayerNode(LayeredMethodNode):
                 "there): the chosen transformer layers are skipped. Pair with the Rescale node (0.7, STG's "
                 "rescale) at high scales."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the skip-layer term. SD3.5 Medium: 2.8 (diffusers; Stability "
                                            "uses 2.5–3) in 1–20% of the run; STG on LTXV/WAN: 1–2 over the whole "
                                            "run. 0 = off."),
@@ -324,7 +317,7 @@ class SkipLayerNode(LayeredMethodNode):
                               "'middle all'."),
                 *_schedule_inputs(cls.DEFAULTS),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -349,7 +342,7 @@ class S2GuidanceNode(LayeredMethodNode):
                 "same batched call, and D = CFG + scale·(cond − cond_sub). The dropped blocks are resampled every "
                 "step from the seed: the same seed gives the same image."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _scale_input(cls.DEFAULTS, "Weight ω of the self-guidance term. Paper: 0.25 (with CFG). 0 = off."),
                 io.Float.Input("drop_ratio", default=0.1, min=0.0, max=0.9, step=0.01,
                                tooltip="Fraction of the candidate blocks dropped each step (rounded). Paper: ~10%. "
@@ -359,7 +352,7 @@ class S2GuidanceNode(LayeredMethodNode):
                 _seed_input(),
                 *_schedule_inputs(cls.DEFAULTS),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -407,7 +400,7 @@ class TSGNode(io.ComfyNode):
                 "1000 steps on SD1.5/SDXL) in the branch only; the input scaling and the denoised formula keep the "
                 "true sigma. Works on every family (no block hooks needed)."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the TSG term. Start at 1–2; lower it with high cfg. 0 = off."),
                 io.Float.Input("time_noise", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Std of the time perturbation as a fraction of the model's time range "
@@ -415,7 +408,7 @@ class TSGNode(io.ComfyNode):
                 _seed_input(),
                 *_schedule_inputs(cls.DEFAULTS),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -443,10 +436,10 @@ class ICGNode(io.ComfyNode):
                 "negative prompt connected to the sampler is not used. Uses the sampler's cfg; no extra model "
                 "call (it replaces the unconditional one)."),
             inputs=[
-                _model_io(),
+                model_input(),
                 _seed_input(),
             ],
-            outputs=[_model_output()],
+            outputs=[model_output()],
         )
 
     @classmethod

@@ -251,17 +251,17 @@ def test_hooks_chain_to_an_existing_attention_patch():
     base = tiny_model("sd15")
     seen = []
 
-    def previous(q, k, v, extra_options):
+    def previous(q, k, v, extra_options):  # an attn1 patch of another node, numerically the plain attention
         seen.append(q.shape[0])
         from comfy.ldm.modules.attention import optimized_attention
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
     patched = base.clone()
-    for key in hooks.unet_layers(patched.model.diffusion_model):
-        patched.set_model_attn1_replace(previous, *key[:2], transformer_index=key[2]) if key[0] != "middle" else \
-            patched.set_model_attn1_replace(previous, "middle", 0, transformer_index=key[2])
-    ksample(pag(patched), "sd15", CFG, 2)
-    assert seen and set(seen) <= {1, 2, 3}  # the previous patch still runs (on the rows PAG leaves alone)
+    for group, block, layer in hooks.unet_layers(patched.model.diffusion_model):
+        patched.set_model_attn1_replace(previous, group, block, transformer_index=layer)
+    chained = ksample(pag(patched), "sd15", CFG, 2)
+    assert rel_diff(chained, ksample(pag(base), "sd15", CFG, 2)) <= 1e-5  # PAG still acts, same result
+    assert 2 in seen  # the previous patch still runs, on the cond/uncond rows PAG leaves alone
 
 
 def test_pag_on_the_unet_middle_block_equals_comfyui_core_pag():
@@ -299,3 +299,36 @@ def test_perturbation_terms_stack_with_cfg_space_terms_and_core_nodes(family):
     assert torch.isfinite(result).all()
     assert counter.batches == [4] * STEPS  # cond, uncond, PAG and skip-layer branches in one forward
     assert rel_diff(result, without_core) > 1e-4  # the core node still acts on top of the plan
+
+
+
+def test_stacked_terms_on_the_same_layers_each_act():
+    """One Euler step returns D̂, so the terms' contributions must add up exactly."""
+    family, steps = "sd15", 1
+    base = tiny_model(family)
+    cfg_only = ksample(base, family, CFG, steps)
+    with_pag = ksample(pag(base, layers="middle all"), family, CFG, steps)
+    with_slg = ksample(slg(base, layers="middle all"), family, CFG, steps)
+    both = ksample(slg(pag(base, layers="middle all"), layers="middle all"), family, CFG, steps)
+    expected = with_pag + with_slg - cfg_only
+    assert rel_diff(both, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_a_node_that_replaces_our_patch_afterwards_is_an_error_not_a_silent_no_op(family):
+    model = pag(tiny_model(family))
+    overwritten = model.clone()
+    if family == "sd15":
+        def plain(q, k, v, extra_options):
+            from comfy.ldm.modules.attention import optimized_attention
+            return optimized_attention(q, k, v, extra_options["n_heads"])
+        for group, block, layer in hooks.unet_layers(overwritten.model.diffusion_model):
+            overwritten.set_model_attn1_replace(plain, group, block, transformer_index=layer)
+    else:
+        def passthrough(args, extra):
+            return extra["original_block"](args)
+        dit = overwritten.model_options["transformer_options"]["patches_replace"]["dit"]
+        for key in list(dit):
+            overwritten.set_model_patch_replace(passthrough, "dit", key[0], key[1])
+    with pytest.raises(hooks.PerturbationNotApplied, match=r"^PAG \(.*never reached the model"):
+        ksample(overwritten, family, CFG, 2)
