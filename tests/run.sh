@@ -24,7 +24,9 @@ if [ -n "$comfyui" ]; then
   echo "tests/run.sh: ComfyUI found at $comfyui: installing CPU-capable torch 2.14.1 + torchvision 0.29.1 and ComfyUI's requirements"
   "${pip[@]}" torch==2.14.1 torchvision==0.29.1
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$comfyui/requirements.txt" > "$venv/comfyui-requirements.txt"
-  "${pip[@]}" -r "$venv/comfyui-requirements.txt" -r tests/requirements.txt
+  # requests: imported by ComfyUI's server.py (comfy_extras/nodes_images.py imports it) but not in its
+  # requirements.txt; older transformers pulled it in, newer ones do not.
+  "${pip[@]}" -r "$venv/comfyui-requirements.txt" -r tests/requirements.txt requests
   export COMFYUI_PATH="$comfyui"
 else
   echo "tests/run.sh: no ComfyUI checkout found: installing CPU torch 2.13.0; the ComfyUI tier will be skipped"
