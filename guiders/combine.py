@@ -24,6 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adaptive import (
+    UNCOND,
+    AdaptiveState,
+    estimate_uncond,
+    finish_evaluation,
+    is_switched,
+    observe,
+    record_uncond,
+    wants_estimate,
+)
 from .frequency import laplacian_pyramid, reconstruct
 from .normalization import beta_cfg_factor, rescale_to_cond_std
 from .plan import Branch, GuidancePlan
@@ -38,6 +48,7 @@ class GuidanceState:
     """Run-scoped state of a plan (momentum buffers). A new sampling run starts with a new one."""
 
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    adaptive: AdaptiveState = field(default_factory=AdaptiveState)
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class Needs:
     cond: bool
     uncond: bool
     branches: tuple[Branch, ...]
+    estimate_uncond: bool = False  # LinearAG: the uncond is estimated instead of evaluated
 
 
 @dataclass
@@ -65,13 +77,65 @@ class StepInputs:
         return float(torch.as_tensor(self.sigma).reshape(-1)[0])
 
 
-def needs(plan: GuidancePlan, position: StepPosition, sigma: float) -> Needs:
-    """The evaluations this step needs; a branch whose term is off here costs nothing."""
+def needs(plan: GuidancePlan, position: StepPosition, sigma: float, state: GuidanceState | None = None) -> Needs:
+    """The evaluations this step needs; a branch whose term is off here, or that Adaptive Guidance
+    has switched off (``state``), costs nothing."""
     if plan.is_zero_init_step(position):
         return Needs(cond=False, uncond=False, branches=())
     uncond = plan.cfg_multiplier(position, sigma) != 0.0
     branches = tuple(t.branch for t in plan.extra if t.scale_at(position, sigma) != 0.0)
-    return Needs(cond=True, uncond=uncond, branches=branches)
+    ag = plan.adaptive
+    if ag is None:
+        return Needs(cond=True, uncond=uncond, branches=branches)
+    adaptive = state.adaptive if state is not None else AdaptiveState()
+
+    def stopped(name: str) -> bool:
+        return ag.starts_switched or is_switched(adaptive, name)
+
+    estimate = False
+    if uncond and ag.watches_uncond:
+        if stopped(UNCOND):
+            uncond = False
+        elif ag.linear and wants_estimate(adaptive, ag.calibration_steps, ag.refresh_every):
+            uncond, estimate = False, True
+    if ag.watches_branches:
+        branches = tuple(b for b in branches if not stopped(b.name))
+    return Needs(cond=True, uncond=uncond, branches=branches, estimate_uncond=estimate)
+
+
+def branch_stopped(plan: GuidancePlan, state: GuidanceState, name: str) -> bool:
+    ag = plan.adaptive
+    return ag is not None and ag.watches_branches and (ag.starts_switched or is_switched(state.adaptive, name))
+
+
+def after_evaluation(plan: GuidancePlan, state: GuidanceState, need: Needs, position: StepPosition,
+                     x: torch.Tensor, sigma,
+                     cond: torch.Tensor, uncond: torch.Tensor | None,
+                     branches: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Adaptive Guidance bookkeeping once an evaluation's predictions are in.
+
+    ``uncond`` is the evaluated unconditional prediction (None when it was not run). Updates the
+    one-way switches from the true predictions and LinearAG's regression; returns LinearAG's
+    estimated uncond when ``need.estimate_uncond``, else None.
+    """
+    ag = plan.adaptive
+    if ag is None or not need.cond:
+        return None
+    adaptive = state.adaptive
+    estimate = None
+    if need.estimate_uncond:
+        estimate = estimate_uncond(adaptive, x, sigma, cond)
+    watched = ((UNCOND,) if ag.watches_uncond else ()) + (tuple(branches) if ag.watches_branches else ())
+    others = dict(branches)
+    if uncond is not None:
+        others[UNCOND] = uncond
+    if position.progress >= ag.start_percent - 1e-9:
+        observe(adaptive, ag.threshold, watched, x, sigma, cond, others)
+    if ag.linear and (uncond is not None or estimate is not None):
+        record_uncond(adaptive, x, sigma, cond, uncond if uncond is not None else estimate,
+                      true_evaluation=uncond is not None, fit=True)
+    finish_evaluation(adaptive)
+    return estimate
 
 
 def rewrite_uncond(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor) -> torch.Tensor:
@@ -140,6 +204,8 @@ def combine(plan: GuidancePlan, inp: StepInputs, state: GuidanceState) -> tuple[
         if scale == 0.0:
             continue
         if term.branch.name not in inp.branches:
+            if branch_stopped(plan, state, term.branch.name):
+                continue  # Adaptive Guidance switched this branch off: the term is done for this run
             raise KeyError(f"{term.label}: the prediction of branch {term.branch.name!r} is missing")
         guided = guided + scale * (to_f32(inp.cond) - to_f32(inp.branches[term.branch.name]))
     if plan.rescale is not None:

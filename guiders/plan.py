@@ -175,7 +175,63 @@ class IndependentCondition:
             raise PlanError(f"{self.label}: the independent condition is derived from the prompt's conditioning")
 
 
-SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg")
+ADAPTIVE_SCOPES = ("uncond and branches", "uncond only", "branches only")
+
+
+@dataclass(frozen=True)
+class AdaptiveGuidance:
+    """Adaptive Guidance / LinearAG settings (see ``adaptive.py``): which evaluations stop, and when.
+
+    ``threshold`` γ̄: an evaluation stops for the rest of the run once cos(ε_c, ε_other) ≥ γ̄ at a
+    progress ≥ ``start_percent`` (γ̄ > 1 never stops = CFG exactly; γ̄ = −1 stops from the first
+    step, whatever ``start_percent``). The guard exists because at high noise ε_c and ε_u are both
+    ≈ the input noise, so their cosine is ≈ 1 before guidance has done its work (measured on the
+    exact mixture: 0.9999 at σ = 14.6), and the switch is one-way. ``linear`` adds
+    LinearAG's estimated uncond on ``refresh_every − 1`` of every ``refresh_every`` evaluations
+    after ``calibration_steps`` evaluated ones.
+    """
+
+    threshold: float = 0.99
+    scope: str = "uncond and branches"
+    start_percent: float = 0.5
+    linear: bool = False
+    calibration_steps: int = 3
+    refresh_every: int = 2
+    label: str = "Adaptive Guidance"
+
+    def validate(self) -> None:
+        if not (-1.0 <= self.threshold <= 1.5):
+            raise PlanError(f"{self.label}: threshold is a cosine similarity in [−1, 1] (above 1 never switches); "
+                            f"got {self.threshold}. The paper's range is about 0.98–0.999")
+        if not (0.0 <= self.start_percent <= 1.0):
+            raise PlanError(f"{self.label}: start_percent is a fraction of the run in [0, 1]; got {self.start_percent}")
+        if self.scope not in ADAPTIVE_SCOPES:
+            raise PlanError(f"{self.label}: scope must be one of {', '.join(ADAPTIVE_SCOPES)}; got {self.scope!r}")
+        if self.linear:
+            if not self.watches_uncond:
+                raise PlanError(f"{self.label}: LinearAG estimates the unconditional prediction, so the scope must "
+                                f"include the uncond (got {self.scope!r})")
+            if self.calibration_steps < 2:
+                raise PlanError(f"{self.label}: LinearAG needs at least 2 calibration steps (it regresses on the "
+                                f"previous step); got {self.calibration_steps}")
+            if self.refresh_every < 1:
+                raise PlanError(f"{self.label}: refresh_every must be ≥ 1 (1 = never estimate); "
+                                f"got {self.refresh_every}")
+
+    @property
+    def watches_uncond(self) -> bool:
+        return self.scope != "branches only"
+
+    @property
+    def watches_branches(self) -> bool:
+        return self.scope != "uncond only"
+
+    @property
+    def starts_switched(self) -> bool:
+        return self.threshold <= -1.0
+
+
+SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -189,6 +245,7 @@ class GuidancePlan:
     beta_cfg: BetaCFG | None = None
     rescale: Rescale | None = None
     icg: IndependentCondition | None = None
+    adaptive: AdaptiveGuidance | None = None
     extra: tuple[ExtraGuidance, ...] = ()
 
     # --- building -------------------------------------------------------------------------------
@@ -255,6 +312,8 @@ class GuidancePlan:
                                                           if self.cfg_zero_star.zero_init_steps else ""))
         if self.rescale is not None and not self.extra:
             labels.append(self.rescale.label)
+        if self.adaptive is not None and not (self.extra and self.adaptive.watches_branches):
+            labels.append(self.adaptive.label)
         return labels
 
     def windows(self) -> list[tuple[str, Schedule]]:

@@ -33,7 +33,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
-from ..guiders.combine import GuidanceState, Needs, StepInputs, combine, needs
+from ..guiders.combine import GuidanceState, Needs, StepInputs, after_evaluation, combine, needs
 from ..guiders.plan import Branch, GuidancePlan
 from ..guiders.progress import StepPosition, step_position
 
@@ -76,6 +76,8 @@ class RunState:
     warned: set = field(default_factory=set)
     calc_calls: int = 0
     evaluations: int = 0
+    passes: int = 0  # model passes (batch chunks: cond, uncond, each branch) actually run
+    plain_passes: int = 0  # what plain CFG would have run for the same evaluations
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -104,11 +106,35 @@ def run_state(model_options: dict) -> RunState:
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    guider.model_options[RUN_KEY] = RunState()
+    run = RunState()
+    guider.model_options[RUN_KEY] = run
     try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options.pop(RUN_KEY, None)
+        report = call_report(run, get_plan(guider.model_options))
+        if report:
+            log.info(report)
+
+
+def call_report(run: RunState, plan: GuidancePlan | None) -> str:
+    """The NFE counter line logged after each run: model passes made vs plain CFG of the same length."""
+    if run.evaluations == 0 or run.plain_passes == 0:
+        return ""
+    change = 100.0 * (run.passes - run.plain_passes) / run.plain_passes
+    line = (f"{PACK}: {run.evaluations} model evaluations, {run.passes} model passes (cond/uncond/branch chunks) "
+            f"in {run.calc_calls} batched calls; plain CFG would make {run.plain_passes} ({change:+.0f}%)")
+    if plan is not None and plan.adaptive is not None:
+        adaptive = run.guidance.adaptive
+        stops = ", ".join(f"{name} off after evaluation {index + 1}" for name, index in adaptive.switched.items())
+        if plan.adaptive.starts_switched:
+            stops = "off from the start (threshold −1)"
+        line += f". {plan.adaptive.label}: {stops or 'nothing switched off'}"
+        if plan.adaptive.linear:
+            line += f"; LinearAG estimated the uncond {adaptive.estimated}×"
+        if adaptive.last_cosine:
+            line += "; last cosines " + ", ".join(f"{k} {v:.4f}" for k, v in adaptive.last_cosine.items())
+    return line
 
 
 class CalcCondBatchHook:
@@ -252,7 +278,7 @@ def evaluate_batch(args: dict, previous=None) -> list:
     run = run_state(model_options)
     _check_windows(plan, run, model_options, model)
     position = _position(run, model_options, model, sigma)
-    need: Needs = needs(plan, position, sigma_value(sigma))
+    need: Needs = needs(plan, position, sigma_value(sigma), run.guidance)
     cond_list = conds[0]
     uncond_list = conds[1] if len(conds) > 1 else None
     run_cond = need.cond and cond_list is not None
@@ -272,17 +298,26 @@ def evaluate_batch(args: dict, previous=None) -> list:
     else:
         out = [torch.zeros_like(x) for _ in batch]
     run.evaluations += 1
+    run.passes += sum(c is not None for c in batch)
+    run.plain_passes += sum(c is not None for c in conds)
+    branches = {b.name: out[i] for i, b in branch_map.items()}
+    estimated = None
     if not need.cond:  # zero-init step: no model call, D̂ = x
         cond_out = x
         uncond_out = x
     else:
         cond_out = out[0]
         uncond_out = out[1] if run_uncond or uncond_list is None else cond_out
+        extra = {k: v for k, v in branches.items() if plan.icg is None or k != plan.icg.branch.name}
+        estimated = after_evaluation(plan, run.guidance, need, position, x, sigma, cond_out,
+                                     out[1] if run_uncond else None, extra)
+        if estimated is not None and uncond_list is not None:
+            uncond_out = estimated
     run.stash = StepStash(
         x=x, position=position, parameterization=parameterization_of(model),
-        branches={b.name: out[i] for i, b in branch_map.items()},
-        uncond_evaluated=run_uncond,
-        uncond_skipped_by_plan=uncond_list is not None and not run_uncond,
+        branches=branches,
+        uncond_evaluated=run_uncond or (estimated is not None and uncond_list is not None),
+        uncond_skipped_by_plan=uncond_list is not None and not run_uncond and estimated is None,
     )
     return [cond_out, uncond_out] + list(out[2:len(conds)])
 
@@ -293,7 +328,7 @@ def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_l
     model_options, x, sigma, model = args["model_options"], args["input"], args["sigma"], args["model"]
     _check_windows(plan, run, model_options, model)
     position = _position(run, model_options, model, sigma)
-    need = needs(plan, position, sigma_value(sigma))
+    need = needs(plan, position, sigma_value(sigma), run.guidance)
     branches = {}
     evaluated = uncond_list is not None and uncond_pred is not None
     extra = list(need.branches)

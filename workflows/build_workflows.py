@@ -150,6 +150,12 @@ CATALOG: dict[str, NodeDef] = {
                               "start_percent", "end_percent", scale=1.5, time_noise=0.1, seed=0,
                               schedule="constant", start_percent=0.0, end_percent=1.0),
     "GuidanceKit_ICG": _patch("ICG · Independent Condition Guidance", "seed", seed=0),
+    # Guidance Kit efficiency nodes (nodes/adaptive.py)
+    "GuidanceKit_AdaptiveGuidance": _patch("Adaptive Guidance · AG / LinearAG (fewer model calls)", "threshold",
+                                           "start_percent", "scope", "linear_ag", "calibration_steps",
+                                           "refresh_every", threshold=0.99, start_percent=0.5,
+                                           scope="uncond and branches", linear_ag=False, calibration_steps=3,
+                                           refresh_every=2),
     # frontend only
     "Note": NodeDef("Note", widgets=("text",), width=440),
 }
@@ -676,6 +682,23 @@ CHANGE FIRST: cfg; the seed draws another independent condition.
 OTHER MODELS: any family with a text/token cross-attention conditioning (SD1.5, SDXL, SD3.5, Flux at cfg > 1, \
 WAN). Pooled vectors and size conditions are kept from the prompt."""
 
+NOTE_ADAPTIVE = """\
+Adaptive Guidance / LinearAG + PAG (Guidance Kit)
+
+WHAT: fewer model calls. Once the conditional and unconditional noise predictions point the same way \
+(cos ≥ threshold, after start_percent of the run) the unconditional pass is switched off for the rest of the run; \
+the same test stops PAG's extra pass. LinearAG also replaces every other unconditional pass before that with an \
+estimate from the previous step. The console shows the passes made vs plain CFG after each run. Paper: Castillo \
+et al., "Adaptive Guidance", AAAI 2025 (arXiv 2312.12487).
+
+THESE VALUES: 30 steps, cfg 6, PAG 2, threshold 0.99 from 50% of the run, LinearAG on (refresh every 2nd step).
+
+CHANGE FIRST: threshold (0.995–0.999 stops later and saves less; > 1 never stops); start_percent (lower saves \
+more, the switch is one-way); linear_ag off if fine details change.
+
+OTHER MODELS: every family and sampler; on flow models (Flux, SD3.5, WAN) the cosine converges later, so expect \
+fewer savings from the switch and most from LinearAG."""
+
 NOTE_STACK_PAG = """\
 Stack: APG + PAG + cosine CFG schedule (Guidance Kit)
 
@@ -750,6 +773,15 @@ def wf_stack_apg_pag_schedule_sdxl() -> Workflow:
         cfg=8.0)
 
 
+def wf_adaptive_guidance_pag_sdxl() -> Workflow:
+    return checkpoint_workflow(
+        "adaptive_guidance_pag_sdxl", "Adaptive Guidance + LinearAG stopping CFG and PAG passes (30 steps)", "SDXL",
+        SDXL, [("GuidanceKit_PAG", {"scale": 2.0}),
+               ("GuidanceKit_AdaptiveGuidance", {"threshold": 0.99, "start_percent": 0.5, "linear_ag": True})],
+        "a detailed botanical illustration of a fern and mushrooms on a forest floor, soft light", NEG_SD,
+        NOTE_ADAPTIVE, cfg=6.0, steps=30)
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_cfg_schedule_sdxl,
     wf_beta_cfg_sd15,
@@ -770,6 +802,7 @@ WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_tsg_sd15_unconditional,
     wf_icg_sdxl,
     wf_stack_apg_pag_schedule_sdxl,
+    wf_adaptive_guidance_pag_sdxl,
 ]
 
 

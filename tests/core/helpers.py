@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance_kit.guiders.combine import GuidanceState, StepInputs, combine, needs
+from guidance_kit.guiders.combine import GuidanceState, StepInputs, after_evaluation, combine, needs
 from guidance_kit.guiders.plan import GuidancePlan
 from guidance_kit.guiders.progress import step_position
 
@@ -25,7 +25,7 @@ class PlanDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
         s = float(sigma.reshape(-1)[0])
         position = step_position(self.sigmas, s)
-        need = needs(self.plan, position, s)
+        need = needs(self.plan, position, s, self.state)
         cond = x
         if need.cond:
             cond = self.gmm.denoise_cond(x, sigma, self.label, self.parameterization)
@@ -38,6 +38,10 @@ class PlanDenoiser:
         for b in need.branches:
             branches[b.name] = self.branch_fns[b.name](x, sigma)
             self.calls["branches"] += 1
+        estimate = after_evaluation(self.plan, self.state, need, position, x, sigma, cond, uncond, branches)
+        if estimate is not None:
+            uncond = estimate
+            self.calls["estimated"] = self.calls.get("estimated", 0) + 1
         inp = StepInputs(x=x, sigma=sigma, cond_scale=self.cond_scale, position=position,
                          parameterization=self.parameterization, cond=cond, uncond=uncond, branches=branches)
         guided, _ = combine(self.plan, inp, self.state)

@@ -1,0 +1,117 @@
+"""Adaptive Guidance / LinearAG in real ComfyUI sampling: stopped branches cost no model pass (counted
+per forward on tiny models), a stopped uncond gives the conditional-only result, PAG's branch stops
+too, the Guidance Guider path agrees with KSampler, and every run logs its model passes vs CFG."""
+
+# isort: off
+from tests.comfyui import harness  # noqa: F401  (first: ComfyUI on sys.path, or skip the module without it)
+# isort: on
+import logging
+
+import pytest
+import torch
+
+from guidance_kit.nodes import adaptive as ag
+from guidance_kit.nodes import cfg_methods as cm
+from guidance_kit.nodes import guider as gd
+from guidance_kit.nodes import perturbation as P
+from tests.comfyui.harness import conditioning, counted, custom_advanced, ksample, out, rel_diff, tiny_model
+
+CFG = 4.0
+STEPS = 6
+FAMILIES = ("sd15", "flux", "sd3", "wan21")
+
+
+def adaptive(model, threshold=0.99, scope="uncond and branches", linear=False, calibration=3, refresh=2,
+             start=0.0):
+    return out(ag.AdaptiveGuidanceNode.execute(model, threshold, start, scope, linear, calibration, refresh))
+
+
+def pag(model, scale=2.0):
+    return out(P.PAGNode.execute(model, scale, "auto", "constant", 0.0, 1.0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_threshold_above_one_is_cfg_exactly_at_cfg_cost(family):
+    base = tiny_model(family)
+    plain = ksample(base, family, CFG, STEPS)
+    model, counter = counted(adaptive(base, threshold=1.01))
+    assert torch.equal(ksample(model, family, CFG, STEPS), plain)
+    assert counter.batches == [2] * STEPS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_threshold_minus_one_never_runs_the_uncond(family):
+    base = tiny_model(family)
+    cond_only = ksample(base, family, 1.0, STEPS)
+    model, counter = counted(adaptive(base, threshold=-1.0))
+    guided = ksample(model, family, CFG, STEPS)
+    assert counter.batches == [1] * STEPS
+    assert rel_diff(guided, cond_only) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_converged_predictions_switch_the_uncond_off_after_the_first_check(family):
+    """Negative = positive prompt: cos(ε_c, ε_u) = 1 at the first evaluation past start_percent."""
+    base = tiny_model(family)
+    same = conditioning(family, 1)
+    model, counter = counted(adaptive(base, threshold=0.999, start=0.4))
+    ksample(model, family, CFG, STEPS, positive=same, negative=same)
+    # progress i/5: evaluations 0, 1, 2 (progress 0.4) run the uncond; it is checked at 2 and stops
+    assert counter.batches == [2, 2, 2, 1, 1, 1]
+
+
+def test_pag_branch_stops_too():
+    family = "sd15"
+    base = tiny_model(family)
+    both, counter = counted(adaptive(pag(base), threshold=-1.0))
+    assert rel_diff(ksample(both, family, CFG, STEPS), ksample(base, family, 1.0, STEPS)) <= 1e-5
+    assert counter.batches == [1] * STEPS
+    only_branches, counter = counted(adaptive(pag(base), threshold=-1.0, scope="branches only"))
+    ksample(only_branches, family, CFG, STEPS)
+    assert counter.batches == [2] * STEPS
+    same = conditioning(family, 1)
+    uncond_stops, counter = counted(adaptive(pag(base), threshold=0.999999, start=0.0))
+    ksample(uncond_stops, family, CFG, STEPS, positive=same, negative=same)
+    assert counter.batches == [3] + [2] * (STEPS - 1)  # the uncond converged, PAG's branch did not
+
+
+def test_linear_ag_estimates_every_other_uncond_after_calibration():
+    family = "flux"
+    base = tiny_model(family)
+    model, counter = counted(adaptive(base, threshold=1.01, linear=True, calibration=2, refresh=2))
+    guided = ksample(model, family, CFG, STEPS)
+    assert counter.batches == [2, 2, 1, 2, 1, 2]
+    assert torch.isfinite(guided).all()
+    assert rel_diff(guided, ksample(base, family, CFG, STEPS)) > 0  # estimates are not exact
+
+
+def test_guidance_guider_gives_the_ksampler_result():
+    family = "flux"
+    model = adaptive(out(cm.APGNode.execute(tiny_model(family), 0.0, 15.0, -0.5)), threshold=-1.0)
+    via_ksampler = ksample(model, family, CFG, STEPS)
+    guider = out(gd.GuidanceGuiderNode.execute(model, conditioning(family, 1), conditioning(family, 2), CFG))
+    assert rel_diff(custom_advanced(guider, family, STEPS), via_ksampler) <= 1e-5
+
+
+def test_every_run_logs_model_passes_against_plain_cfg(caplog):
+    family = "sd15"
+    model = adaptive(pag(tiny_model(family)), threshold=-1.0, scope="branches only")
+    with caplog.at_level(logging.INFO, logger="guidance_kit"):
+        ksample(model, family, CFG, STEPS)
+    lines = [r.getMessage() for r in caplog.records if "model passes" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"{STEPS} model evaluations, {2 * STEPS} model passes" in lines[0]
+    assert f"plain CFG would make {2 * STEPS} (+0%)" in lines[0]
+    assert "PAG" not in lines[0] or "off after evaluation 1" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="guidance_kit"):
+        ksample(adaptive(tiny_model(family), threshold=-1.0), family, CFG, STEPS)
+    line = next(r.getMessage() for r in caplog.records if "model passes" in r.getMessage())
+    assert f"{STEPS} model passes" in line and "(-50%)" in line
+
+
+def test_node_rejects_bad_settings_with_its_name():
+    message = ag.AdaptiveGuidanceNode.validate_inputs(threshold=0.99, scope="branches only", linear_ag=True)
+    assert isinstance(message, str) and "Adaptive Guidance" in message
+    with pytest.raises(ValueError, match="Adaptive Guidance"):
+        ag.AdaptiveGuidanceNode.execute(tiny_model("sd15"), 0.99, 0.5, "branches only", True, 3, 2)
