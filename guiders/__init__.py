@@ -11,4 +11,5 @@ Modules, one per family of operations:
 - ``normalization``   β-CFG adaptive factor, RescaleCFG std match
 - ``plan``            the GuidancePlan data model and its combine stages
 - ``combine``         evaluation of a plan on one step's predictions
+- ``samplers``        CFG++ DPM++ 2M/3M SDE and PCG sampling loops (model given as callables)
 """

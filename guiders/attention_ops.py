@@ -157,3 +157,47 @@ def seeded_generator(*parts: int) -> torch.Generator:
     for p in parts:
         h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
     return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+
+
+# ------------------------------------------------------------------------------------------------
+# NAG: Normalized Attention Guidance
+# ------------------------------------------------------------------------------------------------
+
+NAG_EPS = 1e-6
+
+
+def nag_combine(z_positive: torch.Tensor, z_negative: torch.Tensor, scale: float, tau: float, alpha: float,
+                eps: float = NAG_EPS) -> torch.Tensor:
+    """NAG's attention-space guidance of one attention output, per token.
+
+    Chen, Bandyopadhyay, Zou, Song, "Normalized Attention Guidance: Universal Negative Guidance for
+    Diffusion Models" (NeurIPS 2025, arXiv 2505.21179). ``Z⁺ = Attn(Q, K⁺, V⁺)`` is the attention
+    output with the prompt's keys/values, ``Z⁻ = Attn(Q, K⁻, V⁻)`` the same queries against the NAG
+    negative prompt's keys/values:
+
+        Z̃ = s·Z⁺ − (s − 1)·Z⁻                      (= Z⁺ + (s − 1)(Z⁺ − Z⁻); extrapolation)
+        r = ‖Z̃‖₁ / ‖Z⁺‖₁                          (L1 norms over the channels of each token)
+        Ẑ = Z̃ · min(r, τ) / r                     (normalisation: ‖Ẑ‖₁ ≤ τ·‖Z⁺‖₁)
+        Z = α·Ẑ + (1 − α)·Z⁺                       (refinement blend)
+
+    The norms run over the last dimension, which must hold every channel of a token (all heads
+    concatenated, as the official code's ``[batch, tokens, heads·dim]`` layout). Both norms are
+    clamped to ``eps`` from below, as the official ComfyUI implementation does. ``s = 1`` or
+    ``α = 0`` returns Z⁺. Computed in float32, returned in the input dtype.
+    """
+    if z_positive.shape != z_negative.shape:
+        raise ValueError(f"NAG: Z⁺ {tuple(z_positive.shape)} and Z⁻ {tuple(z_negative.shape)} must have the same "
+                         f"shape (same queries, one output per token)")
+    if not math.isfinite(scale):
+        raise ValueError(f"NAG: scale must be a finite number (got {scale})")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"NAG: tau must be a positive number (got {tau}); the paper uses 2.5")
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"NAG: alpha is a blend weight in [0, 1] (got {alpha})")
+    positive = z_positive.float()
+    extrapolated = positive * scale - z_negative.float() * (scale - 1.0)
+    norm_positive = positive.abs().sum(dim=-1, keepdim=True).clamp_min(eps)
+    norm_extrapolated = extrapolated.abs().sum(dim=-1, keepdim=True).clamp_min(eps)
+    ratio = norm_extrapolated / norm_positive
+    normalized = extrapolated * (ratio.clamp_max(tau) / ratio)
+    return (normalized * alpha + positive * (1.0 - alpha)).to(z_positive.dtype)

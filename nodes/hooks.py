@@ -16,6 +16,11 @@ Hooks by family (no model forward is re-implemented; each hook calls ComfyUI's o
   HunyuanVideo, Qwen-Image, LTXV): ``patches_replace["dit"][(kind, i)]`` wrappers around
   ``original_block`` for block-level operators, plus ``optimized_attention_override`` for attention
   operators inside the selected blocks only.
+* NAG (Normalized Attention Guidance, ``NagInput`` and the hooks it uses): the NAG negative's text
+  tokens are appended to the context of the forward, processed by the model's own text layers, and
+  kept out of every attention except the extra Z⁻ attention of the prompt's rows: UNet ``attn2``
+  replaces; object patches marking the cross-attention modules of WAN, LTXV and Cosmos Predict2;
+  the block hooks above for joint attention (Flux, Chroma, SD3, Qwen-Image, HunyuanVideo).
 * Anything else: a clear error at node execution naming the family and what works instead.
 """
 
@@ -32,6 +37,7 @@ from ..guiders import attention_ops
 from ..guiders.branch_inputs import independent_embedding, perturbed_timesteps
 from ..guiders.layers import BlockLayout
 from ..guiders.progress import step_position
+from ..guiders.schedules import ScheduleError, Window
 from .engine import BRANCH_MAP_KEY
 
 OVERRIDE_KEY = "optimized_attention_override"
@@ -42,6 +48,9 @@ WRAPPER_KEY = "guidance_kit_hooks"
 TIME_WRAPPER_KEY = "guidance_kit_time"
 GUARD_WRAPPER_KEY = "guidance_kit_guard"
 APPLIED_KEY = "guidance_kit_applied"
+NAG_KEY = "guidance_kit_nag"  # transformer_options: the NagForward of this model call
+NAG_WRAPPER_KEY = "guidance_kit_nag"  # APPLY_MODEL wrapper key of NagInput
+CROSS_ATTENTION_KEY = "guidance_kit_cross_attention"  # set inside a marked text cross-attention module
 
 ATTENTION_OPERATORS = ("identity_attention", "smoothed_attention")
 BLOCK_OPERATORS = ("skip", "token_shuffle", "drop")
@@ -68,34 +77,50 @@ class FamilySpec:
     rope: bool = True  # positions applied inside every block (token shuffling needs this)
     patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
     transformer_options_in_blocks: bool = True
+    # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
+    # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
+    # block's self-attention); "" = no NAG hook for this family.
+    nag: str = ""
+    cross_attention: str = ""
+    text_pe_token_dim: int | None = None  # rotary table's token dim when text tokens have distinct positions
+    text_refiner: str = ""  # diffusion_model attribute that mixes text tokens before the blocks (HunyuanVideo)
+    text_mask: str = "padding"  # the model input 'attention_mask': "padding" (one entry per text token) | "regional"
 
     @property
     def is_unet(self) -> bool:
         return self.kind == "unet"
 
 
-_FLUX_LIKE = dict(kind="dit", groups=(("double", "double_blocks"), ("single", "single_blocks")), joint=True)
+_FLUX_LIKE = dict(kind="dit", groups=(("double", "double_blocks"), ("single", "single_blocks")), joint=True,
+                  nag="joint", text_mask="regional")
+_WAN = dict(kind="dit", groups=(("double", "blocks"),), patch=(1, 2, 2), nag="cross", cross_attention="cross_attn")
 FAMILIES: dict[str, FamilySpec] = {
-    "UNetModel": FamilySpec("UNet (SD1.5/SDXL)", "unet"),
+    "UNetModel": FamilySpec("UNet (SD1.5/SDXL)", "unet", nag="attn2"),
     "Flux": FamilySpec("Flux", **_FLUX_LIKE),
     "Chroma": FamilySpec("Chroma", **_FLUX_LIKE),
     "ChromaRadiance": FamilySpec("Chroma Radiance", **_FLUX_LIKE, patch=(16, 16)),
     "MMDiT:comfy.ldm.modules.diffusionmodules.mmdit": FamilySpec(
-        "SD3/SD3.5", "dit", (("double", "joint_blocks"),), joint=True, rope=False),
+        "SD3/SD3.5", "dit", (("double", "joint_blocks"),), joint=True, rope=False, nag="joint"),
     "MMDiT:comfy.ldm.aura.mmdit": FamilySpec(
         "AuraFlow", "dit", (("double", "double_layers"), ("single", "single_layers")), joint=True, rope=False),
-    "WanModel": FamilySpec("WAN", "dit", (("double", "blocks"),), patch=(1, 2, 2)),
-    "VaceWanModel": FamilySpec("WAN VACE", "dit", (("double", "blocks"),), patch=(1, 2, 2)),
-    "CameraWanModel": FamilySpec("WAN camera", "dit", (("double", "blocks"),), patch=(1, 2, 2)),
-    "HumoWanModel": FamilySpec("WAN HuMo", "dit", (("double", "blocks"),), patch=(1, 2, 2)),
-    "AnimateWanModel": FamilySpec("WAN animate", "dit", (("double", "blocks"),), patch=(1, 2, 2)),
+    "WanModel": FamilySpec("WAN", **_WAN),
+    "VaceWanModel": FamilySpec("WAN VACE", **_WAN),
+    "CameraWanModel": FamilySpec("WAN camera", **_WAN),
+    "HumoWanModel": FamilySpec("WAN HuMo", **_WAN),
+    "AnimateWanModel": FamilySpec("WAN animate", **_WAN),
     "WanModel_S2V": FamilySpec("WAN S2V", "dit", (("double", "blocks"),), patch=(1, 2, 2),
                                transformer_options_in_blocks=False),
     "HunyuanVideo": FamilySpec("HunyuanVideo", "dit", (("double", "double_blocks"), ("single", "single_blocks")),
-                               joint=True, image_first=True, patch=(1, 2, 2)),
+                               joint=True, image_first=True, patch=(1, 2, 2), nag="joint", text_refiner="txt_in"),
     "QwenImageTransformer2DModel": FamilySpec("Qwen-Image", "dit", (("double", "transformer_blocks"),), joint=True,
-                                              patch=(1, 2, 2)),
-    "LTXVModel": FamilySpec("LTXV", "dit", (("double", "transformer_blocks"),), patch=(1, 1, 1)),
+                                              patch=(1, 2, 2), nag="joint", text_pe_token_dim=1),
+    "LTXVModel": FamilySpec("LTXV", "dit", (("double", "transformer_blocks"),), patch=(1, 1, 1), nag="cross",
+                            cross_attention="attn2"),
+}
+# Families NAG serves without any block hook (it needs only their cross-attention modules)
+NAG_ONLY_FAMILIES: dict[str, FamilySpec] = {
+    "MiniTrainDIT": FamilySpec("Cosmos Predict2", "dit", (("double", "blocks"),), patch=(1, 2, 2), nag="cross",
+                               cross_attention="cross_attn"),
 }
 UNSUPPORTED = {
     "NextDiT": "Lumina2", "HiDreamImageTransformer2DModel": "HiDream", "MiniTrainDIT": "Cosmos Predict2",
@@ -114,14 +139,18 @@ def diffusion_model_of(model_patcher):
     return model_patcher.model.diffusion_model
 
 
+def _spec_in(table: dict[str, FamilySpec], net) -> FamilySpec | None:
+    for cls in type(net).__mro__:  # e.g. SD3's OpenAISignatureMMDITWrapper is an MMDiT
+        spec = table.get(f"{cls.__name__}:{cls.__module__}") or table.get(cls.__name__)
+        if spec is not None:
+            return spec
+    return None
+
+
 def family_of(model_patcher, owner: str) -> FamilySpec:
     net = diffusion_model_of(model_patcher)
     name = type(net).__name__
-    spec = None
-    for cls in type(net).__mro__:  # e.g. SD3's OpenAISignatureMMDITWrapper is an MMDiT
-        spec = FAMILIES.get(f"{cls.__name__}:{cls.__module__}") or FAMILIES.get(cls.__name__)
-        if spec is not None:
-            break
+    spec = _spec_in(FAMILIES, net)
     if spec is None:
         family = UNSUPPORTED.get(name, name)
         raise FamilyError(f"{owner}: this model family has no block hook we support: {family}. Use {ALTERNATIVES}.")
@@ -137,6 +166,21 @@ def family_for_time_input(model_patcher) -> FamilySpec:
     if not hasattr(model_patcher.model, "process_timestep"):
         raise FamilyError("TSG: this ComfyUI version's model has no process_timestep; update ComfyUI.")
     return TIME_INPUT_FAMILY
+
+
+NAG_FAMILIES = ("SD1.5/SDXL; Flux, Chroma, SD3/SD3.5, Qwen-Image, HunyuanVideo (joint attention); WAN 2.1/2.2, LTXV, "
+                "Cosmos Predict2 (cross-attention)")
+
+
+def nag_family_of(model_patcher, owner: str) -> FamilySpec:
+    """The family NAG patches; a FamilyError naming the family and what to use instead."""
+    net = diffusion_model_of(model_patcher)
+    spec = _spec_in(FAMILIES, net) or _spec_in(NAG_ONLY_FAMILIES, net)
+    if spec is None or not spec.nag or not spec.transformer_options_in_blocks:
+        family = spec.name if spec is not None else UNSUPPORTED.get(type(net).__name__, type(net).__name__)
+        raise FamilyError(f"{owner}: NAG has no attention hook for {family}. NAG works on {NAG_FAMILIES}. On "
+                          f"{family}, use the sampler's negative prompt with cfg > 1 (and the CFG-space methods).")
+    return spec
 
 
 def _unet_transformer_layers(block) -> list:
@@ -314,6 +358,7 @@ class BlockContext:
     groups: list  # (Perturbation, rows) with attention operators
     image: slice | None  # image tokens inside the joint attention call (None = all tokens)
     grid: tuple[int, ...] | None
+    nag: JointNagLayout | None = None  # NAG acts on this block's joint attention call
     calls: int = 0
 
 
@@ -358,12 +403,14 @@ def perturbed_attention(p: Perturbation, q, k, v, heads: int, skip_reshape: bool
 
 
 class AttentionDispatcher:
-    """``optimized_attention_override`` that routes branch rows to their perturbation.
+    """``optimized_attention_override`` that routes branch rows to their perturbation and applies NAG.
 
     Acts (a) inside a DiT block whose hook set a ``BlockContext`` (only on the block's
-    self-attention call: the joint call of joint families, the first call elsewhere), and (b) for
+    self-attention call: the joint call of joint families, the first call elsewhere), (b) for
     branch perturbations that carry their own ``attention(func, q, k, v, ...)`` callable (applied
-    on every attention call of their rows). Chains to the override that was there before.
+    on every attention call of their rows), and (c) for NAG on the joint call of a block whose
+    context carries a ``JointNagLayout`` and on text cross-attention calls marked by
+    ``CrossAttentionForward``. Chains to the override that was there before.
     """
 
     is_guidance_kit = True
@@ -378,21 +425,34 @@ class AttentionDispatcher:
 
     def __call__(self, func, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options") or {}
-        q = args[0]
-        batch_size = q.shape[0]
         groups: list = []
         ctx: BlockContext | None = transformer_options.get(BLOCK_CONTEXT_KEY)
         image = grid = None
-        if ctx is not None and ctx.groups:
+        call = 0
+        if ctx is not None:
             ctx.calls += 1
+            call = ctx.calls
+        if ctx is not None and ctx.groups:
             if ctx.spec.joint:
-                image = ctx.image if ctx.calls == 1 else None  # later calls: MMDiT-X image self-attention
+                image = ctx.image if call == 1 else None  # later calls: MMDiT-X image self-attention
                 is_self = True
             else:
-                is_self = ctx.calls == 1  # WAN / LTXV: self-attention first, then cross-attention
+                is_self = call == 1  # WAN / LTXV: self-attention first, then cross-attention
             if is_self:
                 groups = [(p, rows) for p, rows in ctx.groups]
                 grid = ctx.grid
+        nag: NagForward | None = transformer_options.get(NAG_KEY)
+        if nag is not None:
+            if ctx is not None and ctx.nag is not None and call == 1:
+                return self._joint_with_nag(nag, ctx.nag, func, args, kwargs, groups, grid)
+            if transformer_options.get(CROSS_ATTENTION_KEY) and _tokens(args[1], kwargs) == nag.context_tokens:
+                return self._cross_with_nag(nag, func, args, kwargs, groups, image, grid)
+        return self._dispatch(func, args, kwargs, groups, image, grid)
+
+    def _dispatch(self, func, args, kwargs, groups, image, grid):
+        """Perturbed attention for the branch rows in ``groups``, the plain attention for the rest."""
+        transformer_options = kwargs.get("transformer_options") or {}
+        batch_size = args[0].shape[0]
         custom = _custom_attention_rows(transformer_options, batch_size)
         if not groups and not custom:
             return self._call(func, *args, **kwargs)
@@ -421,6 +481,119 @@ class AttentionDispatcher:
                               **{k: _take(v, rest, batch_size) for k, v in kwargs.items()})
             out = _place(out, part, rest, batch_size)
         return out
+
+    def _cross_with_nag(self, nag: NagForward, func, args, kwargs, groups, image, grid):
+        """Text cross-attention: Z⁺ against the prompt's keys for every row, Z⁻ against the NAG
+        negative's keys for the prompt's rows, NAG-combined on those rows."""
+        total = _tokens(args[1], kwargs)
+        split = total - nag.negative_tokens
+        positive_keys = torch.arange(0, split)
+        negative_keys = torch.arange(split, total)
+        positive_args, positive_kwargs = _attention_view(args, kwargs, None, positive_keys, None, total)
+        z_positive = self._dispatch(func, positive_args, positive_kwargs, groups, image, grid)
+        negative_args, negative_kwargs = _attention_view(args, kwargs, None, negative_keys, nag.row_subset, total)
+        z_negative = self._call(func, *negative_args, **negative_kwargs)
+        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        positive_tokens = _token_major(z_positive, skip_output_reshape)
+        negative_tokens = _token_major(z_negative, skip_output_reshape)
+        if nag.row_subset is None:
+            out = nag.combine(positive_tokens, negative_tokens)
+        else:
+            out = positive_tokens.clone()
+            rows = nag.rows.to(out.device)
+            out[rows] = nag.combine(positive_tokens[rows], negative_tokens)
+        return _from_token_major(out, skip_output_reshape, _heads_of(args, kwargs))
+
+    def _joint_with_nag(self, nag: NagForward, layout: JointNagLayout, func, args, kwargs, groups, grid):
+        """Joint attention: every row attends over [prompt text, image] (the model without the NAG
+        tokens, perturbations included); the prompt's rows also over [NAG negative text, image],
+        which gives the negative text tokens their output and the image tokens Z⁻."""
+        total = _tokens(args[0], kwargs)
+        if total != layout.total:
+            raise RuntimeError(f"{nag.settings.owner}: the joint attention of {layout.block} has {total} tokens, "
+                               f"expected {layout.total} (text + image); this model version lays out its tokens "
+                               f"differently. Please report it.")
+        positive_args, positive_kwargs = _attention_view(args, kwargs, layout.positive_view, layout.positive_view,
+                                                         None, total)
+        z_positive = self._dispatch(func, positive_args, positive_kwargs, groups, layout.image_in_positive, grid)
+        negative_args, negative_kwargs = _attention_view(args, kwargs, layout.negative_view, layout.negative_view,
+                                                         nag.row_subset, total)
+        z_negative = self._call(func, *negative_args, **negative_kwargs)
+        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        positive_tokens = _token_major(z_positive, skip_output_reshape)
+        negative_tokens = _token_major(z_negative, skip_output_reshape)
+        # rows without NAG give the negative text tokens a zero attention output: those tokens never
+        # reach their image tokens, which attend over the prompt's text only
+        out = positive_tokens.new_zeros((positive_tokens.shape[0], total, positive_tokens.shape[-1]))
+        device = out.device
+        out[:, layout.positive_view.to(device)] = positive_tokens
+        rows = nag.rows.to(device)[:, None]
+        out[rows, layout.negative_text.to(device)[None]] = negative_tokens[:, layout.negative_text_in_negative]
+        out[rows, layout.image.to(device)[None]] = nag.combine(positive_tokens[rows[:, 0], layout.image_in_positive],
+                                                               negative_tokens[:, layout.image_in_negative])
+        return _from_token_major(out, skip_output_reshape, _heads_of(args, kwargs))
+
+
+def _tokens(t: torch.Tensor, kwargs: dict) -> int:
+    """Token count of an attention input in ComfyUI's layouts ([B, L, C], [B, L, H, D] or, with
+    ``skip_reshape``, [B, H, L, D])."""
+    return t.shape[2] if kwargs.get("skip_reshape", False) else t.shape[1]
+
+
+def _mask_of(args, kwargs):
+    return args[4] if len(args) > 4 else kwargs.get("mask")
+
+
+def _attention_view(args, kwargs, query_index: torch.Tensor | None, key_index: torch.Tensor,
+                    rows: torch.Tensor | None, total: int):
+    """(args, kwargs) of an attention call restricted to some rows, queries and keys/values."""
+    token_dim = 2 if kwargs.get("skip_reshape", False) else 1
+    q, k, v = args[:3]
+    batch_size = q.shape[0]
+    if rows is not None:
+        q, k, v = (t.index_select(0, rows.to(t.device)) for t in (q, k, v))
+    if query_index is not None:
+        q = q.index_select(token_dim, query_index.to(q.device))
+    k = k.index_select(token_dim, key_index.to(k.device))
+    v = v.index_select(token_dim, key_index.to(v.device))
+    new_args = [q, k, v, *args[3:]]
+    new_kwargs = dict(kwargs)
+    mask = _mask_of(args, kwargs)
+    if torch.is_tensor(mask):
+        mask = _mask_view(mask, query_index, key_index, rows, batch_size, total)
+        if len(args) > 4:
+            new_args[4] = mask
+        else:
+            new_kwargs["mask"] = mask
+    return tuple(new_args), new_kwargs
+
+
+def _mask_view(mask: torch.Tensor, query_index, key_index, rows, batch_size: int, total: int) -> torch.Tensor:
+    """An attention mask ([Lk], [Lq, Lk], [B, Lq, Lk] or [B, H, Lq, Lk]; size-1 dims broadcast)
+    restricted like its attention call."""
+    if mask.shape[-1] == total:
+        mask = mask.index_select(mask.ndim - 1, key_index.to(mask.device))
+    elif mask.shape[-1] != 1:
+        raise RuntimeError(f"Guidance Kit NAG: an attention mask of shape {tuple(mask.shape)} does not match the "
+                           f"{total} keys of its attention call")
+    if query_index is not None and mask.ndim >= 2 and mask.shape[-2] == total:
+        mask = mask.index_select(mask.ndim - 2, query_index.to(mask.device))
+    if rows is not None and mask.ndim >= 3 and mask.shape[0] == batch_size:
+        mask = mask.index_select(0, rows.to(mask.device))
+    return mask
+
+
+def _token_major(out: torch.Tensor, skip_output_reshape: bool) -> torch.Tensor:
+    """An attention output as [B, L, channels of all heads] (NAG's norms run over a token's channels)."""
+    if skip_output_reshape:  # [B, H, L, D]
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+    return out
+
+
+def _from_token_major(out: torch.Tensor, skip_output_reshape: bool, heads: int) -> torch.Tensor:
+    if skip_output_reshape:
+        return out.reshape(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
+    return out
 
 
 def _place(out, part, rows, batch_size):
@@ -474,15 +647,25 @@ def image_grid(spec: FamilySpec, latent_shape) -> tuple[int, ...] | None:
 
 
 class DitBlockHook:
-    """Our occupant of ``patches_replace["dit"][(kind, i)]``; chains to a previous occupant."""
+    """Our occupant of ``patches_replace["dit"][(kind, i)]``; chains to a previous occupant.
+
+    ``nag``: this block's joint attention applies NAG when the forward carries a ``NagForward``.
+    """
 
     is_guidance_kit = True
 
-    def __init__(self, spec: FamilySpec, key: tuple[str, int], previous=None, record_text_length: bool = False):
+    def __init__(self, spec: FamilySpec, key: tuple[str, int], previous=None, record_text_length: bool = False,
+                 nag: bool = False):
         self.spec = spec
         self.key = key
         self.previous = previous
         self.record_text_length = record_text_length
+        self.nag = nag
+
+    def with_options(self, record_text_length: bool | None = None, nag: bool | None = None) -> DitBlockHook:
+        return DitBlockHook(self.spec, self.key, self.previous,
+                            self.record_text_length if record_text_length is None else record_text_length,
+                            self.nag if nag is None else nag)
 
     def _run(self, args, extra):
         if self.previous is not None:
@@ -517,24 +700,29 @@ class DitBlockHook:
             to[TEXT_LENGTH_KEY] = args["txt"].shape[1]
         batch_size = args["img"].shape[0]
         groups = active(to, batch_size, self.key, ATTENTION_OPERATORS + BLOCK_OPERATORS)
-        if not groups:
+        nag: NagForward | None = to.get(NAG_KEY) if self.nag else None
+        if not groups and nag is None:
             return self._run(args, extra)
         mark_applied(to, [(p, rows) for p, rows in groups if p.operator in BLOCK_OPERATORS])
         skip_rows = [rows for p, rows in groups if p.operator in ("skip", "drop")]
         shuffles = [(p, rows) for p, rows in groups if p.operator == "token_shuffle"]
         attention_groups = [(p, rows) for p, rows in groups if p.operator in ATTENTION_OPERATORS]
         args = dict(args)
+        nag_layout = None
+        if nag is not None:
+            nag_layout = self._nag_layout(args, to, nag)
+            self._align_negative_positions(args, nag, nag_layout)
         if shuffles:
             args, undo = self._shuffle(args, to, shuffles, batch_size)
         else:
             undo = None
-        if attention_groups:
+        if attention_groups or nag_layout is not None:
             grid = None
             if any(p.operator == "smoothed_attention" for p, _ in attention_groups):
                 grid = image_grid(self.spec, to.get(LATENT_SHAPE_KEY))
             local = dict(to)
             local[BLOCK_CONTEXT_KEY] = BlockContext(self.spec, self.key, attention_groups,
-                                                    self._attention_image(args, to), grid)
+                                                    self._attention_image(args, to), grid, nag=nag_layout)
             args["transformer_options"] = local
         if skip_rows:
             out = self._run_without(args, extra, torch.cat(skip_rows), batch_size)
@@ -543,6 +731,39 @@ class DitBlockHook:
         if undo is not None:
             out = undo(out)
         return out
+
+    def _nag_layout(self, args, to, nag: NagForward) -> JointNagLayout:
+        """Where the prompt's text, the NAG negative's text and the image tokens sit in this block's
+        joint attention call (the negative's tokens are the last of the text stream)."""
+        if self.key[0] == "double":
+            text, image = args["txt"].shape[1], args["img"].shape[1]
+        else:
+            text = to.get(TEXT_LENGTH_KEY)
+            if text is None:
+                raise RuntimeError(f"{nag.settings.owner}: the text length of {self.spec.name} single blocks is "
+                                   f"unknown (the last double block's hook did not run)")
+            image = args["img"].shape[1] - text
+        return nag.joint_layout(self.key, text, image, self.spec.image_first)
+
+    def _align_negative_positions(self, args, nag: NagForward, layout: JointNagLayout) -> None:
+        """Give the NAG negative's text tokens the rotary positions of a prompt of their own.
+
+        Families whose text tokens carry distinct positions (Qwen-Image) number the appended tokens
+        after the prompt's; the negative must see the image from the positions it would have alone.
+        """
+        dim = self.spec.text_pe_token_dim
+        pe = args.get("pe")
+        if dim is None or not torch.is_tensor(pe):
+            return
+        cached = nag.aligned_positions.get(id(pe))
+        if cached is None or cached[0] is not pe:
+            aligned = pe.clone()
+            count = nag.negative_tokens
+            aligned.narrow(dim, layout.negative_text_start, count).copy_(pe.narrow(dim, layout.prompt_text_start,
+                                                                                   count))
+            cached = (pe, aligned)
+            nag.aligned_positions[id(pe)] = cached
+        args["pe"] = cached[1]
 
     def _run_without(self, args, extra, skipped: torch.Tensor, batch_size: int) -> dict:
         """Skipped rows return the block's inputs (the block is skipped for them).
@@ -611,13 +832,7 @@ class UNetSelfAttentionHook:
         self.previous = previous
 
     def _normal(self, q, k, v, extra_options):
-        if self.previous is not None:
-            return self.previous(q, k, v, extra_options)
-        from comfy.ldm.modules.attention import optimized_attention
-
-        return optimized_attention(q, k, v, extra_options["n_heads"],
-                                   attn_precision=extra_options.get("attn_precision"),
-                                   transformer_options=extra_options)
+        return _unet_attention(self.previous, q, k, v, extra_options)
 
     def __call__(self, q, k, v, extra_options):
         batch_size = q.shape[0]
@@ -637,6 +852,50 @@ class UNetSelfAttentionHook:
         rest = (~taken).nonzero().flatten()
         if rest.numel():
             out = _place(out, self._normal(q[rest], k[rest], v[rest], extra_options), rest, batch_size)
+        return out
+
+
+def _unet_attention(previous, q, k, v, extra_options):
+    """The attention a UNet attn1/attn2 replace stands for: the previous occupant's, else ComfyUI's."""
+    if previous is not None:
+        return previous(q, k, v, extra_options)
+    from comfy.ldm.modules.attention import optimized_attention
+
+    return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                               transformer_options=extra_options)
+
+
+class UNetCrossAttentionHook:
+    """Our occupant of ``patches_replace["attn2"][(group, block, layer)]``: NAG on the prompt's rows.
+
+    With NAG in the forward, k/v hold the prompt's context followed by the NAG negative's tokens:
+    every row attends over the prompt's tokens (Z⁺, the unmodified cross-attention), the prompt's
+    rows also over the negative's (Z⁻), and those rows get ``nag_combine(Z⁺, Z⁻)``. A previous
+    occupant (e.g. IP-Adapter's attn2 replace) computes both.
+    """
+
+    is_guidance_kit = True
+
+    def __init__(self, key: tuple[str, int, int], previous=None):
+        self.key = key
+        self.previous = previous
+
+    def __call__(self, q, k, v, extra_options):
+        nag: NagForward | None = extra_options.get(NAG_KEY)
+        if nag is None:
+            return _unet_attention(self.previous, q, k, v, extra_options)
+        split = k.shape[1] - nag.negative_tokens
+        z_positive = _unet_attention(self.previous, q, k[:, :split].contiguous(), v[:, :split].contiguous(),
+                                     extra_options)
+        rows = nag.row_subset
+        if rows is None:
+            z_negative = _unet_attention(self.previous, q, k[:, split:].contiguous(), v[:, split:].contiguous(),
+                                         extra_options)
+            return nag.combine(z_positive, z_negative)
+        rows = rows.to(q.device)
+        z_negative = _unet_attention(self.previous, q[rows], k[rows, split:], v[rows, split:], extra_options)
+        out = z_positive.clone()
+        out[rows] = nag.combine(z_positive[rows], z_negative)
         return out
 
 
@@ -766,6 +1025,338 @@ class ProcessTimestep:
 
 
 # ------------------------------------------------------------------------------------------------
+# NAG: the NAG negative's text as extra context tokens, attention split per prompt
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class NagSettings:
+    """One NAG node's settings and its negative text encoding (held by its ``NagInput`` wrapper).
+
+    ``context`` is the NAG negative CONDITIONING's token tensor [batch, tokens, channels] in the
+    model's conditioning space (``c_crossattn``); ``mask`` its per-token attention mask, when the
+    text encoder gives one. Pooled vectors are not used: NAG acts on the attention to the text tokens.
+    """
+
+    owner: str
+    spec: FamilySpec
+    scale: float
+    tau: float
+    alpha: float
+    window: Window
+    context: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 or self.alpha == 0.0
+
+
+@dataclass(frozen=True)
+class JointNagLayout:
+    """Token indices of one joint attention call with NAG: the prompt's view ``[prefix, prompt
+    text, image]``, the NAG negative's view ``[prefix, negative text, image]`` (both in call order;
+    ``prefix`` = tokens a model puts before the prompt, e.g. registers) and where image and
+    negative text sit inside them."""
+
+    block: tuple
+    total: int
+    positive_view: torch.Tensor
+    negative_view: torch.Tensor
+    image: torch.Tensor
+    negative_text: torch.Tensor
+    image_in_positive: slice
+    image_in_negative: slice
+    negative_text_in_negative: slice
+    prompt_text_start: int
+    negative_text_start: int
+
+
+@dataclass(eq=False)
+class NagForward:
+    """NAG inside one model call (``transformer_options[NAG_KEY]``, set by ``NagInput``)."""
+
+    settings: NagSettings
+    rows: torch.Tensor  # the rows of the prompt's chunks (cond_or_uncond index 0): they get NAG
+    batch_size: int
+    positive_tokens: int  # context tokens of the call before the negative's were appended
+    negative_tokens: int
+    applied: int = 0
+    aligned_positions: dict = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)
+
+    @property
+    def context_tokens(self) -> int:
+        return self.positive_tokens + self.negative_tokens
+
+    @property
+    def row_subset(self) -> torch.Tensor | None:
+        """The NAG rows, or None when they are the whole batch (cfg 1): no row copies needed."""
+        return None if self.rows.numel() == self.batch_size else self.rows
+
+    def combine(self, z_positive: torch.Tensor, z_negative: torch.Tensor) -> torch.Tensor:
+        self.applied += 1
+        s = self.settings
+        return attention_ops.nag_combine(z_positive, z_negative, s.scale, s.tau, s.alpha)
+
+    def joint_layout(self, block: tuple, text: int, image: int, image_first: bool) -> JointNagLayout:
+        cache_key = (block[0], text, image)
+        if cache_key not in self.layouts:
+            self.layouts[cache_key] = self._joint_layout(block, text, image, image_first)
+        return self.layouts[cache_key]
+
+    def _joint_layout(self, block: tuple, text: int, image: int, image_first: bool) -> JointNagLayout:
+        prefix = text - self.negative_tokens - self.positive_tokens
+        if prefix < 0:
+            raise RuntimeError(f"{self.settings.owner}: {self.settings.spec.name} block {block} carries {text} text "
+                               f"tokens, fewer than the prompt's and the NAG negative's together "
+                               f"({self.positive_tokens} + {self.negative_tokens}); this model version changes the "
+                               f"text length. Please report it.")
+        text_start = image if image_first else 0
+        image_start = 0 if image_first else text
+        negative_start = text_start + text - self.negative_tokens
+        prompt_text = torch.arange(text_start, negative_start)
+        prefix_tokens = torch.arange(text_start, text_start + prefix)
+        negative_text = torch.arange(negative_start, text_start + text)
+        image_tokens = torch.arange(image_start, image_start + image)
+        positive_view = torch.cat([prompt_text, image_tokens]).sort().values
+        negative_view = torch.cat([prefix_tokens, negative_text, image_tokens]).sort().values
+        negative_text_offset = (image if image_first else 0) + prefix
+        return JointNagLayout(
+            block=block, total=text + image, positive_view=positive_view, negative_view=negative_view,
+            image=image_tokens, negative_text=negative_text,
+            image_in_positive=slice(0, image) if image_first else slice(text - self.negative_tokens,
+                                                                         text - self.negative_tokens + image),
+            image_in_negative=slice(0, image) if image_first else slice(prefix + self.negative_tokens,
+                                                                         prefix + self.negative_tokens + image),
+            negative_text_in_negative=slice(negative_text_offset, negative_text_offset + self.negative_tokens),
+            prompt_text_start=text_start + prefix, negative_text_start=negative_start)
+
+
+class NagNotApplied(RuntimeError):
+    """NAG's negative tokens were added but no NAG attention ran: its hooks were replaced or bypassed."""
+
+
+def prompt_rows(transformer_options: dict, batch_size: int) -> torch.Tensor | None:
+    """Batch rows of the chunks that carry the positive prompt (``cond_or_uncond`` index 0)."""
+    chunks = transformer_options.get("cond_or_uncond")
+    if not chunks:
+        return None
+    per_chunk = batch_size // len(chunks)
+    if per_chunk * len(chunks) != batch_size:
+        raise RuntimeError(f"Guidance Kit: a batch of {batch_size} rows does not split into {len(chunks)} chunks")
+    rows = [row for chunk, index in enumerate(chunks) if index == 0
+            for row in range(chunk * per_chunk, (chunk + 1) * per_chunk)]
+    return torch.tensor(rows, dtype=torch.long) if rows else None
+
+
+class NagInput:
+    """APPLY_MODEL wrapper of the NAG node: the NAG negative's text enters the same forward.
+
+    In a model call that contains the prompt's rows, inside the node's window, the negative's text
+    tokens are appended to the context (``c_crossattn``) of **every** row (the batch must stay one
+    tensor), so the model's own text layers process them like prompt tokens (HunyuanVideo's text
+    refiner runs once per prompt, ``TextRefinerPerPrompt``); a per-token text mask is extended with the
+    negative's. The attention hooks keep the negative tokens out of every attention except Z⁻ of the
+    prompt's rows, so every other row, and the prompt's rows apart from NAG, compute exactly what they
+    would without them. The uncond rows of CFG get no NAG (as the official implementation). A call
+    where NAG never reached an attention is an error (``NagNotApplied``).
+    """
+
+    def __init__(self, settings: NagSettings):
+        self.settings = settings
+        self._schedule: tuple | None = None
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = transformer_options
+        rows = None
+        if isinstance(to, dict) and not self.settings.is_identity:
+            rows = prompt_rows(to, x.shape[0])
+        if rows is None or not self._in_window(to, executor.class_obj):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        owner, spec = self.settings.owner, self.settings.spec
+        if not torch.is_tensor(c_crossattn) or c_crossattn.ndim != 3:
+            raise FamilyError(f"{owner}: this {spec.name} call has no text context tokens to add the NAG negative to.")
+        if kwargs.get("txt_byt5") is not None:
+            raise FamilyError(f"{owner}: HunyuanImage 2.1's ByT5 glyph tokens follow the text tokens, which NAG does "
+                              f"not handle; use the negative prompt with cfg > 1 on this model.")
+        chunks = len(to["cond_or_uncond"])
+        negative = self._negative_context(c_crossattn, x.shape[0], chunks)
+        kwargs = self._with_text_mask(kwargs, c_crossattn.shape[1], negative.shape[1], x.shape[0], chunks)
+        nag = NagForward(self.settings, rows, x.shape[0], c_crossattn.shape[1], negative.shape[1])
+        to[NAG_KEY] = nag
+        try:
+            out = executor(x, t, c_concat, torch.cat([c_crossattn, negative], dim=1), control, transformer_options,
+                           **kwargs)
+        finally:
+            to.pop(NAG_KEY, None)
+        if nag.applied == 0:
+            raise NagNotApplied(
+                f"{owner}: the NAG attention never ran in this model call ({spec.name}), so NAG would do nothing. "
+                f"Another node replaced Guidance Kit's attention or block patches after the NAG node (or this "
+                f"ComfyUI version no longer calls them). Put the NAG node after nodes that patch the same attention "
+                f"or blocks, or remove one of them.")
+        return out
+
+    def _in_window(self, to: dict, model) -> bool:
+        window = self.settings.window
+        if window.is_full:
+            return True
+        sigma = float(torch.as_tensor(to.get("sigmas")).reshape(-1)[0])
+        schedule = self._schedule_sigmas(to.get("sample_sigmas"), model)
+        if window.contains(step_position(schedule, sigma).progress, sigma):
+            return True
+        try:
+            window.check_reachable(self.settings.owner, schedule)
+        except ScheduleError as e:
+            raise FamilyError(str(e)) from None
+        return False
+
+    def _schedule_sigmas(self, sample_sigmas, model) -> list[float]:
+        if sample_sigmas is None:  # a sampler outside CFGGuider: the model's sigma range, 1000 steps
+            sampling = model.model_sampling
+            hi, lo = float(sampling.sigma_max), float(sampling.sigma_min)
+            return [hi * (lo / hi) ** (i / 999) for i in range(1000)] + [0.0]
+        if self._schedule is None or self._schedule[0] is not sample_sigmas:
+            self._schedule = (sample_sigmas, [float(s) for s in sample_sigmas.detach().float().cpu().tolist()])
+        return self._schedule[1]
+
+    def _negative_context(self, context: torch.Tensor, batch_size: int, chunks: int) -> torch.Tensor:
+        import comfy.utils
+
+        negative = self.settings.context
+        if negative.shape[-1] != context.shape[-1]:
+            raise FamilyError(f"{self.settings.owner}: the NAG negative has {negative.shape[-1]} channels per token, "
+                              f"the prompt {context.shape[-1]}. Encode the NAG negative with the same text encoder "
+                              f"(CLIP loader) as the prompt.")
+        negative = comfy.utils.repeat_to_batch_size(negative, batch_size // chunks).repeat(chunks, 1, 1)
+        return negative.to(device=context.device, dtype=context.dtype)
+
+    def _with_text_mask(self, kwargs: dict, positive_tokens: int, negative_tokens: int, batch_size: int,
+                        chunks: int) -> dict:
+        import comfy.utils
+
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return kwargs
+        owner, spec = self.settings.owner, self.settings.spec
+        if spec.text_mask != "padding":
+            raise FamilyError(f"{owner}: {spec.name} conditioning with an attention mask (regional prompting) "
+                              f"cannot be combined with NAG; remove the mask or the NAG node.")
+        if not (torch.is_tensor(mask) and mask.ndim == 2 and mask.shape[1] == positive_tokens):
+            raise FamilyError(f"{owner}: the prompt's attention mask {tuple(getattr(mask, 'shape', ()))} is not one "
+                              f"entry per text token ({positive_tokens}); NAG cannot extend it.")
+        negative = self.settings.mask
+        if negative is None:
+            negative = torch.ones(1, negative_tokens, dtype=mask.dtype)
+        negative = comfy.utils.repeat_to_batch_size(negative, batch_size // chunks).repeat(chunks, 1)
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = torch.cat([mask, negative.to(device=mask.device, dtype=mask.dtype)], dim=1)
+        return kwargs
+
+
+class CrossAttentionForward:
+    """Object patch of a text cross-attention module's ``forward`` (WAN, LTXV, Cosmos Predict2).
+
+    In a NAG forward it marks the module's attention calls (``CROSS_ATTENTION_KEY``) so the
+    attention override applies NAG to the call whose keys are the text tokens; the module's own
+    forward runs unchanged. Outside NAG forwards it only calls that forward.
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        to = kwargs.get("transformer_options")
+        if isinstance(to, dict) and NAG_KEY in to:
+            kwargs["transformer_options"] = {**to, CROSS_ATTENTION_KEY: True}
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class TextRefinerPerPrompt:
+    """Object patch of HunyuanVideo's text refiner ``txt_in.forward``.
+
+    The refiner mixes the text tokens of a row (self-attention, a mean-pooled conditioning), so in
+    a NAG forward the prompt's tokens and the NAG negative's are refined by two calls of the
+    refiner's own forward, each exactly as it would run for that text alone.
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x, timesteps, mask=None, transformer_options=None, **kwargs):
+        forward = type(self.module).forward
+        options = transformer_options if transformer_options is not None else {}
+        nag: NagForward | None = options.get(NAG_KEY) if isinstance(options, dict) else None
+        if nag is None:
+            return forward(self.module, x, timesteps, mask, transformer_options=options, **kwargs)
+        split = x.shape[1] - nag.negative_tokens
+        parts = []
+        for tokens in (slice(0, split), slice(split, x.shape[1])):
+            part_mask = mask[:, tokens] if torch.is_tensor(mask) else mask
+            parts.append(forward(self.module, x[:, tokens], timesteps, part_mask, transformer_options=options,
+                                 **kwargs))
+        return torch.cat(parts, dim=1)
+
+
+def install_nag(model_patcher, spec: FamilySpec, settings: NagSettings) -> None:
+    """Install NAG on a cloned ModelPatcher: its input wrapper and the family's attention hooks."""
+    import comfy.patcher_extension
+
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    if model_patcher.get_wrappers(apply_model, NAG_WRAPPER_KEY):
+        raise FamilyError(f"{settings.owner}: this model already has NAG (from an earlier node in the chain). Use one "
+                          f"NAG node; to change its settings, edit that node.")
+    net = diffusion_model_of(model_patcher)
+    replace = model_patcher.model_options.setdefault("transformer_options", {}).setdefault("patches_replace", {})
+    if spec.nag == "attn2":
+        attn2 = dict(replace.get("attn2", {}))
+        for key in unet_layers(net):
+            current = attn2.get(key)
+            if not isinstance(current, UNetCrossAttentionHook):
+                attn2[key] = UNetCrossAttentionHook(key, previous=current)
+        if not attn2:
+            raise FamilyError(f"{settings.owner}: this UNet has no transformer layers with cross-attention.")
+        replace["attn2"] = attn2
+    elif spec.nag == "joint":
+        layout = block_layout(model_patcher, spec)
+        dit = dict(replace.get("dit", {}))
+        doubles = layout.dit_blocks.get("double", 0)
+        recorder = ("double", doubles - 1) if layout.dit_blocks.get("single", 0) and doubles else None
+        for group, _attr in spec.groups:
+            for index in range(layout.dit_blocks.get(group, 0)):
+                patch_key = _dit_patch_key(group, index)
+                current = dit.get(patch_key)
+                record = (group, index) == recorder
+                if getattr(current, "is_guidance_kit", False):
+                    dit[patch_key] = current.with_options(record_text_length=current.record_text_length or record,
+                                                          nag=True)
+                else:
+                    dit[patch_key] = DitBlockHook(spec, (group, index), previous=current, record_text_length=record,
+                                                  nag=True)
+        replace["dit"] = dit
+        install_attention_dispatcher(model_patcher)
+        if spec.text_refiner:
+            path = f"diffusion_model.{spec.text_refiner}.forward"
+            model_patcher.add_object_patch(path, TextRefinerPerPrompt(getattr(net, spec.text_refiner)))
+    elif spec.nag == "cross":
+        found = 0
+        for name, module in net.named_modules():
+            if name.rsplit(".", 1)[-1] == spec.cross_attention:
+                path = f"diffusion_model.{name}.forward"
+                if not isinstance(model_patcher.object_patches.get(path), CrossAttentionForward):
+                    model_patcher.add_object_patch(path, CrossAttentionForward(module))
+                found += 1
+        if not found:
+            raise FamilyError(f"{settings.owner}: no '{spec.cross_attention}' modules in this {spec.name} model; this "
+                              f"ComfyUI version builds it differently. Please report it.")
+        install_attention_dispatcher(model_patcher)
+    else:
+        raise FamilyError(f"{settings.owner}: NAG has no attention hook for {spec.name}.")
+    model_patcher.add_wrapper_with_key(apply_model, NAG_WRAPPER_KEY, NagInput(settings))
+
+
+# ------------------------------------------------------------------------------------------------
 # installation
 # ------------------------------------------------------------------------------------------------
 
@@ -823,8 +1414,7 @@ def install(model_patcher, inst: Installation, layout: BlockLayout) -> None:
             record = (group, index) == recorder
             if getattr(current, "is_guidance_kit", False):
                 if record and not current.record_text_length:
-                    current = DitBlockHook(current.spec, current.key, current.previous, True)
-                    dit[patch_key] = current
+                    dit[patch_key] = current.with_options(record_text_length=True)
                 continue
             dit[patch_key] = DitBlockHook(inst.spec, (group, index), previous=current, record_text_length=record)
         replace["dit"] = dit
