@@ -156,6 +156,25 @@ CATALOG: dict[str, NodeDef] = {
                                            "refresh_every", threshold=0.99, start_percent=0.5,
                                            scope="uncond and branches", linear_ag=False, calibration_steps=3,
                                            refresh_every=2),
+    # Guidance Kit attention-space nodes (nodes/nag.py)
+    "GuidanceKit_NAG": NodeDef("NAG · Normalized Attention Guidance", inputs=(("model", MODEL), ("nag_negative", COND)),
+                               widgets=("scale", "tau", "alpha", "start_percent", "end_percent", "sigma_end"),
+                               outputs=((MODEL, MODEL),),
+                               defaults=dict(scale=-1.0, tau=-1.0, alpha=-1.0, start_percent=0.0, end_percent=1.0,
+                                             sigma_end=0.0), width=340),
+    # Guidance Kit samplers (nodes/samplers.py), SAMPLER for SamplerCustomAdvanced
+    "GuidanceKit_SamplerDPMPP2MSDECFGPP": NodeDef("DPM++ 2M SDE CFG++ · Sampler (cfg = λ)",
+                                                  widgets=("solver_type", "eta", "s_noise", "noise_device"),
+                                                  outputs=(("SAMPLER", "SAMPLER"),),
+                                                  defaults=dict(solver_type="midpoint", eta=1.0, s_noise=1.0,
+                                                                noise_device="gpu"), width=340),
+    "GuidanceKit_SamplerDPMPP3MSDECFGPP": NodeDef("DPM++ 3M SDE CFG++ · Sampler (cfg = λ)",
+                                                  widgets=("eta", "s_noise", "noise_device"),
+                                                  outputs=(("SAMPLER", "SAMPLER"),),
+                                                  defaults=dict(eta=1.0, s_noise=1.0, noise_device="gpu"), width=340),
+    "GuidanceKit_SamplerPCG": NodeDef("PCG · Predictor-Corrector Guidance Sampler",
+                                      widgets=("corrector_steps", "step_scale"), outputs=(("SAMPLER", "SAMPLER"),),
+                                      defaults=dict(corrector_steps=1, step_scale=0.5), width=340),
     # frontend only
     "Note": NodeDef("Note", widgets=("text",), width=440),
 }
@@ -782,6 +801,155 @@ def wf_adaptive_guidance_pag_sdxl() -> Workflow:
         NOTE_ADAPTIVE, cfg=6.0, steps=30)
 
 
+def custom_sampler_workflow(name: str, title: str, family: str, preset: dict, guidance: list[tuple[str, dict]],
+                            sampler: tuple[str, dict], cfg: float, positive: str, negative: str, note: str,
+                            seed: int = SEED, **overrides) -> Workflow:
+    """Load Checkpoint → Guidance Kit chain → Guidance Guider + a SAMPLER node → SamplerCustomAdvanced → decode."""
+    p = {**preset, **overrides}
+    nodes = [
+        Node(4, "CheckpointLoaderSimple", 0, {"ckpt_name": p["ckpt"]}),
+        Node(6, "CLIPTextEncode", 1, {"text": positive}, {"clip": (4, CLIP)}, title="Positive prompt",
+             color=PROMPT_COLORS["positive"]),
+        Node(7, "CLIPTextEncode", 1, {"text": negative}, {"clip": (4, CLIP)}, title="Negative prompt",
+             color=PROMPT_COLORS["negative"]),
+        Node(5, p["latent"], 1, {"width": p["width"], "height": p["height"]}),
+        Node(NOTE_ID, "Note", 0, {"text": note}),
+    ]
+    model = (4, MODEL)
+    for i, (node_type, widgets) in enumerate(guidance):
+        nodes.append(Node(GUIDANCE_ID + i, node_type, 2, widgets, {"model": model}))
+        model = (GUIDANCE_ID + i, MODEL)
+    sampler_type, sampler_widgets = sampler
+    nodes += [
+        Node(12, "GuidanceKit_GuidanceGuider", 3, {"cfg": cfg},
+             {"model": model, "positive": (6, COND), "negative": (7, COND)}),
+        Node(13, "RandomNoise", 3, {"noise_seed": seed}),
+        Node(14, sampler_type, 3, sampler_widgets),
+        Node(15, "BasicScheduler", 3, {"scheduler": p["scheduler"], "steps": p["steps"]}, {"model": (4, MODEL)}),
+        Node(16, "SamplerCustomAdvanced", 4, links={"noise": (13, "NOISE"), "guider": (12, "GUIDER"),
+                                                    "sampler": (14, "SAMPLER"), "sigmas": (15, "SIGMAS"),
+                                                    "latent_image": (5, LATENT)}),
+        Node(8, "VAEDecode", 5, links={"samples": (16, "output"), "vae": (4, VAE)}),
+        Node(9, "SaveImage", 6, {"filename_prefix": f"guidance_kit/{name}"}, {"images": (8, IMAGE)}),
+    ]
+    return Workflow(name, title, family, nodes, note)
+
+
+NOTE_NAG_FLUX = """\\
+NAG on Flux schnell at cfg 1 (Guidance Kit)
+
+WHAT: a negative prompt for models where CFG cannot be used (distilled / few-step: Flux schnell and dev, SD3.5 \\
+Turbo, SDXL Lightning/DMD2, distilled WAN). NAG extrapolates the attention output away from the NAG negative and \\
+normalises it (L1 ratio capped at tau, blended by alpha). Its text tokens join the same model call: no second \\
+forward. Paper: Chen et al., "Normalized Attention Guidance", NeurIPS 2025 (arXiv 2505.21179).
+
+THESE VALUES: scale/tau/alpha -1 = the Flux defaults 5 / 2.5 / 0.25; KSampler cfg 1, euler / simple, 4 steps. \\
+The sampler's negative prompt is not used at cfg 1; the NAG negative is the node's own input ("glasses").
+
+CHANGE FIRST: scale (3–7); then sigma_end 0.75 to save time on the last steps.
+
+OTHER MODELS: Flux dev: 20–25 steps with FluxGuidance 3.5, same node. SD3.5 Turbo: 5 / 2.5 / 0.125. SDXL \\
+Lightning: 3 / 2.5 / 0.5. Distilled WAN at cfg 1: 11 / 3.5 / 0.5."""
+
+NOTE_NAG_SDXL = """\\
+NAG together with CFG on SDXL (Guidance Kit)
+
+WHAT: NAG (Chen et al., NeurIPS 2025) adds attention-space negative guidance to the conditional prediction, and \\
+CFG keeps using the sampler's negative prompt. Here both negatives are the same encode; NAG makes the negative \\
+act inside every cross-attention layer, which removes unwanted content more reliably than CFG alone.
+
+THESE VALUES: NAG -1 = SDXL defaults 3 / 2.5 / 0.5; sigma_end 4 (the official speed-up: NAG off on the last, \\
+low-noise steps); cfg 5, dpmpp_2m / karras, 30 steps.
+
+CHANGE FIRST: NAG scale (2–5), then cfg.
+
+OTHER MODELS: SD1.5 5 / 2.5 / 0.38; WAN 2.1 T2V with cfg 5: 9 / 2.5 / 0.25; Flux dev/schnell at cfg 1: see \\
+nag_flux_schnell_cfg1."""
+
+NOTE_CFGPP_2M = """\\
+CFG++ DPM++ 2M SDE + APG with SamplerCustomAdvanced (Guidance Kit)
+
+WHAT: CFG++ (Chung et al., ICLR 2025) takes the clean estimate with guidance but re-noises along the \\
+unconditional prediction, which keeps high-guidance samples on the data manifold. ComfyUI core has no CFG++ version \\
+of DPM++ 2M SDE; this one is correct on flow models too. The guider's cfg is λ in [0, 1], not the usual 5–8. \\
+Every Guidance Kit method works with it (here APG, Sadat et al., ICLR 2025).
+
+THESE VALUES: Guidance Guider cfg 0.7 (= λ); APG η 0, threshold 15, momentum −0.5; eta 1, midpoint, karras, 25 \\
+steps; noise_device cpu (reproducible across GPUs).
+
+CHANGE FIRST: cfg/λ (0.4–1.0). eta 0 gives the deterministic DPM++ 2M CFG++.
+
+OTHER MODELS: SD1.5 same values. Flux/SD3.5/WAN: λ 0.5–0.8 with sgm_uniform/simple."""
+
+NOTE_CFGPP_3M = """\\
+CFG++ DPM++ 3M SDE on a flow model (Guidance Kit)
+
+WHAT: third-order DPM-Solver++ SDE with CFG++ (Chung et al., ICLR 2025) — the multistep history is kept on the \\
+unconditional predictions and, on flow models like SD3.5, the re-noising uses the α = 1 − σ factor (core's \\
+dpmpp_2m_cfg_pp lacks it on flow models). The guider's cfg is λ in [0, 1].
+
+THESE VALUES: cfg/λ 0.6, eta 1, s_noise 1, sgm_uniform, 30 steps.
+
+CHANGE FIRST: λ (0.4–0.9).
+
+OTHER MODELS: SDXL/SD1.5 λ 0.6–1 with karras/exponential schedulers."""
+
+NOTE_PCG = """\\
+PCG · Predictor-Corrector Guidance sampler (Guidance Kit)
+
+WHAT: Bradley & Nakkiran ("CFG is a predictor-corrector", TMLR 2025): each step is a conditional-only DDIM \\
+predictor (1 model pass) followed by K Langevin corrector steps on p(x|c)^γ·p(x)^(1−γ) (2 passes each). The \\
+guider's cfg is γ. With K = 1 and step_scale 0.5 it behaves like DDPM sampling with CFG w where γ = 2w − 1.
+
+THESE VALUES: cfg 9 (≈ DDPM at CFG 5), K 1, step_scale 0.5, normal scheduler, 30 steps: 3 passes per step.
+
+CHANGE FIRST: cfg/γ (5–13); K 2 for a stronger correction (5 passes per step).
+
+OTHER MODELS: every family (eps, v and flow); all Guidance Kit plan terms shape the corrector's target."""
+
+
+def wf_nag_flux_schnell_cfg1() -> Workflow:
+    wf = checkpoint_workflow(
+        "nag_flux_schnell_cfg1", "NAG negative prompt at cfg 1 on Flux schnell (4 steps)", "Flux schnell",
+        FLUX_DEV, [("GuidanceKit_NAG", {})], "a portrait of an AI researcher in a sunlit office, 50mm photo", "",
+        NOTE_NAG_FLUX, ckpt="flux1-schnell-fp8.safetensors", steps=4)
+    wf.nodes.insert(3, Node(32, "CLIPTextEncode", 1, {"text": "glasses"}, {"clip": (4, CLIP)}, title="NAG negative",
+                            color=PROMPT_COLORS["negative"]))
+    wf.node(GUIDANCE_ID).links["nag_negative"] = (32, COND)
+    return wf
+
+
+def wf_nag_sdxl_with_cfg() -> Workflow:
+    wf = checkpoint_workflow(
+        "nag_sdxl_with_cfg", "NAG + CFG on SDXL (NAG negative = the negative prompt)", "SDXL", SDXL,
+        [("GuidanceKit_NAG", {"sigma_end": 4.0})],
+        "a cat sitting on a windowsill, rainy city outside, cinematic light", NEG_SD, NOTE_NAG_SDXL, cfg=5.0)
+    wf.node(GUIDANCE_ID).links["nag_negative"] = (7, COND)
+    return wf
+
+
+def wf_cfgpp_dpmpp_2m_sde_apg_sdxl() -> Workflow:
+    return custom_sampler_workflow(
+        "cfgpp_dpmpp_2m_sde_apg_sdxl", "DPM++ 2M SDE CFG++ (λ 0.7) + APG with SamplerCustomAdvanced", "SDXL", SDXL,
+        [("GuidanceKit_APG", {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5})],
+        ("GuidanceKit_SamplerDPMPP2MSDECFGPP", {"noise_device": "cpu"}), 0.7,
+        "a hummingbird hovering next to a red hibiscus flower, macro photo, bokeh", NEG_SD, NOTE_CFGPP_2M, steps=25)
+
+
+def wf_cfgpp_dpmpp_3m_sde_sd35() -> Workflow:
+    return custom_sampler_workflow(
+        "cfgpp_dpmpp_3m_sde_sd35", "DPM++ 3M SDE CFG++ (λ 0.6) on a flow model", "SD3.5 Medium", SD35, [],
+        ("GuidanceKit_SamplerDPMPP3MSDECFGPP", {"noise_device": "cpu"}), 0.6,
+        "an isometric diorama of a tiny bakery at dawn, warm light, highly detailed", NEG_SD3, NOTE_CFGPP_3M)
+
+
+def wf_pcg_sd15() -> Workflow:
+    return custom_sampler_workflow(
+        "pcg_sd15", "PCG predictor-corrector sampler (γ 9, K 1)", "SD1.5", SD15, [],
+        ("GuidanceKit_SamplerPCG", {"corrector_steps": 1, "step_scale": 0.5}), 9.0,
+        "a cottage in a snowy forest at dusk, warm windows, smoke from the chimney", NEG_SD, NOTE_PCG)
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_cfg_schedule_sdxl,
     wf_beta_cfg_sd15,
@@ -803,6 +971,11 @@ WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_icg_sdxl,
     wf_stack_apg_pag_schedule_sdxl,
     wf_adaptive_guidance_pag_sdxl,
+    wf_nag_flux_schnell_cfg1,
+    wf_nag_sdxl_with_cfg,
+    wf_cfgpp_dpmpp_2m_sde_apg_sdxl,
+    wf_cfgpp_dpmpp_3m_sde_sd35,
+    wf_pcg_sd15,
 ]
 
 
