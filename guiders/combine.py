@@ -9,6 +9,7 @@ cfg, or FDG's per-level scales):
     f       = CFG schedule multiplier at this step (1 without a schedule; 0 outside its window)
     W_l     = 1 + (w_l − 1)·f                         (the schedule scales the increment)
     W_l    ← W_l·β(τ)·(σ/‖C − U‖)^γ                   (with β-CFG; per sample)
+    W_l    ← W_l·r(x)                                 (with S-CFG; per pixel, ``region_guidance.py``)
     g_l     = l-th Laplacian band of g = C − U (g itself without FDG)
     without APG:  G_l = U_l + W_l·g_l                 (= ComfyUI's CFG formula when W = cfg)
     with APG:     G_l = C_l + (W_l − 1)·Δ'_l,  Δ'_l = APG(g_l, C_l) with its own momentum buffer
@@ -39,6 +40,7 @@ from .normalization import beta_cfg_factor, rescale_to_cond_std
 from .plan import Branch, GuidancePlan
 from .progress import StepPosition
 from .projection import apg_direction
+from .region_guidance import RegionMaps, fit_to, region_scale_map
 from .tensor_ops import to_f32
 from .uncond_rewrites import optimized_scale, scale_uncond_velocity, tangential_damping
 
@@ -71,6 +73,7 @@ class StepInputs:
     cond: torch.Tensor
     uncond: torch.Tensor | None  # None when not evaluated (cfg 1, or outside the CFG window)
     branches: dict[str, torch.Tensor] = field(default_factory=dict)
+    regions: RegionMaps | None = None  # S-CFG: this step's attention regions (None = not recorded)
 
     @property
     def sigma_value(self) -> float:
@@ -162,6 +165,12 @@ def guide_cfg_direction(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tenso
                                  bc.normalize_peak)
         weights = [w * factor for w in weights]
     diff = cond - uncond
+    if plan.scfg is not None and inp.regions is not None:
+        # S-CFG: the weight becomes a per-region map W·r(x), r from ‖C − U'‖ per region
+        sc = plan.scfg
+        rate = region_scale_map(diff, inp.regions, max(base), sc.rate_min, sc.rate_max, sc.max_weight, sc.smoothing)
+        inp.regions.scale = rate
+        weights = [w * rate for w in weights]
     if plan.fdg is not None:
         levels = len(plan.fdg.scales)
         cond_bands = laplacian_pyramid(cond, levels)
@@ -171,6 +180,8 @@ def guide_cfg_direction(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tenso
     uncond_bands = [uncond] if plan.fdg is None else [c - g for c, g in zip(cond_bands, diff_bands)]
     guided = []
     for level, (c_band, u_band, g_band, w) in enumerate(zip(cond_bands, uncond_bands, diff_bands, weights)):
+        if torch.is_tensor(w) and w.ndim == 4 and w.shape[-1] > 1 and w.shape[-2:] != c_band.shape[-2:]:
+            w = fit_to(w, c_band)  # S-CFG's map on a smaller FDG band
         if plan.apg is not None:
             key = f"apg/{level}"
             direction, state.momentum[key] = apg_direction(

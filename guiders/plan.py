@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .progress import StepPosition
-from .schedules import Schedule
+from .schedules import Schedule, Window
 
 
 class PlanError(ValueError):
@@ -231,7 +231,48 @@ class AdaptiveGuidance:
         return self.threshold <= -1.0
 
 
-SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg", "adaptive")
+@dataclass(frozen=True)
+class SCFG:
+    """S-CFG (semantic-aware CFG) settings: the CFG weight becomes a per-region map ``W·r(x)``
+    built from the model's attention maps each step (``region_guidance.py``; maps read by the
+    engine's hooks). Outside ``window`` the step is plain CFG and no map is read."""
+
+    downsample: int = 4
+    order: int = 4
+    reference: str = "foreground (uncond)"
+    rate_min: float = 0.8
+    rate_max: float = 3.0
+    max_weight: float = 15.0
+    smoothing: bool = True
+    dit_blocks: int = 3
+    window: Window = field(default_factory=Window)
+    label: str = "S-CFG"
+
+    def validate(self) -> None:
+        from .region_guidance import REFERENCES
+
+        if self.downsample < 1:
+            raise PlanError(f"{self.label}: downsample must be ≥ 1 (official 4); got {self.downsample}")
+        if not (0 <= self.order <= 8):
+            raise PlanError(f"{self.label}: self_attention_order must be in [0, 8] (official 4); got {self.order}")
+        if self.reference not in REFERENCES:
+            raise PlanError(f"{self.label}: reference must be one of {', '.join(REFERENCES)}; got {self.reference!r}")
+        if not (0 < self.rate_min <= self.rate_max):
+            raise PlanError(f"{self.label}: need 0 < rate_min ≤ rate_max (official 0.8 and 3.0); got "
+                            f"{self.rate_min} and {self.rate_max}")
+        if self.max_weight < 0 or self.dit_blocks < 1:
+            raise PlanError(f"{self.label}: max_weight must be ≥ 0 and dit_blocks ≥ 1")
+        try:
+            self.window.validate(self.label)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+
+    def active(self, progress: float, sigma: float) -> bool:
+        return self.window.contains(progress, sigma)
+
+
+SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg", "adaptive",
+                   "scfg")
 
 
 @dataclass(frozen=True)
@@ -246,6 +287,7 @@ class GuidancePlan:
     rescale: Rescale | None = None
     icg: IndependentCondition | None = None
     adaptive: AdaptiveGuidance | None = None
+    scfg: SCFG | None = None
     extra: tuple[ExtraGuidance, ...] = ()
 
     # --- building -------------------------------------------------------------------------------
@@ -304,6 +346,8 @@ class GuidancePlan:
             labels.append(self.cfg_schedule_label)
         if self.apg is not None:
             labels.append(self.apg.label)
+        if self.scfg is not None:
+            labels.append(self.scfg.label)
         if not uncond_evaluated:
             if self.tcfg is not None:
                 labels.append(self.tcfg.label)
@@ -321,4 +365,6 @@ class GuidancePlan:
         if self.cfg_schedule is not None:
             out.append((self.cfg_schedule_label, self.cfg_schedule))
         out.extend((t.label, t.schedule) for t in self.extra)
+        if self.scfg is not None:
+            out.append((self.scfg.label, Schedule(window=self.scfg.window)))
         return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from . import adaptive, cfg_methods, guider, nag, perturbation, samplers
+from . import adaptive, cfg_methods, guider, nag, perturbation, samplers, scfg
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*cfg_methods.NODES, *perturbation.NODES, *nag.NODES, *adaptive.NODES, *samplers.NODES, *guider.NODES]
+    return [*cfg_methods.NODES, *perturbation.NODES, *nag.NODES, *scfg.NODES, *adaptive.NODES, *samplers.NODES, *guider.NODES]
 
 
 class GuidanceKitExtension(ComfyExtension):

@@ -36,6 +36,7 @@ import torch
 from ..guiders.combine import GuidanceState, Needs, StepInputs, after_evaluation, combine, needs
 from ..guiders.plan import Branch, GuidancePlan
 from ..guiders.progress import StepPosition, step_position
+from ..guiders.region_guidance import RegionRecorder
 
 log = logging.getLogger("guidance_kit")
 
@@ -43,6 +44,8 @@ PLAN_KEY = "guidance_kit_plan"
 RUN_KEY = "guidance_kit_run"
 EXTRA_CONDS_KEY = "guidance_kit_conds"
 BRANCH_MAP_KEY = "guidance_kit_branches"
+REGION_RECORDER_KEY = "guidance_kit_scfg"  # transformer_options: the S-CFG RegionRecorder of this evaluation
+REGION_STORE_KEY = "guidance_kit_scfg_maps"  # model_options: the RegionMapStore of an S-CFG node
 WRAPPER_KEY = "guidance_kit"
 PACK = "Guidance Kit"
 
@@ -60,6 +63,7 @@ class StepStash:
     uncond_evaluated: bool
     uncond_skipped_by_plan: bool
     uncond_override: torch.Tensor | None = None  # ICG evaluated outside our slot
+    regions: object | None = None  # S-CFG: RegionMaps recorded in this evaluation
 
 
 @dataclass
@@ -256,6 +260,39 @@ def with_branch_map(model_options: dict, branch_map: dict[int, Branch]) -> dict:
     return mo
 
 
+def _with_transformer_option(model_options: dict, key: str, value) -> dict:
+    mo = dict(model_options)
+    to = dict(mo.get("transformer_options", {}))
+    to[key] = value
+    mo["transformer_options"] = to
+    return mo
+
+
+def _region_recorder(plan: GuidancePlan, position: StepPosition, sigma, x, guided: bool):
+    """S-CFG: a recorder for this evaluation's attention maps when S-CFG acts here (else None)."""
+    sc = plan.scfg
+    if sc is None or not guided or x.ndim != 4 or not sc.active(position.progress, sigma_value(sigma)):
+        return None
+    return RegionRecorder(tuple(x.shape[-2:]), sc.downsample, sc.order, sc.reference,
+                          step_index=position.step_index)
+
+
+def _finish_regions(plan: GuidancePlan, recorder, model_options: dict, run: RunState):
+    if recorder is None:
+        return None
+    regions = recorder.finish()
+    if regions is None:
+        raise GuidanceRuntimeError(
+            f"{plan.scfg.label}: no cross-attention map was recorded in this step, so S-CFG cannot build its "
+            f"regions. Either no attention layer is at 1/{plan.scfg.downsample} of the latent resolution or coarser "
+            f"(lower 'downsample'; SDXL has none at 1/8), or another node replaced Guidance Kit's attention "
+            f"patches after the S-CFG node (put S-CFG after it).")
+    store = model_options.get(REGION_STORE_KEY)
+    if store is not None:
+        store.record(run, regions)
+    return regions
+
+
 def _run_batch(model, batch: list, x, sigma, model_options: dict, previous, args: dict) -> list:
     if previous is None:
         return comfy.samplers.calc_cond_batch(model, batch, x, sigma, model_options)
@@ -292,6 +329,9 @@ def evaluate_batch(args: dict, previous=None) -> list:
         branch_map[len(batch)] = branch
         batch.append(_branch_conds(branch, conds, model_options))
     call_options = with_branch_map(model_options, branch_map) if branch_map else model_options
+    recorder = _region_recorder(plan, position, sigma, x, run_cond and run_uncond)
+    if recorder is not None:
+        call_options = _with_transformer_option(call_options, REGION_RECORDER_KEY, recorder)
     if any(c is not None for c in batch):
         out = _run_batch(model, batch, x, sigma, call_options, previous, args)
         run.calc_calls += 1
@@ -318,6 +358,7 @@ def evaluate_batch(args: dict, previous=None) -> list:
         branches=branches,
         uncond_evaluated=run_uncond or (estimated is not None and uncond_list is not None),
         uncond_skipped_by_plan=uncond_list is not None and not run_uncond and estimated is None,
+        regions=_finish_regions(plan, recorder, model_options, run),
     )
     return [cond_out, uncond_out] + list(out[2:len(conds)])
 
@@ -371,7 +412,13 @@ def _guided(plan: GuidancePlan, run: RunState, stash: StepStash, x, sigma, cond_
             cond_pred, uncond_pred) -> tuple[torch.Tensor, torch.Tensor | None]:
     inp = StepInputs(x=x, sigma=sigma, cond_scale=cond_scale, position=stash.position,
                      parameterization=stash.parameterization, cond=cond_pred,
-                     uncond=uncond_pred if stash.uncond_evaluated else None, branches=stash.branches)
+                     uncond=uncond_pred if stash.uncond_evaluated else None, branches=stash.branches,
+                     regions=stash.regions)
+    if plan.scfg is not None and stash.regions is None and stash.uncond_evaluated and \
+            plan.scfg.active(stash.position.progress, inp.sigma_value):
+        run.warn_once("scfg-no-maps", f"{plan.scfg.label}: this step ran outside Guidance Kit's batched evaluation "
+                                      f"(another node took the calc-cond-batch slot), so no attention map was read "
+                                      f"and S-CFG acts as plain CFG here.")
     guided, uncond_rewritten = combine(plan, inp, run.guidance)
     if not bool(torch.isfinite(guided).all()):
         raise GuidanceRuntimeError(_nonfinite_message(plan, inp))

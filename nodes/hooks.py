@@ -21,6 +21,10 @@ Hooks by family (no model forward is re-implemented; each hook calls ComfyUI's o
   kept out of every attention except the extra Z⁻ attention of the prompt's rows: UNet ``attn2``
   replaces; object patches marking the cross-attention modules of WAN, LTXV and Cosmos Predict2;
   the block hooks above for joint attention (Flux, Chroma, SD3, Qwen-Image, HunyuanVideo).
+* S-CFG (``install_region_hooks``): reads cross-attention maps for ``guiders.region_guidance``
+  — UNet ``attn1``/``attn2`` replaces (self-attention q/k, text keys), the joint attention of the
+  last double blocks of Flux/Chroma/SD3 through ``DitBlockHook(regions=True)`` and the dispatcher —
+  on the cond (and uncond) rows only, never building an N×N matrix for large layers.
 * Anything else: a clear error at node execution naming the family and what works instead.
 """
 
@@ -33,12 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..guiders import attention_ops
+from ..guiders import attention_ops, region_guidance
 from ..guiders.branch_inputs import independent_embedding, perturbed_timesteps
 from ..guiders.layers import BlockLayout
 from ..guiders.progress import step_position
 from ..guiders.schedules import ScheduleError, Window
-from .engine import BRANCH_MAP_KEY
+from .engine import BRANCH_MAP_KEY, REGION_RECORDER_KEY
 
 OVERRIDE_KEY = "optimized_attention_override"
 BLOCK_CONTEXT_KEY = "guidance_kit_block"
@@ -360,6 +364,7 @@ class BlockContext:
     grid: tuple[int, ...] | None
     nag: JointNagLayout | None = None  # NAG acts on this block's joint attention call
     calls: int = 0
+    regions: object | None = None  # S-CFG: the RegionRecorder this block's joint attention feeds
 
 
 def _to_bhld(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -432,6 +437,8 @@ class AttentionDispatcher:
         if ctx is not None:
             ctx.calls += 1
             call = ctx.calls
+            if ctx.regions is not None and call == 1 and ctx.spec.joint:
+                _observe_joint(ctx, args, kwargs)
         if ctx is not None and ctx.groups:
             if ctx.spec.joint:
                 image = ctx.image if call == 1 else None  # later calls: MMDiT-X image self-attention
@@ -655,17 +662,20 @@ class DitBlockHook:
     is_guidance_kit = True
 
     def __init__(self, spec: FamilySpec, key: tuple[str, int], previous=None, record_text_length: bool = False,
-                 nag: bool = False):
+                 nag: bool = False, regions: bool = False):
         self.spec = spec
         self.key = key
         self.previous = previous
         self.record_text_length = record_text_length
         self.nag = nag
+        self.regions = regions  # S-CFG reads this block's text→image attention
 
-    def with_options(self, record_text_length: bool | None = None, nag: bool | None = None) -> DitBlockHook:
+    def with_options(self, record_text_length: bool | None = None, nag: bool | None = None,
+                     regions: bool | None = None) -> DitBlockHook:
         return DitBlockHook(self.spec, self.key, self.previous,
                             self.record_text_length if record_text_length is None else record_text_length,
-                            self.nag if nag is None else nag)
+                            self.nag if nag is None else nag,
+                            self.regions if regions is None else regions)
 
     def _run(self, args, extra):
         if self.previous is not None:
@@ -701,7 +711,8 @@ class DitBlockHook:
         batch_size = args["img"].shape[0]
         groups = active(to, batch_size, self.key, ATTENTION_OPERATORS + BLOCK_OPERATORS)
         nag: NagForward | None = to.get(NAG_KEY) if self.nag else None
-        if not groups and nag is None:
+        recorder = to.get(REGION_RECORDER_KEY) if self.regions else None
+        if not groups and nag is None and recorder is None:
             return self._run(args, extra)
         mark_applied(to, [(p, rows) for p, rows in groups if p.operator in BLOCK_OPERATORS])
         skip_rows = [rows for p, rows in groups if p.operator in ("skip", "drop")]
@@ -716,13 +727,14 @@ class DitBlockHook:
             args, undo = self._shuffle(args, to, shuffles, batch_size)
         else:
             undo = None
-        if attention_groups or nag_layout is not None:
+        if attention_groups or nag_layout is not None or recorder is not None:
             grid = None
-            if any(p.operator == "smoothed_attention" for p, _ in attention_groups):
+            if recorder is not None or any(p.operator == "smoothed_attention" for p, _ in attention_groups):
                 grid = image_grid(self.spec, to.get(LATENT_SHAPE_KEY))
             local = dict(to)
             local[BLOCK_CONTEXT_KEY] = BlockContext(self.spec, self.key, attention_groups,
-                                                    self._attention_image(args, to), grid, nag=nag_layout)
+                                                    self._attention_image(args, to), grid, nag=nag_layout,
+                                                    regions=recorder)
             args["transformer_options"] = local
         if skip_rows:
             out = self._run_without(args, extra, torch.cat(skip_rows), batch_size)
@@ -836,6 +848,7 @@ class UNetSelfAttentionHook:
 
     def __call__(self, q, k, v, extra_options):
         batch_size = q.shape[0]
+        _observe_unet_self(self.key, q, k, extra_options)
         groups = active(extra_options, batch_size, self.key, ATTENTION_OPERATORS)
         if not groups:
             return self._normal(q, k, v, extra_options)
@@ -866,7 +879,8 @@ def _unet_attention(previous, q, k, v, extra_options):
 
 
 class UNetCrossAttentionHook:
-    """Our occupant of ``patches_replace["attn2"][(group, block, layer)]``: NAG on the prompt's rows.
+    """Our occupant of ``patches_replace["attn2"][(group, block, layer)]``: NAG on the prompt's rows,
+    and S-CFG's map reading (the prompt's text keys only, never the NAG negative's).
 
     With NAG in the forward, k/v hold the prompt's context followed by the NAG negative's tokens:
     every row attends over the prompt's tokens (Z⁺, the unmodified cross-attention), the prompt's
@@ -882,6 +896,8 @@ class UNetCrossAttentionHook:
 
     def __call__(self, q, k, v, extra_options):
         nag: NagForward | None = extra_options.get(NAG_KEY)
+        _observe_unet_cross(self.key, q, k[:, :k.shape[1] - nag.negative_tokens] if nag is not None else k,
+                            extra_options)
         if nag is None:
             return _unet_attention(self.previous, q, k, v, extra_options)
         split = k.shape[1] - nag.negative_tokens
@@ -1460,3 +1476,169 @@ def _unet_forward_path(model_patcher, key: tuple[str, int, int]) -> str:
         if isinstance(layer, SpatialTransformer):
             return f"{prefix}.{i}.transformer_blocks.{t}.forward"
     raise FamilyError(f"no transformer layer at {key}")
+
+
+# ------------------------------------------------------------------------------------------------
+# S-CFG: reading cross-attention maps (guiders/region_guidance.py does the math)
+# ------------------------------------------------------------------------------------------------
+# The engine puts a RegionRecorder into transformer_options[REGION_RECORDER_KEY] for evaluations
+# where S-CFG acts. The hooks below read the cond rows (and the uncond rows when the foreground
+# comes from them) of the selected layers only; no N×N attention matrix is built: the text map is
+# N×T, and the self-attention completion runs as attention calls with the maps as values.
+
+SCFG_FAMILIES = "SD1.5/SDXL (UNet), Flux, Chroma and SD3/SD3.5"
+_SCFG_DIT = ("Flux", "Chroma", "SD3/SD3.5")
+# Families whose text encoder puts a start token first ([SOT] of CLIP): the official foreground
+# split (first token vs the rest) is meaningful there; T5-only families default to the whole image
+SCFG_START_TOKEN = {"UNet (SD1.5/SDXL)": True, "SD3/SD3.5": True, "Flux": False, "Chroma": False}
+
+
+def scfg_family_of(model_patcher, owner: str) -> FamilySpec:
+    """The family of a model S-CFG can read attention maps from, else a FamilyError."""
+    spec = None
+    try:
+        spec = family_of(model_patcher, owner)
+    except FamilyError:
+        pass
+    if spec is None or not (spec.is_unet or spec.name in _SCFG_DIT):
+        name = spec.name if spec is not None else type(diffusion_model_of(model_patcher)).__name__
+        raise FamilyError(f"{owner}: this model family has no cross-attention map hook we support: {name}. S-CFG "
+                          f"works on {SCFG_FAMILIES}; on other families use APG, CFG schedules or CFG-Zero* "
+                          f"(every family).")
+    return spec
+
+
+def _entry_chunks(transformer_options: dict, batch_size: int, recorder) -> list[tuple[int, slice]]:
+    """(entry, rows) of the chunks the recorder wants (0 = cond, 1 = uncond)."""
+    chunks = transformer_options.get("cond_or_uncond")
+    if not chunks:
+        return []
+    per = batch_size // len(chunks)
+    if per * len(chunks) != batch_size:
+        return []
+    return [(entry, slice(i * per, (i + 1) * per)) for i, entry in enumerate(chunks) if recorder.wants_entry(entry)]
+
+
+def _unet_layer_grid(extra_options: dict, recorder) -> tuple[int, int] | None:
+    """The layer's token grid if S-CFG reads this layer in this forward (full-size input only)."""
+    shape = extra_options.get("activations_shape")
+    original = extra_options.get("original_shape")
+    if shape is None or original is None or tuple(original[-2:]) != tuple(recorder.latent_hw):
+        return None  # an area-conditioned crop, or an unknown layout: not part of the map
+    grid = (int(shape[-2]), int(shape[-1]))
+    return grid if recorder.wants_layer(grid) else None
+
+
+def _observe_unet_self(key: tuple, q, k, extra_options: dict) -> None:
+    recorder = extra_options.get(REGION_RECORDER_KEY)
+    if recorder is None or recorder.order <= 0 or _unet_layer_grid(extra_options, recorder) is None:
+        return
+    recorder.pending[key] = (q, k)  # used by the same layer's cross-attention, right after
+
+
+def _observe_unet_cross(key: tuple, q, k_text, extra_options: dict) -> None:
+    recorder = extra_options.get(REGION_RECORDER_KEY)
+    if recorder is None:
+        return
+    grid = _unet_layer_grid(extra_options, recorder)
+    if grid is None:
+        return
+    heads = extra_options["n_heads"]
+    pending = recorder.pending.pop(key, None)
+    with torch.no_grad():
+        for entry, rows in _entry_chunks(extra_options, q.shape[0], recorder):
+            self_qk = None
+            if pending is not None:
+                self_qk = tuple(_to_bhld(t[rows], heads, False) for t in pending)
+            _record(recorder, entry, _to_bhld(q[rows], heads, False), _to_bhld(k_text[rows], heads, False),
+                    self_qk, grid)
+
+
+def _record(recorder, entry: int, q_img, k_text, self_qk, grid) -> None:
+    """Text map of one chunk → (foreground channels only for a foreground-only chunk) → completion."""
+    maps = region_guidance.cross_attention_map(q_img, k_text)
+    if entry != 0:
+        maps = torch.stack([maps[..., 0], maps[..., 1:].sum(dim=-1)], dim=-1)
+    q_self, k_self = self_qk if self_qk is not None else (None, None)
+    maps = region_guidance.propagate(q_self, k_self, maps, recorder.order)
+    if entry == 0:
+        recorder.add(entry, maps, grid)
+    else:
+        recorder.add_foreground(entry, maps, grid)
+
+
+def _observe_joint(ctx: BlockContext, args, kwargs) -> None:
+    """S-CFG on a joint attention call: image queries × prompt text keys, image × image completion."""
+    recorder = ctx.regions
+    transformer_options = kwargs.get("transformer_options") or {}
+    image = ctx.image
+    if image is None or ctx.grid is None or len(ctx.grid) != 2:
+        return
+    grid = (int(ctx.grid[0]), int(ctx.grid[1]))
+    skip_reshape = kwargs.get("skip_reshape", False)
+    q, k = args[0], args[1]
+    total = _tokens(q, kwargs)
+    if image.stop - image.start != grid[0] * grid[1]:
+        return
+    if ctx.spec.image_first:
+        text = slice(image.stop, total)
+    elif ctx.nag is not None:
+        text = slice(0, ctx.nag.negative_text_start)
+    else:
+        text = slice(0, image.start)
+    if text.stop - text.start < 2:
+        return
+    heads = _heads_of(args, kwargs)
+    qh, kh = _to_bhld(q, heads, skip_reshape), _to_bhld(k, heads, skip_reshape)
+    with torch.no_grad():
+        for entry, rows in _entry_chunks(transformer_options, qh.shape[0], recorder):
+            q_img = qh[rows, :, image]
+            k_img = kh[rows, :, image]
+            self_qk = (q_img, k_img) if recorder.order > 0 else None
+            _record(recorder, entry, q_img, kh[rows, :, text], self_qk, grid)
+
+
+def install_region_hooks(model_patcher, spec: FamilySpec, dit_blocks: int) -> tuple:
+    """Install S-CFG's map readers on a cloned ModelPatcher; returns the observed blocks/layers.
+
+    UNet: our attn1 (self-attention queries/keys) and attn2 (text keys) replaces on every transformer
+    layer; which layers are read is decided per forward from their resolution. Joint DiTs: the last
+    ``dit_blocks`` double blocks get a ``DitBlockHook(regions=True)`` and the attention dispatcher.
+    """
+    import comfy.patcher_extension
+
+    net = diffusion_model_of(model_patcher)
+    to = model_patcher.model_options.setdefault("transformer_options", {})
+    replace = to.setdefault("patches_replace", {})
+    if spec.is_unet:
+        keys = list(unet_layers(net))
+        if not keys:
+            raise FamilyError("S-CFG: this UNet has no transformer layers with cross-attention.")
+        attn1 = dict(replace.get("attn1", {}))
+        attn2 = dict(replace.get("attn2", {}))
+        for key in keys:
+            if not getattr(attn1.get(key), "is_guidance_kit", False):
+                attn1[key] = UNetSelfAttentionHook(key, previous=attn1.get(key))
+            if not isinstance(attn2.get(key), UNetCrossAttentionHook):
+                attn2[key] = UNetCrossAttentionHook(key, previous=attn2.get(key))
+        replace["attn1"], replace["attn2"] = attn1, attn2
+        return tuple(keys)
+    layout = block_layout(model_patcher, spec)
+    doubles = layout.dit_blocks.get("double", 0)
+    if doubles == 0:
+        raise FamilyError(f"S-CFG: this {spec.name} model has no joint (double) blocks.")
+    chosen = [("double", i) for i in range(max(0, doubles - dit_blocks), doubles)]
+    dit = dict(replace.get("dit", {}))
+    for group, index in chosen:
+        patch_key = _dit_patch_key(group, index)
+        current = dit.get(patch_key)
+        if getattr(current, "is_guidance_kit", False):
+            dit[patch_key] = current.with_options(regions=True)
+        else:
+            dit[patch_key] = DitBlockHook(spec, (group, index), previous=current, regions=True)
+    replace["dit"] = dit
+    install_attention_dispatcher(model_patcher)
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    if not model_patcher.get_wrappers(apply_model, WRAPPER_KEY):
+        model_patcher.add_wrapper_with_key(apply_model, WRAPPER_KEY, latent_shape_wrapper)
+    return tuple(chosen)

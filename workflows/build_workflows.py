@@ -175,6 +175,16 @@ CATALOG: dict[str, NodeDef] = {
     "GuidanceKit_SamplerPCG": NodeDef("PCG · Predictor-Corrector Guidance Sampler",
                                       widgets=("corrector_steps", "step_scale"), outputs=(("SAMPLER", "SAMPLER"),),
                                       defaults=dict(corrector_steps=1, step_scale=0.5), width=340),
+    # Guidance Kit spatial guidance (nodes/scfg.py)
+    "GuidanceKit_SCFG": _patch("S-CFG · Semantic-aware CFG (per-region scales)", "downsample", "self_attention_order",
+                               "reference", "rate_min", "rate_max", "max_weight", "smoothing", "dit_blocks",
+                               "start_percent", "end_percent", downsample=4, self_attention_order=4, reference="auto",
+                               rate_min=0.8, rate_max=3.0, max_weight=15.0, smoothing=True, dit_blocks=3,
+                               start_percent=0.0, end_percent=1.0),
+    "GuidanceKit_SCFGMap": NodeDef("S-CFG Map · region / scale map of the last run",
+                                   inputs=(("model", MODEL), ("samples", LATENT)), widgets=("show", "step"),
+                                   outputs=((IMAGE, IMAGE),), defaults=dict(show="regions", step=-1), width=340),
+    "PreviewImage": NodeDef("Preview Image", inputs=(("images", IMAGE),), width=320, height=320),
     # frontend only
     "Note": NodeDef("Note", widgets=("text",), width=440),
 }
@@ -950,6 +960,59 @@ def wf_pcg_sd15() -> Workflow:
         "a cottage in a snowy forest at dusk, warm windows, smoke from the chimney", NEG_SD, NOTE_PCG)
 
 
+NOTE_SCFG = """\\
+S-CFG · Semantic-aware CFG on SDXL (Guidance Kit)
+
+WHAT: plain CFG guides some objects much harder than others (and the background). S-CFG (Shen et al., CVPR \\
+2024) reads the model's own cross- and self-attention inside the same model call, assigns every latent patch to a \\
+prompt token (a semantic region), and rescales the CFG weight per region so each region gets the foreground's \\
+mean guidance strength: D = U + cfg·r(x)·(C − U), r clamped to [0.8, 3], cfg·r ≤ 15. No extra model pass.
+
+THESE VALUES: the official ones (downsample 4 → the 32×32 layers of SDXL at 1024 px, self-attention order 4, \\
+foreground from the uncond forward); cfg 6, dpmpp_2m / karras, 30 steps. The S-CFG Map node (fed by the sampler's \\
+LATENT so it runs after it) shows the regions of the last step; set show = scale for the factor r(x).
+
+CHANGE FIRST: cfg; then rate_max (2–3) if some objects get too strong; start_percent 0.2 to keep the early layout.
+
+OTHER MODELS: SD1.5: cfg 7.5 (the paper's setting). Flux dev with a true CFG (cfg 3–4) and SD3.5: same node; \\
+reference auto uses the whole image on Flux/Chroma (T5 has no [SOT] token)."""
+
+NOTE_SCFG_APG = """\\
+Stack: S-CFG + APG in the Guidance Guider (Guidance Kit)
+
+WHAT: one plan, one batched call per step. S-CFG (Shen et al., CVPR 2024) makes the CFG weight a per-region map; \\
+APG (Sadat et al., ICLR 2025) then projects out the saturating parallel part of each region's update: the weight \\
+becomes C + (cfg·r(x) − 1)·APG(C − U).
+
+THESE VALUES: cfg 7; S-CFG defaults; APG η 0, threshold 15, momentum −0.5; euler, karras, 30 steps.
+
+CHANGE FIRST: cfg (6–10), then APG's norm_threshold (10–20).
+
+OTHER MODELS: SD1.5 same; SD3.5: cfg 4.5–6 with threshold 20–40."""
+
+
+def wf_scfg_sdxl_with_map() -> Workflow:
+    wf = checkpoint_workflow(
+        "scfg_sdxl_with_map", "S-CFG per-region scales + its region map (S-CFG Map → Preview)", "SDXL", SDXL,
+        [("GuidanceKit_SCFG", {})],
+        "a red fox and a white rabbit sitting side by side in a flower meadow, golden hour", NEG_SD, NOTE_SCFG,
+        cfg=6.0)
+    wf.nodes += [
+        Node(33, "GuidanceKit_SCFGMap", 4, {"show": "regions", "step": -1},
+             {"model": (GUIDANCE_ID, MODEL), "samples": (3, LATENT)}),
+        Node(34, "PreviewImage", 5, links={"images": (33, IMAGE)}),
+    ]
+    return wf
+
+
+def wf_stack_scfg_apg_guider_sdxl() -> Workflow:
+    return custom_sampler_workflow(
+        "stack_scfg_apg_guider_sdxl", "Stack: S-CFG + APG in the Guidance Guider (cfg 7)", "SDXL", SDXL,
+        [("GuidanceKit_SCFG", {}), ("GuidanceKit_APG", {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5})],
+        ("KSamplerSelect", {"sampler_name": "euler"}), 7.0,
+        "a teddy bear reading a book to a small robot in a cosy library, warm light", NEG_SD, NOTE_SCFG_APG)
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_cfg_schedule_sdxl,
     wf_beta_cfg_sd15,
@@ -976,6 +1039,8 @@ WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_cfgpp_dpmpp_2m_sde_apg_sdxl,
     wf_cfgpp_dpmpp_3m_sde_sd35,
     wf_pcg_sd15,
+    wf_scfg_sdxl_with_map,
+    wf_stack_scfg_apg_guider_sdxl,
 ]
 
 

@@ -14,7 +14,8 @@ EXPECTED = {"GuidanceKit_CFGSchedule", "GuidanceKit_BetaCFG", "GuidanceKit_APG",
             "GuidanceKit_CFGZeroStar", "GuidanceKit_FDG", "GuidanceKit_Rescale", "GuidanceKit_GuidanceGuider",
             "GuidanceKit_PAG", "GuidanceKit_SEG", "GuidanceKit_TPG", "GuidanceKit_SkipLayer", "GuidanceKit_S2Guidance",
             "GuidanceKit_TSG", "GuidanceKit_ICG", "GuidanceKit_AdaptiveGuidance", "GuidanceKit_NAG",
-            "GuidanceKit_SamplerDPMPP2MSDECFGPP", "GuidanceKit_SamplerDPMPP3MSDECFGPP", "GuidanceKit_SamplerPCG"}
+            "GuidanceKit_SamplerDPMPP2MSDECFGPP", "GuidanceKit_SamplerDPMPP3MSDECFGPP", "GuidanceKit_SamplerPCG",
+            "GuidanceKit_SCFG", "GuidanceKit_SCFGMap"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,247 @@
+"""S-CFG · Semantic-aware CFG: per-region CFG scales from the model's own attention maps.
+
+Shen et al., "Rethinking the Spatial Inconsistency in Classifier-Free Diffusion Guidance", CVPR 2024
+(official code SmilesDZgk/S-CFG). Each step the conditional forward's cross-attention maps (completed
+by self-attention) split the image into one region per text token; every region's CFG weight is
+rescaled so that its mean guidance norm equals the foreground's: ``D = U + w·r(x)·(C − U)``. The math
+is ``guiders/region_guidance.py``; the maps are read by ``hooks.install_region_hooks`` inside the same
+batched model call (no extra model pass).
+
+Two nodes:
+
+* ``GuidanceKit_SCFG`` (MODEL → MODEL): adds the ``scfg`` slot to the guidance plan (so it stacks with
+  APG, TCFG, FDG, schedules and perturbation terms, with KSampler and the Guidance Guider) and installs
+  the map readers.
+* ``GuidanceKit_SCFGMap`` (MODEL + LATENT → IMAGE): the region map or the scale map of the last run.
+  A model-patch node cannot output the map itself: the maps exist only while the sampler runs, after
+  the patch node has finished. The patched model carries a ``RegionMapStore`` (shared by all clones of
+  that model) that the engine fills during sampling; the map node reads it. Its LATENT input is the
+  sampler's output, which makes ComfyUI run it after the sampler.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from comfy_api.latest import io
+
+from ..guiders.plan import SCFG, PlanError
+from ..guiders.region_guidance import REFERENCES, RegionMapStore, region_colors
+from ..guiders.schedules import ScheduleError, Window
+from . import hooks
+from .common import CATEGORY_ROOT, NODE_PREFIX, model_input, node_error
+from .engine import REGION_STORE_KEY, apply_plan, plan_of
+
+CATEGORY_SCFG = CATEGORY_ROOT + "/attention"
+AUTO = "auto"
+REFERENCE_OPTIONS = [AUTO, *REFERENCES]
+SHOW_OPTIONS = ["regions", "scale"]
+
+
+def resolve_reference(reference: str, spec: hooks.FamilySpec) -> str:
+    """``auto``: the official foreground split where the text starts with CLIP's [SOT] token (UNet,
+    SD3), the whole image for T5-only families (Flux, Chroma), whose first token is a word."""
+    if reference != AUTO:
+        return reference
+    return REFERENCES[0] if hooks.SCFG_START_TOKEN.get(spec.name, spec.is_unet) else "whole image"
+
+
+def build_settings(label: str, downsample: int, order: int, reference: str, rate_min: float, rate_max: float,
+                   max_weight: float, smoothing: bool, dit_blocks: int, start_percent: float,
+                   end_percent: float) -> SCFG:
+    if reference not in REFERENCES:
+        raise node_error(f"{label}: reference must be one of {', '.join(REFERENCE_OPTIONS)}; got {reference!r}")
+    for name, value in (("rate_min", rate_min), ("rate_max", rate_max), ("max_weight", max_weight)):
+        if not math.isfinite(value):
+            raise node_error(f"{label}: {name} must be a finite number")
+    settings = SCFG(int(downsample), int(order), reference, float(rate_min), float(rate_max), float(max_weight),
+                    bool(smoothing), int(dit_blocks), Window(start=float(start_percent), end=float(end_percent)),
+                    label)
+    try:
+        settings.validate()
+    except (PlanError, ScheduleError) as e:
+        raise node_error(str(e)) from None
+    return settings
+
+
+class SCFGNode(io.ComfyNode):
+    LABEL = "S-CFG"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "SCFG",
+            display_name="S-CFG · Semantic-aware CFG (per-region scales)",
+            category=CATEGORY_SCFG,
+            description=(
+                "S-CFG (Shen et al., CVPR 2024): CFG with one scale per semantic region instead of one per image. "
+                "Each step the prompt's cross-attention maps (completed by self-attention) assign every latent "
+                "patch to a text token; each region's guidance is rescaled so its mean strength matches the "
+                "foreground's (clamped to [0.8, 3]×cfg, at most 15 in total): D = U + cfg·r(x)·(C − U). Evens out "
+                "under-guided objects and over-guided background. Maps are read inside the same batched model "
+                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5; needs cfg > 1. Stacks "
+                "with APG, TCFG, FDG, schedules and perturbation terms (KSampler or Guidance Guider). See the "
+                "region map with 'S-CFG Map'."),
+            inputs=[
+                model_input(),
+                io.Int.Input(
+                    "downsample", default=4, min=1, max=16,
+                    tooltip="Resolution of the region map: the latent size divided by this (official 4: the 16×16 "
+                            "map of SD1.5 at 512 px, built from its 16×16 and 8×8 attention layers; SDXL at 1024 px: "
+                            "the 32×32 layers). UNets read every layer at this resolution or coarser; DiTs pool "
+                            "their token grid to it. Smaller = finer regions, more layers read."),
+                io.Int.Input(
+                    "self_attention_order", default=4, min=0, max=8,
+                    tooltip="Self-attention completion of the maps, official 4: maps ← ((S + 3·S²)/4)·maps with S "
+                            "the layer's self-attention (computed as attention calls, never as an N×N matrix). 0 "
+                            "= raw cross-attention maps (cheaper, noisier regions)."),
+                io.Combo.Input(
+                    "reference", options=REFERENCE_OPTIONS, default=AUTO,
+                    tooltip="The region whose mean guidance norm every region is matched to. 'foreground "
+                            "(uncond)' = official: patches where the uncond forward's attention to the other "
+                            "tokens beats its [SOT] token. 'foreground (cond)': the same split from the prompt's "
+                            "forward. 'whole image': the mean over all patches. auto = official on SD1.5/SDXL/SD3, "
+                            "whole image on Flux/Chroma (T5 has no [SOT] token)."),
+                io.Float.Input(
+                    "rate_min", default=0.8, min=0.0, max=10.0, step=0.05,
+                    tooltip="Lower clamp of a region's factor r (official 0.8): no region is guided less than "
+                            "rate_min × cfg."),
+                io.Float.Input(
+                    "rate_max", default=3.0, min=0.0, max=10.0, step=0.05,
+                    tooltip="Upper clamp of a region's factor r (official 3.0)."),
+                io.Float.Input(
+                    "max_weight", default=15.0, min=0.0, max=100.0, step=0.5,
+                    tooltip="Cap on the effective weight cfg·r (official 15: r ≤ 15/cfg). 0 disables the cap."),
+                io.Boolean.Input(
+                    "smoothing", default=True,
+                    tooltip="3×3 Gaussian smoothing of the scale map (official), so region borders do not leave "
+                            "seams."),
+                io.Int.Input(
+                    "dit_blocks", default=3, min=1, max=64,
+                    tooltip="DiTs only (Flux, Chroma, SD3): read the maps from the last N joint (double) blocks. "
+                            "Each read block costs about two extra attention calls per prompt row. Ignored on "
+                            "UNets."),
+                io.Float.Input(
+                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="S-CFG acts from this fraction of the run (official: every step). Outside the "
+                            "window the step is plain CFG and no map is read."),
+                io.Float.Input(
+                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="S-CFG acts until this fraction of the run (1 = last step)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with S-CFG in its guidance plan (the input model is "
+                                             "unchanged). Feed it to a sampler, and the same model to 'S-CFG Map' "
+                                             "to see the regions.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, reference=AUTO, rate_min=0.8, rate_max=3.0, start_percent=0.0, end_percent=1.0,
+                        **kwargs):
+        if reference not in REFERENCE_OPTIONS:
+            return f"{cls.LABEL}: reference must be one of {', '.join(REFERENCE_OPTIONS)}; got {reference!r}"
+        if rate_min > rate_max:
+            return f"{cls.LABEL}: rate_min ({rate_min}) must not exceed rate_max ({rate_max})"
+        if start_percent > end_percent:
+            return f"{cls.LABEL}: the window is empty: start_percent ({start_percent}) is after end_percent " \
+                   f"({end_percent})"
+        return True
+
+    @classmethod
+    def execute(cls, model, downsample, self_attention_order, reference, rate_min, rate_max, max_weight, smoothing,
+                dit_blocks, start_percent, end_percent):
+        try:
+            spec = hooks.scfg_family_of(model, cls.LABEL)
+        except hooks.FamilyError as e:
+            raise node_error(str(e)) from None
+        if reference not in REFERENCE_OPTIONS:
+            raise node_error(f"{cls.LABEL}: reference must be one of {', '.join(REFERENCE_OPTIONS)}; "
+                             f"got {reference!r}")
+        settings = build_settings(cls.LABEL, downsample, self_attention_order, resolve_reference(reference, spec),
+                                  rate_min, rate_max, max_weight, smoothing, dit_blocks, start_percent, end_percent)
+        try:
+            plan = plan_of(model).with_method("scfg", settings, cls.LABEL)
+        except (PlanError, ScheduleError) as e:
+            raise node_error(str(e)) from None
+        patched = apply_plan(model, plan)
+        try:
+            hooks.install_region_hooks(patched, spec, settings.dit_blocks)
+        except hooks.FamilyError as e:
+            raise node_error(str(e)) from None
+        patched.model_options[REGION_STORE_KEY] = RegionMapStore()
+        return io.NodeOutput(patched)
+
+
+def map_image(store: RegionMapStore, show: str, step: int, size: tuple[int, int], label: str) -> torch.Tensor:
+    """[B, H, W, 3] float32 in [0, 1]: the regions (a colour per text token; [SOT] dark) or the scale
+    map (brighter = stronger guidance, normalised per image), nearest-upscaled to ``size``."""
+    regions = store.get(step)
+    if regions is None:
+        which = "the last step" if step < 0 else f"step {step}"
+        raise node_error(f"{label}: no S-CFG map recorded for {which} of this model. Connect the MODEL output of the "
+                         f"S-CFG node (or a model patched after it) and the LATENT output of the sampler that used it, "
+                         f"and run the workflow; 'step' counts from 0 (−1 = last step, {len(store.steps)} recorded).")
+    if show == "regions":
+        image = region_colors(regions.assignment.cpu(), regions.tokens)  # [B, h, w, 3]
+        image = image.permute(0, 3, 1, 2)
+    else:
+        if regions.scale is None:
+            raise node_error(f"{label}: the scale map of this step was not computed (guidance was off there).")
+        scale = regions.scale.detach().float().cpu()
+        lo = scale.amin(dim=(1, 2, 3), keepdim=True)
+        hi = scale.amax(dim=(1, 2, 3), keepdim=True)
+        image = ((scale - lo) / (hi - lo).clamp_min(1e-6)).expand(-1, 3, -1, -1)
+    image = torch.nn.functional.interpolate(image.float(), size=size, mode="nearest")
+    return image.permute(0, 2, 3, 1).clamp(0, 1).contiguous()
+
+
+class SCFGMapNode(io.ComfyNode):
+    LABEL = "S-CFG Map"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "SCFGMap",
+            display_name="S-CFG Map · region / scale map of the last run",
+            category=CATEGORY_SCFG,
+            description=(
+                "Shows what S-CFG did in the last sampling run of an S-CFG-patched model: the semantic regions "
+                "(one colour per text token, the [SOT]/background token dark) or the per-pixel CFG scale map "
+                "(brighter = stronger guidance). The maps exist only during sampling, so connect the sampler's "
+                "LATENT output here: that makes this node run after the sampler."),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of the S-CFG node (or any model patched after it) "
+                                                "that the sampler used."),
+                io.Latent.Input("samples", tooltip="The sampler's LATENT output (only to run after the sampler; "
+                                                   "its size sets the image size: latent × 8)."),
+                io.Combo.Input("show", options=SHOW_OPTIONS, default="regions",
+                               tooltip="regions: the token region of each patch. scale: the factor r(x) that "
+                                       "multiplied cfg (normalised per image)."),
+                io.Int.Input("step", default=-1, min=-1, max=10000,
+                             tooltip="Which sampling step (0 = first); −1 = the last step where S-CFG acted."),
+            ],
+            outputs=[io.Image.Output(tooltip="The map as an IMAGE, nearest-upscaled to the latent size × 8.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # the store changes with every run of the sampler: never reuse a cached map
+
+    @classmethod
+    def validate_inputs(cls, show="regions", **kwargs):
+        if show not in SHOW_OPTIONS:
+            return f"{cls.LABEL}: show must be one of {', '.join(SHOW_OPTIONS)}; got {show!r}"
+        return True
+
+    @classmethod
+    def execute(cls, model, samples, show, step):
+        store = model.model_options.get(REGION_STORE_KEY)
+        if not isinstance(store, RegionMapStore):
+            raise node_error(f"{cls.LABEL}: this model has no S-CFG node; connect the MODEL output of "
+                             f"'S-CFG · Semantic-aware CFG'.")
+        latent = samples["samples"] if isinstance(samples, dict) else samples
+        size = (int(latent.shape[-2]) * 8, int(latent.shape[-1]) * 8)
+        return io.NodeOutput(map_image(store, show, int(step), size, cls.LABEL))
+
+
+NODES = [SCFGNode, SCFGMapNode]
