@@ -61,6 +61,7 @@ class Needs:
     uncond: bool
     branches: tuple[Branch, ...]
     estimate_uncond: bool = False  # LinearAG: the uncond is estimated instead of evaluated
+    uncond_branch: Branch | None = None  # the uncond entry is evaluated as this branch (second-model uncond, β = 1)
 
 
 @dataclass
@@ -87,9 +88,16 @@ def needs(plan: GuidancePlan, position: StepPosition, sigma: float, state: Guida
         return Needs(cond=False, uncond=False, branches=())
     uncond = plan.cfg_multiplier(position, sigma) != 0.0
     branches = tuple(t.branch for t in plan.extra if t.scale_at(position, sigma) != 0.0)
+    uncond_branch = None
+    if plan.uncond_model is not None and uncond:
+        beta = plan.uncond_model.weight_at(position, sigma)
+        if beta == 1.0:
+            uncond_branch = plan.uncond_model.branch  # the other model's uncond replaces the uncond entry
+        elif beta != 0.0:
+            branches = branches + (plan.uncond_model.branch,)  # both run; blended in stage 1
     ag = plan.adaptive
     if ag is None:
-        return Needs(cond=True, uncond=uncond, branches=branches)
+        return Needs(cond=True, uncond=uncond, branches=branches, uncond_branch=uncond_branch)
     adaptive = state.adaptive if state is not None else AdaptiveState()
 
     def stopped(name: str) -> bool:
@@ -103,7 +111,10 @@ def needs(plan: GuidancePlan, position: StepPosition, sigma: float, state: Guida
             uncond, estimate = False, True
     if ag.watches_branches:
         branches = tuple(b for b in branches if not stopped(b.name))
-    return Needs(cond=True, uncond=uncond, branches=branches, estimate_uncond=estimate)
+    if not uncond and plan.uncond_model is not None:  # the uncond is stopped or estimated: no other-model uncond
+        branches = tuple(b for b in branches if b is not plan.uncond_model.branch)
+        uncond_branch = None
+    return Needs(cond=True, uncond=uncond, branches=branches, estimate_uncond=estimate, uncond_branch=uncond_branch)
 
 
 def branch_stopped(plan: GuidancePlan, state: GuidanceState, name: str) -> bool:
@@ -142,7 +153,8 @@ def after_evaluation(plan: GuidancePlan, state: GuidanceState, need: Needs, posi
 
 
 def rewrite_uncond(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor) -> torch.Tensor:
-    """Stage 1: TCFG, then CFG-Zero*'s optimised scale."""
+    """Stage 1: the second-model uncond blend, then TCFG, then CFG-Zero*'s optimised scale."""
+    uncond = blend_uncond_model(plan, inp, uncond)
     if plan.tcfg is not None:
         uncond = tangential_damping(inp.x, inp.cond, uncond)
     z = plan.cfg_zero_star
@@ -150,6 +162,19 @@ def rewrite_uncond(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor) ->
         alpha = optimized_scale(inp.x, inp.cond, uncond, inp.sigma)
         uncond = scale_uncond_velocity(inp.x, uncond, alpha)
     return uncond
+
+
+def blend_uncond_model(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor) -> torch.Tensor:
+    """``U' = U + β_t·(U_other − U)`` when both were evaluated (0 < β_t ≠ 1). At β_t = 1 the engine
+    evaluated the uncond entry on the other model already (``Needs.uncond_branch``)."""
+    um = plan.uncond_model
+    if um is None or um.branch.name not in inp.branches:
+        return uncond
+    beta = um.weight_at(inp.position, inp.sigma_value)
+    if beta == 0.0 or beta == 1.0:
+        return uncond
+    other = inp.branches[um.branch.name]
+    return (to_f32(uncond) + beta * (to_f32(other) - to_f32(uncond))).to(uncond.dtype)
 
 
 def guide_cfg_direction(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tensor, multiplier: float,

@@ -175,6 +175,37 @@ class IndependentCondition:
             raise PlanError(f"{self.label}: the independent condition is derived from the prompt's conditioning")
 
 
+@dataclass(frozen=True)
+class UncondModel:
+    """Stage-1 uncond source from another model (unconditional priors, Diffusion-NPO, personalization
+    guidance): ``U' = U + β_t·(U_other − U)`` with ``β_t = scale·f(p)`` inside the window, 0 outside.
+
+    ``branch`` is evaluated with the uncond's conditioning on the other model (``branch.perturbation``
+    says which: a second checkpoint, or LoRA rows on the same weights; opaque here). At β_t = 1 (the
+    papers' setting) the other model's prediction *is* the uncond and the sampled model's own uncond
+    is not evaluated; at β_t = 0 only the sampled model's uncond runs; in between both run.
+    """
+
+    branch: Branch
+    scale: float = 1.0
+    schedule: Schedule = field(default_factory=Schedule)
+    label: str = "second-model uncond"
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.scale) and 0.0 <= self.scale <= 2.0):
+            raise PlanError(f"{self.label}: scale is the share of the other model's uncond in [0, 2] (1 = replace the "
+                            f"uncond, as the paper; 0 = off); got {self.scale}")
+        if self.branch.source != "uncond":
+            raise PlanError(f"{self.label}: the other model is evaluated with the negative/empty prompt (source "
+                            f"'uncond'); got {self.branch.source!r}")
+        self.schedule.validate(self.label)
+
+    def weight_at(self, position: StepPosition, sigma: float) -> float:
+        if self.scale == 0:
+            return 0.0
+        return self.scale * self.schedule.multiplier(position.progress, sigma, position.n_steps)
+
+
 ADAPTIVE_SCOPES = ("uncond and branches", "uncond only", "branches only")
 
 
@@ -272,7 +303,9 @@ class SCFG:
 
 
 SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg", "adaptive",
-                   "scfg")
+                   "scfg", "uncond_model")
+# the uncond sources: each replaces what the unconditional branch is evaluated with, so only one may act
+UNCOND_SOURCE_SLOTS = ("icg", "uncond_model")
 
 
 @dataclass(frozen=True)
@@ -288,6 +321,7 @@ class GuidancePlan:
     icg: IndependentCondition | None = None
     adaptive: AdaptiveGuidance | None = None
     scfg: SCFG | None = None
+    uncond_model: UncondModel | None = None
     extra: tuple[ExtraGuidance, ...] = ()
 
     # --- building -------------------------------------------------------------------------------
@@ -298,6 +332,12 @@ class GuidancePlan:
         if getattr(self, slot) is not None:
             raise PlanError(f"{label}: this model already has {label} in its guidance plan (from an earlier node "
                             f"in the chain). Chain each method once; to change its settings, edit that node.")
+        if slot in UNCOND_SOURCE_SLOTS:
+            for other in UNCOND_SOURCE_SLOTS:
+                taken = getattr(self, other)
+                if other != slot and taken is not None:
+                    raise PlanError(f"{label}: the unconditional branch already comes from {taken.label} (an earlier "
+                                    f"node in the chain); both replace it, so use one of the two.")
         if slot == "cfg_schedule":
             value.validate(label)
             return replace(self, cfg_schedule=value, cfg_schedule_label=label)
@@ -348,6 +388,8 @@ class GuidancePlan:
             labels.append(self.apg.label)
         if self.scfg is not None:
             labels.append(self.scfg.label)
+        if self.uncond_model is not None:
+            labels.append(self.uncond_model.label)
         if not uncond_evaluated:
             if self.tcfg is not None:
                 labels.append(self.tcfg.label)
@@ -367,4 +409,6 @@ class GuidancePlan:
         out.extend((t.label, t.schedule) for t in self.extra)
         if self.scfg is not None:
             out.append((self.scfg.label, Schedule(window=self.scfg.window)))
+        if self.uncond_model is not None:
+            out.append((self.uncond_model.label, self.uncond_model.schedule))
         return out

@@ -37,6 +37,7 @@ from ..guiders.combine import GuidanceState, Needs, StepInputs, after_evaluation
 from ..guiders.plan import Branch, GuidancePlan
 from ..guiders.progress import StepPosition, step_position
 from ..guiders.region_guidance import RegionRecorder
+from . import second_model
 
 log = logging.getLogger("guidance_kit")
 
@@ -82,6 +83,7 @@ class RunState:
     evaluations: int = 0
     passes: int = 0  # model passes (batch chunks: cond, uncond, each branch) actually run
     plain_passes: int = 0  # what plain CFG would have run for the same evaluations
+    second_models: dict = field(default_factory=dict)  # second ModelPatchers used in this run (second_model.py)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -113,8 +115,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = RunState()
     guider.model_options[RUN_KEY] = run
     try:
+        second_model.check_at_start(getattr(guider, "model_patcher", None))
         return executor(*args, **kwargs)
     finally:
+        second_model.finish_run(run.second_models)
         guider.model_options.pop(RUN_KEY, None)
         report = call_report(run, get_plan(guider.model_options))
         if report:
@@ -324,6 +328,9 @@ def evaluate_batch(args: dict, previous=None) -> list:
     if run_uncond and plan.icg is not None:
         uncond_list = _branch_conds(plan.icg.branch, conds, model_options)
         branch_map[1] = plan.icg.branch
+    elif run_uncond and need.uncond_branch is not None:  # the uncond comes from a second model (or weights)
+        uncond_list = _branch_conds(need.uncond_branch, conds, model_options)
+        branch_map[1] = need.uncond_branch
     batch = [cond_list if run_cond else None, uncond_list if run_uncond else None] + conds[2:]
     for branch in need.branches:
         branch_map[len(batch)] = branch
@@ -333,7 +340,8 @@ def evaluate_batch(args: dict, previous=None) -> list:
     if recorder is not None:
         call_options = _with_transformer_option(call_options, REGION_RECORDER_KEY, recorder)
     if any(c is not None for c in batch):
-        out = _run_batch(model, batch, x, sigma, call_options, previous, args)
+        out = second_model.run_batch(lambda b: _run_batch(model, b, x, sigma, call_options, previous, args), batch,
+                                     branch_map, model, x, sigma, call_options, run.second_models)
         run.calc_calls += 1
     else:
         out = [torch.zeros_like(x) for _ in batch]
@@ -348,7 +356,8 @@ def evaluate_batch(args: dict, previous=None) -> list:
     else:
         cond_out = out[0]
         uncond_out = out[1] if run_uncond or uncond_list is None else cond_out
-        extra = {k: v for k, v in branches.items() if plan.icg is None or k != plan.icg.branch.name}
+        extra = {k: v for k, v in branches.items() if (plan.icg is None or k != plan.icg.branch.name) and
+                 (plan.uncond_model is None or k != plan.uncond_model.branch.name)}
         estimated = after_evaluation(plan, run.guidance, need, position, x, sigma, cond_out,
                                      out[1] if run_uncond else None, extra)
         if estimated is not None and uncond_list is not None:
@@ -373,8 +382,9 @@ def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_l
     branches = {}
     evaluated = uncond_list is not None and uncond_pred is not None
     extra = list(need.branches)
-    if plan.icg is not None and evaluated:
-        extra.append(plan.icg.branch)
+    substitute = plan.icg.branch if plan.icg is not None else need.uncond_branch
+    if substitute is not None and evaluated:
+        extra.append(substitute)
     override = None
     if extra:
         run.warn_once("separate-forward", f"{PACK}: {reason}; extra guidance branches run as separate "
@@ -384,10 +394,12 @@ def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_l
         for b in extra:
             branch_map[len(batch)] = b
             batch.append(_branch_conds(b, conds, model_options))
-        out = comfy.samplers.calc_cond_batch(model, batch, x, sigma, with_branch_map(model_options, branch_map))
+        call_options = with_branch_map(model_options, branch_map)
+        out = second_model.run_batch(lambda b: comfy.samplers.calc_cond_batch(model, b, x, sigma, call_options), batch,
+                                     branch_map, model, x, sigma, call_options, run.second_models)
         branches = {b.name: out[i] for i, b in branch_map.items()}
-        if plan.icg is not None and evaluated:
-            override = branches.pop(plan.icg.branch.name)
+        if substitute is not None and evaluated:
+            override = branches.pop(substitute.name)
     return StepStash(x=x, position=position, parameterization=parameterization_of(model), branches=branches,
                      uncond_evaluated=evaluated, uncond_skipped_by_plan=False, uncond_override=override)
 

@@ -185,6 +185,38 @@ CATALOG: dict[str, NodeDef] = {
                                    inputs=(("model", MODEL), ("samples", LATENT)), widgets=("show", "step"),
                                    outputs=((IMAGE, IMAGE),), defaults=dict(show="regions", step=-1), width=340),
     "PreviewImage": NodeDef("Preview Image", inputs=(("images", IMAGE),), width=320, height=320),
+    "LoraLoaderModelOnly": NodeDef("LoraLoaderModelOnly", inputs=(("model", MODEL),),
+                                   widgets=("lora_name", "strength_model"), outputs=((MODEL, MODEL),),
+                                   defaults={"strength_model": 1.0}, width=340, height=82),
+    # Guidance Kit second-model guidance (nodes/model_guidance.py)
+    "GuidanceKit_Autoguidance": NodeDef("Autoguidance · guide away from a weaker model",
+                                        inputs=(("model", MODEL), ("weak_model", MODEL)),
+                                        widgets=("scale", "schedule", "start_percent", "end_percent"),
+                                        outputs=((MODEL, MODEL),),
+                                        defaults=dict(scale=1.0, schedule="constant", start_percent=0.0,
+                                                      end_percent=1.0), width=340),
+    "GuidanceKit_UnconditionalPrior": NodeDef("Unconditional Priors · uncond from another model",
+                                              inputs=(("model", MODEL), ("uncond_model", MODEL)),
+                                              widgets=("scale", "schedule", "start_percent", "end_percent"),
+                                              outputs=((MODEL, MODEL),),
+                                              defaults=dict(scale=1.0, schedule="constant", start_percent=0.0,
+                                                            end_percent=1.0), width=340),
+    "GuidanceKit_NPO": _patch("Diffusion-NPO · negative-preference LoRA on the uncond", "lora_name", "lora_strength",
+                              "scale", "schedule", "start_percent", "end_percent", lora_strength=1.0, scale=1.0,
+                              schedule="constant", start_percent=0.0, end_percent=1.0),
+    "GuidanceKit_PersonalizationGuidance": _patch("Personalization Guidance · weight-interpolated weak model (LoRA)",
+                                                  "lora_name", "lora_strength", "interpolation", "scale", "schedule",
+                                                  "start_percent", "end_percent", lora_strength=1.0,
+                                                  interpolation=0.5, scale=1.0, schedule="constant",
+                                                  start_percent=0.0, end_percent=1.0),
+    # Guidance Kit embedded test model (nodes/digits_nodes.py)
+    "GuidanceKit_DigitsModelLoader": NodeDef("Digits Model Loader · embedded test model (Guidance Kit)",
+                                             widgets=("digit",),
+                                             outputs=((MODEL, MODEL), ("positive", COND), ("negative", COND)),
+                                             defaults={"digit": 3}, width=360),
+    "GuidanceKit_DigitsDecode": NodeDef("Digits Decode · 8×8 latent to image (Guidance Kit)",
+                                        inputs=(("samples", LATENT),), widgets=("scale",), outputs=((IMAGE, IMAGE),),
+                                        defaults={"scale": 8}, width=340),
     # frontend only
     "Note": NodeDef("Note", widgets=("text",), width=440),
 }
@@ -845,57 +877,57 @@ def custom_sampler_workflow(name: str, title: str, family: str, preset: dict, gu
     return Workflow(name, title, family, nodes, note)
 
 
-NOTE_NAG_FLUX = """\\
+NOTE_NAG_FLUX = """\
 NAG on Flux schnell at cfg 1 (Guidance Kit)
 
-WHAT: a negative prompt for models where CFG cannot be used (distilled / few-step: Flux schnell and dev, SD3.5 \\
-Turbo, SDXL Lightning/DMD2, distilled WAN). NAG extrapolates the attention output away from the NAG negative and \\
-normalises it (L1 ratio capped at tau, blended by alpha). Its text tokens join the same model call: no second \\
+WHAT: a negative prompt for models where CFG cannot be used (distilled / few-step: Flux schnell and dev, SD3.5 \
+Turbo, SDXL Lightning/DMD2, distilled WAN). NAG extrapolates the attention output away from the NAG negative and \
+normalises it (L1 ratio capped at tau, blended by alpha). Its text tokens join the same model call: no second \
 forward. Paper: Chen et al., "Normalized Attention Guidance", NeurIPS 2025 (arXiv 2505.21179).
 
-THESE VALUES: scale/tau/alpha -1 = the Flux defaults 5 / 2.5 / 0.25; KSampler cfg 1, euler / simple, 4 steps. \\
+THESE VALUES: scale/tau/alpha -1 = the Flux defaults 5 / 2.5 / 0.25; KSampler cfg 1, euler / simple, 4 steps. \
 The sampler's negative prompt is not used at cfg 1; the NAG negative is the node's own input ("glasses").
 
 CHANGE FIRST: scale (3–7); then sigma_end 0.75 to save time on the last steps.
 
-OTHER MODELS: Flux dev: 20–25 steps with FluxGuidance 3.5, same node. SD3.5 Turbo: 5 / 2.5 / 0.125. SDXL \\
+OTHER MODELS: Flux dev: 20–25 steps with FluxGuidance 3.5, same node. SD3.5 Turbo: 5 / 2.5 / 0.125. SDXL \
 Lightning: 3 / 2.5 / 0.5. Distilled WAN at cfg 1: 11 / 3.5 / 0.5."""
 
-NOTE_NAG_SDXL = """\\
+NOTE_NAG_SDXL = """\
 NAG together with CFG on SDXL (Guidance Kit)
 
-WHAT: NAG (Chen et al., NeurIPS 2025) adds attention-space negative guidance to the conditional prediction, and \\
-CFG keeps using the sampler's negative prompt. Here both negatives are the same encode; NAG makes the negative \\
+WHAT: NAG (Chen et al., NeurIPS 2025) adds attention-space negative guidance to the conditional prediction, and \
+CFG keeps using the sampler's negative prompt. Here both negatives are the same encode; NAG makes the negative \
 act inside every cross-attention layer, which removes unwanted content more reliably than CFG alone.
 
-THESE VALUES: NAG -1 = SDXL defaults 3 / 2.5 / 0.5; sigma_end 4 (the official speed-up: NAG off on the last, \\
+THESE VALUES: NAG -1 = SDXL defaults 3 / 2.5 / 0.5; sigma_end 4 (the official speed-up: NAG off on the last, \
 low-noise steps); cfg 5, dpmpp_2m / karras, 30 steps.
 
 CHANGE FIRST: NAG scale (2–5), then cfg.
 
-OTHER MODELS: SD1.5 5 / 2.5 / 0.38; WAN 2.1 T2V with cfg 5: 9 / 2.5 / 0.25; Flux dev/schnell at cfg 1: see \\
+OTHER MODELS: SD1.5 5 / 2.5 / 0.38; WAN 2.1 T2V with cfg 5: 9 / 2.5 / 0.25; Flux dev/schnell at cfg 1: see \
 nag_flux_schnell_cfg1."""
 
-NOTE_CFGPP_2M = """\\
+NOTE_CFGPP_2M = """\
 CFG++ DPM++ 2M SDE + APG with SamplerCustomAdvanced (Guidance Kit)
 
-WHAT: CFG++ (Chung et al., ICLR 2025) takes the clean estimate with guidance but re-noises along the \\
-unconditional prediction, which keeps high-guidance samples on the data manifold. ComfyUI core has no CFG++ version \\
-of DPM++ 2M SDE; this one is correct on flow models too. The guider's cfg is λ in [0, 1], not the usual 5–8. \\
+WHAT: CFG++ (Chung et al., ICLR 2025) takes the clean estimate with guidance but re-noises along the \
+unconditional prediction, which keeps high-guidance samples on the data manifold. ComfyUI core has no CFG++ version \
+of DPM++ 2M SDE; this one is correct on flow models too. The guider's cfg is λ in [0, 1], not the usual 5–8. \
 Every Guidance Kit method works with it (here APG, Sadat et al., ICLR 2025).
 
-THESE VALUES: Guidance Guider cfg 0.7 (= λ); APG η 0, threshold 15, momentum −0.5; eta 1, midpoint, karras, 25 \\
+THESE VALUES: Guidance Guider cfg 0.7 (= λ); APG η 0, threshold 15, momentum −0.5; eta 1, midpoint, karras, 25 \
 steps; noise_device cpu (reproducible across GPUs).
 
 CHANGE FIRST: cfg/λ (0.4–1.0). eta 0 gives the deterministic DPM++ 2M CFG++.
 
 OTHER MODELS: SD1.5 same values. Flux/SD3.5/WAN: λ 0.5–0.8 with sgm_uniform/simple."""
 
-NOTE_CFGPP_3M = """\\
+NOTE_CFGPP_3M = """\
 CFG++ DPM++ 3M SDE on a flow model (Guidance Kit)
 
-WHAT: third-order DPM-Solver++ SDE with CFG++ (Chung et al., ICLR 2025) — the multistep history is kept on the \\
-unconditional predictions and, on flow models like SD3.5, the re-noising uses the α = 1 − σ factor (core's \\
+WHAT: third-order DPM-Solver++ SDE with CFG++ (Chung et al., ICLR 2025) — the multistep history is kept on the \
+unconditional predictions and, on flow models like SD3.5, the re-noising uses the α = 1 − σ factor (core's \
 dpmpp_2m_cfg_pp lacks it on flow models). The guider's cfg is λ in [0, 1].
 
 THESE VALUES: cfg/λ 0.6, eta 1, s_noise 1, sgm_uniform, 30 steps.
@@ -904,11 +936,11 @@ CHANGE FIRST: λ (0.4–0.9).
 
 OTHER MODELS: SDXL/SD1.5 λ 0.6–1 with karras/exponential schedulers."""
 
-NOTE_PCG = """\\
+NOTE_PCG = """\
 PCG · Predictor-Corrector Guidance sampler (Guidance Kit)
 
-WHAT: Bradley & Nakkiran ("CFG is a predictor-corrector", TMLR 2025): each step is a conditional-only DDIM \\
-predictor (1 model pass) followed by K Langevin corrector steps on p(x|c)^γ·p(x)^(1−γ) (2 passes each). The \\
+WHAT: Bradley & Nakkiran ("CFG is a predictor-corrector", TMLR 2025): each step is a conditional-only DDIM \
+predictor (1 model pass) followed by K Langevin corrector steps on p(x|c)^γ·p(x)^(1−γ) (2 passes each). The \
 guider's cfg is γ. With K = 1 and step_scale 0.5 it behaves like DDPM sampling with CFG w where γ = 2w − 1.
 
 THESE VALUES: cfg 9 (≈ DDPM at CFG 5), K 1, step_scale 0.5, normal scheduler, 30 steps: 3 passes per step.
@@ -960,28 +992,28 @@ def wf_pcg_sd15() -> Workflow:
         "a cottage in a snowy forest at dusk, warm windows, smoke from the chimney", NEG_SD, NOTE_PCG)
 
 
-NOTE_SCFG = """\\
+NOTE_SCFG = """\
 S-CFG · Semantic-aware CFG on SDXL (Guidance Kit)
 
-WHAT: plain CFG guides some objects much harder than others (and the background). S-CFG (Shen et al., CVPR \\
-2024) reads the model's own cross- and self-attention inside the same model call, assigns every latent patch to a \\
-prompt token (a semantic region), and rescales the CFG weight per region so each region gets the foreground's \\
+WHAT: plain CFG guides some objects much harder than others (and the background). S-CFG (Shen et al., CVPR \
+2024) reads the model's own cross- and self-attention inside the same model call, assigns every latent patch to a \
+prompt token (a semantic region), and rescales the CFG weight per region so each region gets the foreground's \
 mean guidance strength: D = U + cfg·r(x)·(C − U), r clamped to [0.8, 3], cfg·r ≤ 15. No extra model pass.
 
-THESE VALUES: the official ones (downsample 4 → the 32×32 layers of SDXL at 1024 px, self-attention order 4, \\
-foreground from the uncond forward); cfg 6, dpmpp_2m / karras, 30 steps. The S-CFG Map node (fed by the sampler's \\
+THESE VALUES: the official ones (downsample 4 → the 32×32 layers of SDXL at 1024 px, self-attention order 4, \
+foreground from the uncond forward); cfg 6, dpmpp_2m / karras, 30 steps. The S-CFG Map node (fed by the sampler's \
 LATENT so it runs after it) shows the regions of the last step; set show = scale for the factor r(x).
 
 CHANGE FIRST: cfg; then rate_max (2–3) if some objects get too strong; start_percent 0.2 to keep the early layout.
 
-OTHER MODELS: SD1.5: cfg 7.5 (the paper's setting). Flux dev with a true CFG (cfg 3–4) and SD3.5: same node; \\
+OTHER MODELS: SD1.5: cfg 7.5 (the paper's setting). Flux dev with a true CFG (cfg 3–4) and SD3.5: same node; \
 reference auto uses the whole image on Flux/Chroma (T5 has no [SOT] token)."""
 
-NOTE_SCFG_APG = """\\
+NOTE_SCFG_APG = """\
 Stack: S-CFG + APG in the Guidance Guider (Guidance Kit)
 
-WHAT: one plan, one batched call per step. S-CFG (Shen et al., CVPR 2024) makes the CFG weight a per-region map; \\
-APG (Sadat et al., ICLR 2025) then projects out the saturating parallel part of each region's update: the weight \\
+WHAT: one plan, one batched call per step. S-CFG (Shen et al., CVPR 2024) makes the CFG weight a per-region map; \
+APG (Sadat et al., ICLR 2025) then projects out the saturating parallel part of each region's update: the weight \
 becomes C + (cfg·r(x) − 1)·APG(C − U).
 
 THESE VALUES: cfg 7; S-CFG defaults; APG η 0, threshold 15, momentum −0.5; euler, karras, 30 steps.
@@ -1013,6 +1045,174 @@ def wf_stack_scfg_apg_guider_sdxl() -> Workflow:
         "a teddy bear reading a book to a small robot in a cosy library, warm light", NEG_SD, NOTE_SCFG_APG)
 
 
+NOTE_AUTOGUIDANCE = """\
+Autoguidance · guide away from a weaker model (Guidance Kit)
+
+WHAT: the conditional prediction of a weaker model of the same family runs in the same step, and the result is \
+pushed away from it: D = CFG + scale·(cond − cond_weak). With cfg 1 this is the paper's D = cond_weak + w·(cond − \
+cond_weak), w = 1 + scale. The weak model should share the strong model's errors but make them worse: a smaller \
+or less-trained model, an earlier checkpoint of the same fine-tune. Paper: Karras et al., "Guiding a Diffusion \
+Model with a Bad Version of Itself", NeurIPS 2024.
+
+THESE VALUES: main model = an SD1.5 fine-tune, weak model = the SD1.5 base it was trained from (a less-trained \
+version of it); scale 1 on top of cfg 5, constant over the run.
+
+CHANGE FIRST: scale (0.5–2); end_percent 0.6 to leave the last steps unguided. ComfyUI loads and offloads both \
+models; a LoRA-patched clone of the sampled model (LoraLoader) as weak model runs on the same weights, no copy.
+
+OTHER MODELS: any family, both models of the same one (the node checks latent, noise convention and conditioning). \
+Flux: e.g. Flux dev guided away from Flux schnell, cfg 1 and scale 1–2."""
+
+NOTE_UNCOND_PRIOR = """\
+Unconditional Priors · uncond from the base model (Guidance Kit)
+
+WHAT: fine-tuning damages a model's unconditional (empty/negative prompt) prediction more than its conditional \
+one, so CFG amplifies a poor uncond. This node takes CFG's unconditional prediction from the base model: \
+D = U_base + cfg·(C − U_base). Paper: Phunyaphibarn et al., "Unconditional Priors Matter! Improving Conditional \
+Generation of Fine-Tuned Diffusion Models", 2025.
+
+THESE VALUES: main = an SDXL fine-tune, uncond_model = SDXL base; scale 1 (replace the uncond, the paper: no extra \
+call, the uncond call just moves to the base model); cfg 6.
+
+CHANGE FIRST: scale 0.5 blends both unconds (both then run); the window (start/end percent) limits it to part of \
+the run.
+
+OTHER MODELS: any family, the two models of the same one (checked at the node and at sampling start). Flux/WAN \
+fine-tunes: the base as uncond_model, with a true CFG (cfg > 1)."""
+
+NOTE_UNCOND_PRIOR_LORA = """\
+Unconditional Priors with a LoRA fine-tune (Guidance Kit)
+
+WHAT: the LoRA fine-tune (LoraLoaderModelOnly) is sampled, and CFG's unconditional prediction comes from the base \
+model without the LoRA: D = U_base + cfg·(C_lora − U_base) (Phunyaphibarn et al., 2025). Both come from one \
+checkpoint: the node sees that the two MODEL inputs share weights and applies the LoRA difference to the \
+conditional rows only, inside one batched call. No second copy of the weights, no extra call.
+
+THESE VALUES: LoRA strength 1, scale 1, cfg 7.5, euler / normal, 30 steps.
+
+CHANGE FIRST: scale (0.5–1); the LoRA strength on the loader as usual.
+
+OTHER MODELS: every family with LoRAs (SDXL, Flux, WAN, ...): same graph."""
+
+NOTE_NPO = """\
+Diffusion-NPO · negative-preference LoRA on the uncond (Guidance Kit)
+
+WHAT: an NPO LoRA is trained on reversed preferences (it learns what people dislike). It is applied to the \
+unconditional/negative branch only, so CFG pushes away from it: D = U_NPO + cfg·(C − U_NPO). The LoRA acts on the \
+uncond's rows inside the same batched call, from its low-rank factors: no weight copy, no extra call. Paper: Wang \
+et al., "Diffusion-NPO: Negative Preference Optimization for Better Preference Aligned Generation of Diffusion \
+Models", ICLR 2025 (LoRAs in the official repository G-U-N/Diffusion-NPO).
+
+THESE VALUES: lora_strength 1, scale 1, cfg 6; put the NPO LoRA for your family into models/loras.
+
+CHANGE FIRST: lora_strength (0.5–1.5), then cfg.
+
+OTHER MODELS: SD1.5, SDXL (the paper's), any family that has an NPO LoRA. A full NPO checkpoint: load it and use \
+the Unconditional Priors node."""
+
+NOTE_PERSONALIZATION = """\
+Personalization Guidance · weight-interpolated weak model (Guidance Kit)
+
+WHAT: a personalization LoRA (DreamBooth-LoRA of a subject) is applied to the model; CFG's unconditional branch is \
+the null-prompt prediction of the interpolated weights θ_λ = θ_pre + λ·(θ_ft − θ_pre): D = U_λ + cfg·(C_ft − U_λ). \
+λ trades subject fidelity against following the rest of the prompt. θ_λ is just another strength of the same LoRA \
+on the uncond rows: no copy of the weights, no extra call. Paper: Park et al., "Steering Guidance for Personalized \
+Text-to-Image Diffusion Models", ICCV 2025.
+
+THESE VALUES: λ 0.5, LoRA strength 1, cfg 7.5, empty negative prompt (the null text, as the paper).
+
+CHANGE FIRST: interpolation λ: lower = more of the pretrained prior (better text alignment, e.g. the beach), \
+higher = closer to plain CFG of the fine-tune (subject fidelity). λ 1 is exactly plain CFG.
+
+OTHER MODELS: SDXL, Flux (true CFG, cfg > 1), any family with LoRAs: connect the base model and the LoRA."""
+
+NOTE_DIGITS = """\
+Digits Model Loader · try guidance with no download (Guidance Kit)
+
+WHAT: the small class-conditional model that ships with Guidance Kit (ComfyUI's SD1.5 UNet class at 8×8 pixels, \
+trained on scikit-learn's handwritten digits, ε-prediction with SD1.5's sigmas). It runs in seconds on a CPU, so \
+every guidance node can be tried and compared: the positive is the chosen digit, the negative the null class (the \
+"empty prompt"). Empty Latent Image 64×64 gives its 1×8×8 latent; Digits Decode shows it.
+
+THESE VALUES: digit 3, 8 samples, cfg 6, euler / normal, 20 steps, APG (η 0, threshold 15, momentum −0.5).
+
+CHANGE FIRST: bypass APG (Ctrl+B) and compare with plain CFG at the same cfg; raise cfg to 10–12 and see strokes \
+thicken and pixels clip (the oversaturation APG and Rescale reduce). Any Guidance Kit node can replace APG \
+(PAG, SEG, TPG, Skip-Layer and NAG hook its transformer layers as on SD1.5).
+
+OTHER MODELS: the same chain on a real model: Load Checkpoint and two CLIP Text Encode instead of the loader, \
+VAE Decode instead of Digits Decode (see the other workflows). From the command line, python compare.py draws a \
+methods × scales grid of this model with quality numbers."""
+
+
+def wf_autoguidance_sd15() -> Workflow:
+    wf = checkpoint_workflow(
+        "autoguidance_sd15", "Autoguidance: a fine-tune guided away from a weaker model (its base)", "SD1.5", SD15,
+        [("GuidanceKit_Autoguidance", {"scale": 1.0})],
+        "a cozy cabin by a lake in autumn, morning fog, golden light, detailed", NEG_SD, NOTE_AUTOGUIDANCE,
+        ckpt="dreamshaper_8.safetensors", cfg=5.0)
+    wf.nodes.insert(1, Node(31, "CheckpointLoaderSimple", 0, {"ckpt_name": SD15["ckpt"]}, title="Weak model"))
+    wf.node(GUIDANCE_ID).links["weak_model"] = (31, MODEL)
+    return wf
+
+
+def wf_unconditional_prior_sdxl() -> Workflow:
+    wf = checkpoint_workflow(
+        "unconditional_prior_sdxl", "Unconditional Priors: a fine-tune's uncond from SDXL base", "SDXL", SDXL,
+        [("GuidanceKit_UnconditionalPrior", {"scale": 1.0})],
+        "a knight in ornate silver armor in a misty forest, dramatic lighting, highly detailed", NEG_SD,
+        NOTE_UNCOND_PRIOR, ckpt="juggernautXL_v9.safetensors", cfg=6.0)
+    wf.nodes.insert(1, Node(31, "CheckpointLoaderSimple", 0, {"ckpt_name": SDXL["ckpt"]}, title="Base model (uncond)"))
+    wf.node(GUIDANCE_ID).links["uncond_model"] = (31, MODEL)
+    return wf
+
+
+def wf_unconditional_prior_lora_sd15() -> Workflow:
+    wf = checkpoint_workflow(
+        "unconditional_prior_lora_sd15", "Unconditional Priors with a LoRA fine-tune: base uncond, no weight copy",
+        "SD1.5", SD15, [("GuidanceKit_UnconditionalPrior", {"scale": 1.0})],
+        "a paper-cut illustration of a fox in a snowy forest, layered paper, soft shadows", NEG_SD,
+        NOTE_UNCOND_PRIOR_LORA)
+    wf.nodes.insert(1, Node(31, "LoraLoaderModelOnly", 0, {"lora_name": "papercut_style_sd15.safetensors"},
+                            {"model": (4, MODEL)}))
+    wf.node(GUIDANCE_ID).links.update(model=(31, MODEL), uncond_model=(4, MODEL))
+    wf.node(3).links["model"] = (GUIDANCE_ID, MODEL)
+    return wf
+
+
+def wf_npo_sdxl() -> Workflow:
+    return checkpoint_workflow(
+        "npo_sdxl", "Diffusion-NPO: the NPO LoRA on the uncond branch only", "SDXL", SDXL,
+        [("GuidanceKit_NPO", {"lora_name": "sdxl_npo_lora.safetensors", "lora_strength": 1.0, "scale": 1.0})],
+        "a photo of a vintage camera on a wooden desk next to old letters, soft window light", NEG_SD, NOTE_NPO,
+        cfg=6.0)
+
+
+def wf_personalization_guidance_sd15() -> Workflow:
+    return checkpoint_workflow(
+        "personalization_guidance_sd15", "Personalization Guidance: DreamBooth-LoRA subject, λ 0.5", "SD1.5", SD15,
+        [("GuidanceKit_PersonalizationGuidance", {"lora_name": "dreambooth_sks_dog_sd15.safetensors",
+                                                  "interpolation": 0.5})],
+        "a photo of sks dog wearing a red scarf on a snowy mountain top", "", NOTE_PERSONALIZATION)
+
+
+def wf_digits_apg() -> Workflow:
+    nodes = [
+        Node(4, "GuidanceKit_DigitsModelLoader", 0, {"digit": 3}),
+        Node(5, "EmptyLatentImage", 0, {"width": 64, "height": 64, "batch_size": 8}),
+        Node(NOTE_ID, "Note", 0, {"text": NOTE_DIGITS}),
+        Node(GUIDANCE_ID, "GuidanceKit_APG", 1, {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5},
+             {"model": (4, MODEL)}),
+        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal"},
+             {"model": (GUIDANCE_ID, MODEL), "positive": (4, "positive"), "negative": (4, "negative"),
+              "latent_image": (5, LATENT)}),
+        Node(8, "GuidanceKit_DigitsDecode", 3, {"scale": 8}, {"samples": (3, LATENT)}),
+        Node(9, "PreviewImage", 4, links={"images": (8, IMAGE)}),
+    ]
+    return Workflow("digits_apg", "The embedded digits model (no download): APG vs CFG in seconds on a CPU",
+                    "embedded digits", nodes, NOTE_DIGITS)
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_cfg_schedule_sdxl,
     wf_beta_cfg_sd15,
@@ -1041,6 +1241,12 @@ WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_pcg_sd15,
     wf_scfg_sdxl_with_map,
     wf_stack_scfg_apg_guider_sdxl,
+    wf_autoguidance_sd15,
+    wf_unconditional_prior_sdxl,
+    wf_unconditional_prior_lora_sd15,
+    wf_npo_sdxl,
+    wf_personalization_guidance_sd15,
+    wf_digits_apg,
 ]
 
 
@@ -1144,6 +1350,14 @@ def _size(node: Node) -> list[int]:
     return [width, height]
 
 
+# pack nodes that are not guidance-chain links: drawn outside the "Guidance Kit" group
+UNGROUPED = {PACK_PREFIX + t for t in ("GuidanceGuider", "SCFGMap", "DigitsModelLoader", "DigitsDecode")}
+
+
+def _in_group(node: Node) -> bool:
+    return node.type.startswith(PACK_PREFIX) and node.type not in UNGROUPED
+
+
 def _layout(wf: Workflow) -> dict[int, tuple[list[int], list[int]]]:
     """Left-to-right columns; nodes stacked top to bottom in spec order; room for the group title."""
     sizes = {n.id: _size(n) for n in wf.nodes}
@@ -1157,7 +1371,7 @@ def _layout(wf: Workflow) -> dict[int, tuple[list[int], list[int]]]:
     for c in columns:
         y, previous_in_group = 80, None
         for n in (n for n in wf.nodes if n.col == c):
-            in_group = n.type.startswith(PACK_PREFIX) and n.type != PACK_PREFIX + "GuidanceGuider"
+            in_group = _in_group(n)
             if in_group and not previous_in_group:
                 y += 70  # the group's title bar
             out[n.id] = ([xs[c], y], sizes[n.id])
@@ -1167,7 +1381,7 @@ def _layout(wf: Workflow) -> dict[int, tuple[list[int], list[int]]]:
 
 
 def _groups(wf: Workflow, layout) -> list[dict]:
-    members = [n for n in wf.nodes if n.type.startswith(PACK_PREFIX) and n.type != PACK_PREFIX + "GuidanceGuider"]
+    members = [n for n in wf.nodes if _in_group(n)]
     if not members:
         return []
     left = min(layout[n.id][0][0] for n in members) - 20

@@ -102,7 +102,13 @@ def convert(raw: str, current, what: str):
                 return False
             raise ValueError("expected true or false")
         if isinstance(current, int):
-            return int(raw)
+            try:
+                return int(raw)  # exact, also for 64-bit seeds
+            except ValueError:
+                number = float(raw)  # "3.0" (a computed value) is 3
+                if not number.is_integer():
+                    raise ValueError(f"{raw} is not a whole number") from None
+                return int(number)
         if isinstance(current, float):
             return float(raw)
         if isinstance(current, str):

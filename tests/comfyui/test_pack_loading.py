@@ -15,7 +15,9 @@ EXPECTED = {"GuidanceKit_CFGSchedule", "GuidanceKit_BetaCFG", "GuidanceKit_APG",
             "GuidanceKit_PAG", "GuidanceKit_SEG", "GuidanceKit_TPG", "GuidanceKit_SkipLayer", "GuidanceKit_S2Guidance",
             "GuidanceKit_TSG", "GuidanceKit_ICG", "GuidanceKit_AdaptiveGuidance", "GuidanceKit_NAG",
             "GuidanceKit_SamplerDPMPP2MSDECFGPP", "GuidanceKit_SamplerDPMPP3MSDECFGPP", "GuidanceKit_SamplerPCG",
-            "GuidanceKit_SCFG", "GuidanceKit_SCFGMap"}
+            "GuidanceKit_SCFG", "GuidanceKit_SCFGMap", "GuidanceKit_Autoguidance", "GuidanceKit_UnconditionalPrior",
+            "GuidanceKit_NPO", "GuidanceKit_PersonalizationGuidance", "GuidanceKit_DigitsModelLoader",
+            "GuidanceKit_DigitsDecode"}
 
 
 @pytest.fixture(scope="module")

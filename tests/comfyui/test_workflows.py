@@ -420,14 +420,28 @@ API_FILES = sorted((WORKFLOWS / "api").glob("*.api.json"))
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name.split(".")[0])
 def test_shortcuts_find_the_prompts_and_the_sampler_seed(comfy, path):
     original = queue.load_prompt(path)
-    prompt, changes = queue.apply_overrides(original, positive="a red fox", negative="ugly", seed=123)
-    assert prompt["6"]["inputs"]["text"] == "a red fox" and prompt["7"]["inputs"]["text"] == "ugly"
+    if any(n["class_type"] == "CLIPTextEncode" for n in original.values()):
+        prompt, changes = queue.apply_overrides(original, positive="a red fox", negative="ugly", seed=123)
+        assert prompt["6"]["inputs"]["text"] == "a red fox" and prompt["7"]["inputs"]["text"] == "ugly"
+        prompt_changes = 2
+    else:  # the embedded digits model: the class is a loader widget, there is no text prompt to set
+        with pytest.raises(queue.QueueError, match="use --set NODE.text"):
+            queue.apply_overrides(original, positive="a red fox")
+        prompt, changes = queue.apply_overrides(original, seed=123)
+        prompt_changes = 0
     seeds = [(i, k) for i, n in prompt.items() for k in ("seed", "noise_seed")
              if k in n["inputs"] and not n["class_type"].startswith(PACK_PREFIX)]  # the sampler's, not a method's
     assert seeds and all(prompt[i]["inputs"][k] == 123 for i, k in seeds)
-    assert len(changes) == 2 + len(seeds)
+    assert len(changes) == prompt_changes + len(seeds)
     assert original == queue.load_prompt(path)  # the input is not modified
     assert validate(comfy, prompt)[0] is True
+
+
+def test_whole_numbers_convert_exactly():
+    assert queue.convert("3.0", 1, "x") == 3 and isinstance(queue.convert("3.0", 1, "x"), int)
+    assert queue.convert(str(2**64 - 1), 0, "seed") == 2**64 - 1  # no float rounding of 64-bit seeds
+    with pytest.raises(queue.QueueError, match="not a whole number"):
+        queue.convert("3.5", 1, "steps")
 
 
 def test_set_converts_to_the_type_of_the_replaced_value():

@@ -92,8 +92,12 @@ def test_ui_workflow_structure_and_links(path):
     order = {n["id"]: n["order"] for n in ui["nodes"]}
     assert sorted(order.values()) == list(range(len(order)))
     assert all(order[src] < order[dst] for _, src, _, dst, _, _ in ui["links"])
-    # a Note explains the settings; the layout has no overlapping nodes
+    # a Note explains the settings (plain text: no escape debris such as a backslash before a line break);
+    # the layout has no overlapping nodes
     assert [n["type"] for n in ui["nodes"]].count("Note") == 1
+    note_text = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "\\" not in note_text, f"{path.name}: the Note contains a backslash"
+    assert note_text.split("\n", 1)[0].strip(), f"{path.name}: the Note starts with an empty line"
     boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
              for n in ui["nodes"]]
     for i, a in enumerate(boxes):
