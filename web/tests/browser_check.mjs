@@ -21,18 +21,18 @@
 //           --base-directory /tmp/gkweb --database-url sqlite:///:memory:)
 //   3. PLAYWRIGHT_CORE=/tmp/gkweb-tools/node_modules/playwright-core \
 //        node web/tests/browser_check.mjs http://127.0.0.1:8288 [--out /tmp/gkweb/preview.png]
-//        [--chromium /usr/bin/chromium] [--strict]
+//        [--chromium /usr/bin/chromium] [--strict] [--workflow workflows/x.json --workflow-out shot.png]
 //
 // (PLAYWRIGHT_CORE may be omitted where `import("playwright-core")` resolves on its own.)
 
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
 function usage(message) {
-  console.error(`${message}\nusage: node web/tests/browser_check.mjs <comfyui-url> [--out file.png] [--chromium path] [--strict]`);
+  console.error(`${message}\nusage: node web/tests/browser_check.mjs <comfyui-url> [--out file.png] [--chromium path] [--strict] [--workflow ui.json] [--workflow-out file.png]`);
   process.exit(2);
 }
 
@@ -52,6 +52,8 @@ const option = (name, fallback) => {
   return value;
 };
 const out = option("--out", "/tmp/gkweb/preview.png");
+const workflowPath = option("--workflow", null); // optional: a UI workflow to load, check and screenshot too
+const workflowOut = option("--workflow-out", "/tmp/gkweb/workflow.png");
 const chromiumPath = option("--chromium", process.env.CHROMIUM ?? "/usr/bin/chromium");
 const strict = args.includes("--strict");
 if (strict) args.splice(args.indexOf("--strict"), 1);
@@ -191,6 +193,32 @@ try {
 
   await page.screenshot({ path: out });
   console.log(`screenshot: ${out}`);
+
+  if (workflowPath) {
+    const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
+    const loaded = await page.evaluate(async (wf) => {
+      const app = window.comfyAPI.app.app;
+      await app.loadGraphData(wf);
+      app.canvas.ds.scale = 0.7;
+      app.canvas.ds.offset = [20, 20];
+      for (let i = 0; i < 3; i++) {
+        app.graph.setDirtyCanvas(true, true);
+        app.canvas.draw(true, true);
+        await new Promise((r) => requestAnimationFrame(r));
+      }
+      const registered = window.LiteGraph.registered_node_types;
+      return app.graph._nodes.map((n) => ({ id: n.id, type: n.type, known: !!registered[n.type] }));
+    }, workflow);
+    const expected = workflow.nodes.map((n) => n.type).sort();
+    const got = loaded.map((n) => n.type).sort();
+    if (JSON.stringify(expected) !== JSON.stringify(got)) problems.push(`workflow nodes differ: ${got} vs ${expected}`);
+    const unknown = loaded.filter((n) => !n.known && n.type !== "Note" && n.type !== "MarkdownNote");
+    if (unknown.length) problems.push(`workflow has unregistered node types: ${unknown.map((n) => n.type)}`);
+    console.log(`workflow ${workflowPath}: ${loaded.length} nodes loaded`);
+    await page.waitForTimeout(500);
+    await page.screenshot({ path: workflowOut });
+    console.log(`screenshot: ${workflowOut}`);
+  }
 } catch (e) {
   problems.push(`check failed: ${e.stack ?? e}`);
 } finally {
