@@ -56,6 +56,10 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("icg", "ICG", "perturbation:ICGNode"),
     Method("adaptive", "Adaptive Guidance", "adaptive:AdaptiveGuidanceNode", exact=True),
     Method("nag", "NAG", "nag:NAGNode"),
+    # the weak model is the runner's: on the embedded model, the same UNet trained 1/12 as long
+    Method("autoguidance", "Autoguidance", "model_guidance:AutoguidanceNode"),
+    # on the digits model write scfg:downsample=2 (its attention is at 8×8 and 4×4 only)
+    Method("scfg", "S-CFG", "scfg:SCFGNode"),
     # CFG++: λ = ω / 12.5 (the paper's correspondence λ 0.4 / 0.6 / 1.0 ~ CFG ω 5 / 7.5 / 12.5)
     Method("cfgpp_2m", "DPM++ 2M SDE CFG++ (λ=cfg/12.5)", "samplers:SamplerDPMPP2MSDECFGPP", sampler=True,
            cfg="{min(1, scale / 12.5)}"),
@@ -67,11 +71,17 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 ALIASES = {"slg": "skip_layer", "skiplayer": "skip_layer", "s2": "s2_guidance", "cfgzero": "cfg_zero_star",
            "cfg_zero": "cfg_zero_star", "cfg-zero*": "cfg_zero_star", "beta": "beta_cfg", "schedule": "cfg_schedule",
            "ag": "adaptive", "linear_ag": "adaptive:linear_ag=true", "cfgpp": "cfgpp_2m", "cfg++": "cfgpp_2m",
-           "dpmpp_2m_sde_cfg_pp": "cfgpp_2m", "dpmpp_3m_sde_cfg_pp": "cfgpp_3m"}
+           "dpmpp_2m_sde_cfg_pp": "cfgpp_2m", "dpmpp_3m_sde_cfg_pp": "cfgpp_3m", "s-cfg": "scfg",
+           "s_cfg": "scfg", "ag_weak": "autoguidance", "autoguide": "autoguidance"}
 # The rows of `compare.py metrics`: every method of the pack at its compare defaults.
 ALL_METHODS = ("cfg", "cfg_schedule", "beta_cfg", "apg", "tcfg", "cfg_zero_star", "fdg", "rescale", "pag", "seg",
                "tpg", "skip_layer", "s2_guidance", "tsg", "icg", "adaptive", "adaptive:linear_ag=true", "nag",
-               "cfgpp_2m", "cfgpp_3m", "pcg")
+               "autoguidance", "cfgpp_2m", "cfgpp_3m", "pcg")
+# Rows that `compare.py metrics` leaves out, and why (every other method is in ALL_METHODS; a test checks both).
+NOT_IN_REPORT = {
+    "scfg": "equals CFG on the digits model: its one-token class context makes the whole image one semantic "
+            "region (r = 1 everywhere); a row for checkpoints with real prompts",
+}
 CFG_SETTING = "cfg"  # the row's own sampler cfg, accepted by every call
 
 
@@ -243,6 +253,11 @@ def node_class(method: Method):
     return getattr(module, class_name)
 
 
+def is_model(spec) -> bool:
+    """A MODEL input (Autoguidance's weak model), filled from the runner's second models."""
+    return getattr(spec, "io_type", None) == "MODEL"
+
+
 def is_conditioning(spec) -> bool:
     """A CONDITIONING input (NAG's negative): the V3 schema's ``io_type``, not the input's class name."""
     return getattr(spec, "io_type", None) == "CONDITIONING"
@@ -262,10 +277,12 @@ def _convert(raw: str, default, what: str):
         raise MethodSpecError(f"compare: {e}") from None
 
 
-def node_arguments(call: MethodCall, scale: float, negative, seed: int | None = None) -> dict:
+def node_arguments(call: MethodCall, scale: float, negative, seed: int | None = None,
+                   models: dict | None = None) -> dict:
     """The node's execute() keyword arguments: its defaults, the compare defaults, then the row's settings.
 
-    A method's own ``seed`` input (TPG, S²-Guidance, TSG, ICG) follows the run's ``seed`` unless the row sets it.
+    A method's own ``seed`` input (TPG, S²-Guidance, TSG, ICG) follows the run's ``seed`` unless the row sets it;
+    a second MODEL input (Autoguidance's ``weak_model``) comes from ``models``, the runner's second models.
     """
     cls = node_class(call.method)
     inputs = _schema_inputs(cls)
@@ -285,6 +302,13 @@ def node_arguments(call: MethodCall, scale: float, negative, seed: int | None = 
         if is_conditioning(spec):
             arguments[spec.id] = negative
             continue
+        if is_model(spec):
+            if not models or spec.id not in models:
+                raise MethodSpecError(f"compare: {call.method.label} needs a second model ({spec.id}); the embedded "
+                                      f"digits model has one (its weak version), a checkpoint run has none: use "
+                                      f"the server mode with a workflow that loads both models.")
+            arguments[spec.id] = models[spec.id]
+            continue
         default = getattr(spec, "default", None)
         if spec.id == "seed" and spec.id not in settings and seed is not None:
             arguments[spec.id] = int(seed)
@@ -296,13 +320,13 @@ def node_arguments(call: MethodCall, scale: float, negative, seed: int | None = 
     return arguments
 
 
-def apply_row(model, row: Row, scale: float, negative=None, seed: int | None = None):
+def apply_row(model, row: Row, scale: float, negative=None, seed: int | None = None, models: dict | None = None):
     """``model`` patched by every method of the row through the nodes' own validate_inputs and execute."""
     for call in row.calls:
         if call.method.node is None or call.method.sampler:
             continue
         cls = node_class(call.method)
-        arguments = node_arguments(call, scale, negative, seed)
+        arguments = node_arguments(call, scale, negative, seed, models)
         try:
             verdict = cls.validate_inputs(**arguments)
         except NotImplementedError:  # the node has no validate_inputs of its own

@@ -69,7 +69,21 @@ class EmbeddedRunner:
         self.steps, self.sampler, self.scheduler = steps, sampler, scheduler
         self.samples_per_class, self.digits, self.upscale = samples_per_class, tuple(digits), upscale
         self.model = cached_digits_model()
+        self._weak = None
         self.evaluator = evaluator if evaluator is not None else DigitsEvaluator(held_out_digits())
+
+    def second_models(self, row: Row) -> dict:
+        """Autoguidance's weak model (loaded on first use): the digits UNet trained 1/12 as long."""
+        if not any(c.method.key == "autoguidance" for c in row.calls):
+            return {}
+        if self._weak is None:
+            from ..digits.model import WEAK_UNET_WEIGHTS, DigitsWeightsError, load_digits_model
+
+            try:
+                self._weak = load_digits_model(WEAK_UNET_WEIGHTS)
+            except DigitsWeightsError as e:
+                raise CompareError(f"compare: {e}") from None
+        return {"weak_model": self._weak.patcher.clone()}
 
     @property
     def labels(self) -> torch.Tensor:
@@ -78,7 +92,8 @@ class EmbeddedRunner:
     def samples(self, row: Row, scale: float, seed: int) -> torch.Tensor:
         from ..digits import sampling
 
-        patched = apply_row(self.model.patcher.clone(), row, scale, negative=self.model.null_conditioning(), seed=seed)
+        patched = apply_row(self.model.patcher.clone(), row, scale, negative=self.model.null_conditioning(), seed=seed,
+                            models=self.second_models(row))
         return sampling.sample(patched, self.model, self.labels.tolist(), seed, row.cfg_at(scale), self.steps,
                                self.sampler, self.scheduler, sampler=row_sampler(row, scale))
 
@@ -178,13 +193,14 @@ class CheckpointRunner:
         sampler = row_sampler(row, scale)
         if sampler is None:
             samples = comfy.sample.sample(patched, noise, self.steps, row.cfg_at(scale), self.sampler,
-                                          self.scheduler, self.positive, self.negative, latent, seed=seed)
+                                          self.scheduler, self.positive, self.negative, latent, seed=seed,
+                                          disable_pbar=True)  # compare's own bar counts the cells
         else:
             from ..digits.sampling import custom_sigmas
 
             samples = comfy.sample.sample_custom(patched, noise, row.cfg_at(scale), sampler,
                                                  custom_sigmas(patched, self.scheduler, self.steps), self.positive,
-                                                 self.negative, latent, seed=seed)
+                                                 self.negative, latent, seed=seed, disable_pbar=True)
         images = self.vae.decode(samples)
         if images.ndim == 5:  # video models: the first frame
             images = images[:, 0]

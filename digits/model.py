@@ -38,6 +38,8 @@ EMPTY_LATENT_SIZE = IMAGE_SIZE * 8  # EmptyLatentImage width/height that gives a
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_WEIGHTS = WEIGHTS_DIR / "digits_unet.safetensors"
+# the same UNet trained 1/12 as long, with the main model's class embedding frozen: Autoguidance's weak model
+WEAK_UNET_WEIGHTS = WEIGHTS_DIR / "digits_unet_weak.safetensors"
 EMBEDDING_KEY = "class_embedding.weight"
 UNET_PREFIX = "diffusion_model."
 
@@ -147,6 +149,20 @@ def save_weights(path: str | Path, model: comfy.model_base.BaseModel, class_embe
     return path
 
 
+def read_class_embedding(path: str | Path) -> torch.Tensor:
+    """The class-embedding table of a digits weights file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DigitsWeightsError(f"Guidance Kit digits: no weights file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        if EMBEDDING_KEY not in f.keys():
+            raise DigitsWeightsError(f"Guidance Kit digits: {path} has no '{EMBEDDING_KEY}'; it is not a digits "
+                                     f"model file written by digits/train.py.")
+        return f.get_tensor(EMBEDDING_KEY).float()
+
+
 def read_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 
@@ -189,7 +205,8 @@ def cached_digits_model(path: str | Path = UNET_WEIGHTS) -> DigitsModel:
     path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else 0)
     if key not in _CACHE:
-        _CACHE.clear()
+        for stale in [k for k in _CACHE if k[0] == key[0]]:  # an older version of the same file
+            del _CACHE[stale]
         _CACHE[key] = load_digits_model(path)
     loaded = _CACHE[key]
     return DigitsModel(loaded.patcher.clone(), loaded.class_embedding, loaded.metadata)

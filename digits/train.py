@@ -2,6 +2,11 @@
 
     python -m digits.train                     # in the pack folder: the shipped weights (~10 min, 1 CPU thread)
     python -m digits.train --steps 50 --out /tmp/digits_unet.safetensors   # a quick run
+    python -m digits.train --steps 200 --class-embedding digits/weights/digits_unet.safetensors \
+        --out digits/weights/digits_unet_weak.safetensors   # the shipped weak model (for Autoguidance)
+
+A weak model for Autoguidance must read the same CONDITIONING as the main one: ``--class-embedding``
+starts from the main model's class-embedding table and keeps it frozen (only the UNet trains).
 
 ε-prediction loss through ComfyUI's own ``BaseModel.apply_model`` (input scaling, timestep mapping
 and the denoised formula are the ones used at sampling time), σ drawn from the model's 1000
@@ -37,6 +42,7 @@ class TrainConfig:
     label_dropout: float = 0.15
     ema_decay: float = 0.999
     seed: int = 0
+    class_embedding_from: str = ""  # a digits weights file whose class-embedding table is used, frozen
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,12 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> TrainR
 
     model = digits_model.build_base_model()
     embedding = digits_model.new_class_embedding()
+    if config.class_embedding_from:
+        with torch.no_grad():
+            embedding.weight.copy_(digits_model.read_class_embedding(config.class_embedding_from))
+        embedding.requires_grad_(False)
     model.train()
-    parameters = list(model.diffusion_model.parameters()) + list(embedding.parameters())
+    parameters = list(model.diffusion_model.parameters()) + [p for p in embedding.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     ema_unet = copy.deepcopy(model.diffusion_model).requires_grad_(False)
     ema_embedding = embedding.weight.detach().clone()
@@ -137,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
                         help="probability of training a sample with the null class (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--class-embedding", default="",
+                        help="use (frozen) the class-embedding table of this digits weights file, so the new model "
+                             "reads the same CONDITIONING (a weak model for Autoguidance)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: reproducible)")
     parser.add_argument("--out", default=None,
                         help="output safetensors (default digits/weights/digits_unet.safetensors)")
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from .model import UNET_WEIGHTS
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         label_dropout=args.label_dropout, seed=args.seed,
+                         label_dropout=args.label_dropout, seed=args.seed, class_embedding_from=args.class_embedding,
                          warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)))
     result = train(config, args.out or UNET_WEIGHTS, progress=not args.no_progress)
     print(f"saved {result.path} ({result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f})")

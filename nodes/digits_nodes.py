@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..digits.model import EMPTY_LATENT_SIZE, NULL_CLASS, DigitsWeightsError, cached_digits_model
+from ..digits.model import (
+    EMPTY_LATENT_SIZE,
+    NULL_CLASS,
+    UNET_WEIGHTS,
+    WEAK_UNET_WEIGHTS,
+    DigitsWeightsError,
+    cached_digits_model,
+)
 from ..digits.sampling import latents_to_images
 from .common import CATEGORY_ROOT, NODE_PREFIX, node_error
 
 CATEGORY_EMBEDDED = CATEGORY_ROOT + "/embedded"
+WEIGHTS = {"digits": UNET_WEIGHTS, "digits weak (for Autoguidance)": WEAK_UNET_WEIGHTS}
 
 
 class DigitsModelLoader(io.ComfyNode):
@@ -31,11 +39,16 @@ class DigitsModelLoader(io.ComfyNode):
                 "sigmas), so every guidance node can be tried in seconds on CPU with no download. Outputs the "
                 "MODEL, the CONDITIONING of the chosen digit (positive) and of the null class (negative, the "
                 "'empty prompt'). Use an Empty Latent Image of 64×64 (it becomes the model's 1×8×8 latent) and "
-                "Digits Decode to see the result."),
+                "Digits Decode to see the result. The 'weak' weights are the same UNet trained 1/12 as long "
+                "(same class embedding): the weak model of the Autoguidance node."),
             inputs=[
                 io.Int.Input("digit", default=3, min=0, max=9,
                              tooltip="The digit to draw (0–9): the class embedding used as the positive "
                                      "conditioning."),
+                io.Combo.Input("weights", options=list(WEIGHTS), default="digits", optional=True,
+                               tooltip="'digits': the trained model. 'digits weak': the same network trained 1/12 "
+                                       "as long, reading the same conditioning: connect it as the weak_model of "
+                                       "Autoguidance (guide the trained model away from it)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The digits diffusion model (CPU-friendly, fp32)."),
@@ -48,15 +61,17 @@ class DigitsModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, digit=3, **kwargs):
+    def validate_inputs(cls, digit=3, weights="digits", **kwargs):
         if not 0 <= int(digit) <= 9:
             return f"{cls.LABEL}: digit must be 0–9, got {digit}"
+        if weights not in WEIGHTS:
+            return f"{cls.LABEL}: weights must be one of {list(WEIGHTS)}, got {weights!r}"
         return True
 
     @classmethod
-    def execute(cls, digit):
+    def execute(cls, digit, weights="digits"):
         try:
-            loaded = cached_digits_model()
+            loaded = cached_digits_model(WEIGHTS[weights])
         except DigitsWeightsError as e:
             raise node_error(str(e)) from None
         return io.NodeOutput(loaded.patcher, loaded.conditioning([int(digit)]), loaded.null_conditioning())

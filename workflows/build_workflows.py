@@ -211,9 +211,9 @@ CATALOG: dict[str, NodeDef] = {
                                                   start_percent=0.0, end_percent=1.0),
     # Guidance Kit embedded test model (nodes/digits_nodes.py)
     "GuidanceKit_DigitsModelLoader": NodeDef("Digits Model Loader · embedded test model (Guidance Kit)",
-                                             widgets=("digit",),
+                                             widgets=("digit", "weights"),
                                              outputs=((MODEL, MODEL), ("positive", COND), ("negative", COND)),
-                                             defaults={"digit": 3}, width=360),
+                                             defaults={"digit": 3, "weights": "digits"}, width=360),
     "GuidanceKit_DigitsDecode": NodeDef("Digits Decode · 8×8 latent to image (Guidance Kit)",
                                         inputs=(("samples", LATENT),), widgets=("scale",), outputs=((IMAGE, IMAGE),),
                                         defaults={"scale": 8}, width=340),
@@ -1145,6 +1145,43 @@ VAE Decode instead of Digits Decode (see the other workflows). From the command 
 methods × scales grid of this model with quality numbers."""
 
 
+NOTE_AUTOGUIDANCE_DIGITS = """\
+Autoguidance on the embedded digits model (Guidance Kit)
+
+WHAT: Autoguidance (Karras et al., NeurIPS 2024) pushes the prediction away from a weaker version of the same \
+model: D = CFG + scale·(cond − cond_weak). Here the weak model is the digits UNet trained 1/12 as long (the \
+loader's 'weak' weights; same class embedding, so both read the same conditioning). Runs in seconds on a CPU.
+
+THESE VALUES: cfg 3 with Autoguidance scale 1 (euler / normal, 20 steps, 8 samples of digit 5). Measured with \
+python compare.py --rows cfg autoguidance --scales 3 5: at cfg 3 the Fréchet distance to real digits drops from \
+17.8 to 16.8, clipped pixels from 3.8% to 1.5%, diversity rises from 3.99 to 4.29, adherence stays 1.00.
+
+CHANGE FIRST: scale (0.5–2); cfg 1 for Autoguidance alone (the paper's setting: D = cond_weak + (1 + scale)·(cond \
+− cond_weak)); bypass the node (Ctrl+B) for plain CFG.
+
+OTHER MODELS: see autoguidance_sd15: a fine-tune guided away from its base checkpoint, or any smaller or \
+less-trained model of the same family (the node checks latent, noise convention and conditioning)."""
+
+
+def wf_autoguidance_digits() -> Workflow:
+    nodes = [
+        Node(4, "GuidanceKit_DigitsModelLoader", 0, {"digit": 5}),
+        Node(31, "GuidanceKit_DigitsModelLoader", 0, {"digit": 5, "weights": "digits weak (for Autoguidance)"},
+             title="Weak model"),
+        Node(5, "EmptyLatentImage", 0, {"width": 64, "height": 64, "batch_size": 8}),
+        Node(NOTE_ID, "Note", 0, {"text": NOTE_AUTOGUIDANCE_DIGITS}),
+        Node(GUIDANCE_ID, "GuidanceKit_Autoguidance", 1, {"scale": 1.0},
+             {"model": (4, MODEL), "weak_model": (31, MODEL)}),
+        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"},
+             {"model": (GUIDANCE_ID, MODEL), "positive": (4, "positive"), "negative": (4, "negative"),
+              "latent_image": (5, LATENT)}),
+        Node(8, "GuidanceKit_DigitsDecode", 3, {"scale": 8}, {"samples": (3, LATENT)}),
+        Node(9, "PreviewImage", 4, links={"images": (8, IMAGE)}),
+    ]
+    return Workflow("autoguidance_digits", "Autoguidance on the embedded digits model: its weak version as guide",
+                    "embedded digits", nodes, NOTE_AUTOGUIDANCE_DIGITS)
+
+
 def wf_autoguidance_sd15() -> Workflow:
     wf = checkpoint_workflow(
         "autoguidance_sd15", "Autoguidance: a fine-tune guided away from a weaker model (its base)", "SD1.5", SD15,
@@ -1247,6 +1284,7 @@ WORKFLOWS: list[Callable[[], Workflow]] = [
     wf_npo_sdxl,
     wf_personalization_guidance_sd15,
     wf_digits_apg,
+    wf_autoguidance_digits,
 ]
 
 

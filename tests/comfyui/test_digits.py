@@ -181,6 +181,34 @@ def test_sampler_rows_and_the_row_cfg_setting(tmp_path, capsys):
     assert cfgpp.shape == plain_at_one.shape and torch.isfinite(cfgpp).all()
 
 
+def test_autoguidance_on_the_embedded_model_with_its_weak_version(tmp_path, capsys):
+    from guidance_kit.comparison.methods import MethodSpecError, apply_row, parse_row
+    from guidance_kit.comparison.runs import EmbeddedRunner
+
+    cpu = torch.device("cpu")
+    main = digits_model.load_digits_model(digits_model.UNET_WEIGHTS, cpu, cpu)
+    weak = digits_model.load_digits_model(digits_model.WEAK_UNET_WEIGHTS, cpu, cpu)
+    assert torch.equal(weak.class_embedding, main.class_embedding)  # both read the same CONDITIONING
+    assert int(weak.metadata["train_steps"]) < int(main.metadata["train_steps"])
+    # the training option that made it keeps the given class embedding frozen
+    target = tmp_path / "weak.safetensors"
+    assert train.main(["--steps", "2", "--batch-size", "8", "--no-progress", "--class-embedding",
+                       str(digits_model.UNET_WEIGHTS), "--out", str(target)]) == 0
+    capsys.readouterr()
+    assert torch.equal(digits_model.load_digits_model(target, cpu, cpu).class_embedding, main.class_embedding)
+    # the compare row: scale 0 is exactly CFG (the weak model is not run), scale 1 guides
+    runner = EmbeddedRunner(steps=4, samples_per_class=1, digits=(3, 8))
+    plain = runner.samples(parse_row("cfg"), 3.0, 0)
+    assert torch.equal(runner.samples(parse_row("autoguidance:scale=0"), 3.0, 0), plain)
+    assert not torch.equal(runner.samples(parse_row("autoguidance"), 3.0, 0), plain)
+    # the loader node's weak weights, and no second model: a clear error
+    weak_node = out(DigitsModelLoader.execute(3, "digits weak (for Autoguidance)"), 0)
+    assert torch.equal(weak_node.model.diffusion_model.input_blocks[0][0].weight,
+                       weak.patcher.model.diffusion_model.input_blocks[0][0].weight)
+    with pytest.raises(MethodSpecError, match="needs a second model"):
+        apply_row(main.patcher.clone(), parse_row("autoguidance"), 3.0)
+
+
 def test_grid_columns_can_be_seeds(tmp_path, capsys):
     code, text, _ = run_compare(["--rows", "cfg", "--scales", "3", "--seeds", "0", "1", "--samples", "1",
                                  "--digits", "1", "--steps", "3", "--out", str(tmp_path / "g.png")], capsys)
