@@ -1164,23 +1164,34 @@ OTHER MODELS: see autoguidance_sd15: a fine-tune guided away from its base check
 less-trained model of the same family (the node checks latent, noise convention and conditioning)."""
 
 
-def wf_autoguidance_digits() -> Workflow:
+def digits_workflow(name: str, title: str, guidance: list[tuple[str, dict]], note: str, cfg: float,
+                    digit: int = 3) -> Workflow:
+    """Digits Model Loader → Guidance Kit chain → KSampler → Digits Decode → Preview Image (no download)."""
     nodes = [
-        Node(4, "GuidanceKit_DigitsModelLoader", 0, {"digit": 5}),
-        Node(31, "GuidanceKit_DigitsModelLoader", 0, {"digit": 5, "weights": "digits weak (for Autoguidance)"},
-             title="Weak model"),
+        Node(4, "GuidanceKit_DigitsModelLoader", 0, {"digit": digit}),
         Node(5, "EmptyLatentImage", 0, {"width": 64, "height": 64, "batch_size": 8}),
-        Node(NOTE_ID, "Note", 0, {"text": NOTE_AUTOGUIDANCE_DIGITS}),
-        Node(GUIDANCE_ID, "GuidanceKit_Autoguidance", 1, {"scale": 1.0},
-             {"model": (4, MODEL), "weak_model": (31, MODEL)}),
-        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"},
-             {"model": (GUIDANCE_ID, MODEL), "positive": (4, "positive"), "negative": (4, "negative"),
-              "latent_image": (5, LATENT)}),
+        Node(NOTE_ID, "Note", 0, {"text": note}),
+    ]
+    model = (4, MODEL)
+    for i, (node_type, widgets) in enumerate(guidance):
+        nodes.append(Node(GUIDANCE_ID + i, node_type, 1, widgets, {"model": model}))
+        model = (GUIDANCE_ID + i, MODEL)
+    nodes += [
+        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal"},
+             {"model": model, "positive": (4, "positive"), "negative": (4, "negative"), "latent_image": (5, LATENT)}),
         Node(8, "GuidanceKit_DigitsDecode", 3, {"scale": 8}, {"samples": (3, LATENT)}),
         Node(9, "PreviewImage", 4, links={"images": (8, IMAGE)}),
     ]
-    return Workflow("autoguidance_digits", "Autoguidance on the embedded digits model: its weak version as guide",
-                    "embedded digits", nodes, NOTE_AUTOGUIDANCE_DIGITS)
+    return Workflow(name, title, "embedded digits", nodes, note)
+
+
+def wf_autoguidance_digits() -> Workflow:
+    wf = digits_workflow("autoguidance_digits", "Autoguidance on the embedded digits model: its weak version as guide",
+                         [("GuidanceKit_Autoguidance", {"scale": 1.0})], NOTE_AUTOGUIDANCE_DIGITS, cfg=3.0, digit=5)
+    wf.nodes.insert(1, Node(31, "GuidanceKit_DigitsModelLoader", 0,
+                            {"digit": 5, "weights": "digits weak (for Autoguidance)"}, title="Weak model"))
+    wf.node(GUIDANCE_ID).links["weak_model"] = (31, MODEL)
+    return wf
 
 
 def wf_autoguidance_sd15() -> Workflow:
@@ -1235,20 +1246,9 @@ def wf_personalization_guidance_sd15() -> Workflow:
 
 
 def wf_digits_apg() -> Workflow:
-    nodes = [
-        Node(4, "GuidanceKit_DigitsModelLoader", 0, {"digit": 3}),
-        Node(5, "EmptyLatentImage", 0, {"width": 64, "height": 64, "batch_size": 8}),
-        Node(NOTE_ID, "Note", 0, {"text": NOTE_DIGITS}),
-        Node(GUIDANCE_ID, "GuidanceKit_APG", 1, {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5},
-             {"model": (4, MODEL)}),
-        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal"},
-             {"model": (GUIDANCE_ID, MODEL), "positive": (4, "positive"), "negative": (4, "negative"),
-              "latent_image": (5, LATENT)}),
-        Node(8, "GuidanceKit_DigitsDecode", 3, {"scale": 8}, {"samples": (3, LATENT)}),
-        Node(9, "PreviewImage", 4, links={"images": (8, IMAGE)}),
-    ]
-    return Workflow("digits_apg", "The embedded digits model (no download): APG vs CFG in seconds on a CPU",
-                    "embedded digits", nodes, NOTE_DIGITS)
+    return digits_workflow("digits_apg", "The embedded digits model (no download): APG vs CFG in seconds on a CPU",
+                           [("GuidanceKit_APG", {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5})], NOTE_DIGITS,
+                           cfg=6.0)
 
 
 WORKFLOWS: list[Callable[[], Workflow]] = [
