@@ -18,6 +18,7 @@ MODEL_TOOLTIP = ("The diffusion model to patch. It is cloned; the input model is
                  "Chain several Guidance Kit nodes to stack methods in one guidance plan.")
 
 SIGMA_NO_LIMIT = 1000.0
+TERM_SCHEDULE_SHAPES = [s for s in SHAPES if s != "step_list"]  # the shapes an extra term's scale can take
 
 
 def model_input():
@@ -40,6 +41,29 @@ def add_method(model, slot: str, method, label: str):
     except (PlanError, ScheduleError) as e:
         raise node_error(str(e)) from None
     return apply_plan(model, plan)
+
+
+def add_extra_term(model, term, label: str):
+    """A clone of ``model`` whose plan also has the extra guidance ``term`` (stage 3)."""
+    try:
+        plan: GuidancePlan = plan_of(model).with_extra(term)
+    except (PlanError, ScheduleError) as e:
+        raise node_error(str(e)) from None
+    return apply_plan(model, plan)
+
+
+def term_schedule_inputs(start: float = 0.0, end: float = 1.0, what: str = "the degraded branch") -> list:
+    """The schedule / start_percent / end_percent inputs of a term; outside its window ``what`` is not run."""
+    return [
+        io.Combo.Input("schedule", options=TERM_SCHEDULE_SHAPES, default="constant",
+                       tooltip="Shape of this term's scale over the run (the foundation's schedules, mean 1 over "
+                               "the run): 'constant' = the same scale every step."),
+        io.Float.Input("start_percent", default=start, min=0.0, max=1.0, step=0.01,
+                       tooltip=f"The term acts from this fraction of the run (0 = first step). Outside its window "
+                               f"{what} is not evaluated (no extra model cost)."),
+        io.Float.Input("end_percent", default=end, min=0.0, max=1.0, step=0.01,
+                       tooltip="The term acts until this fraction of the run (1 = last step)."),
+    ]
 
 
 def parse_float_list(text: str, label: str, field: str) -> tuple[float, ...]:

@@ -83,7 +83,7 @@ class RunState:
     evaluations: int = 0
     passes: int = 0  # model passes (batch chunks: cond, uncond, each branch) actually run
     plain_passes: int = 0  # what plain CFG would have run for the same evaluations
-    second_models: dict = field(default_factory=dict)  # second ModelPatchers used in this run (second_model.py)
+    second_models: dict = field(default_factory=dict)  # second ModelPatchers used in this run ("second models")
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -115,10 +115,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = RunState()
     guider.model_options[RUN_KEY] = run
     try:
-        second_model.check_at_start(getattr(guider, "model_patcher", None))
+        check_second_models(getattr(guider, "model_patcher", None))
         return executor(*args, **kwargs)
     finally:
-        second_model.finish_run(run.second_models)
+        release_second_models(run.second_models)
         guider.model_options.pop(RUN_KEY, None)
         report = call_report(run, get_plan(guider.model_options))
         if report:
@@ -340,7 +340,7 @@ def evaluate_batch(args: dict, previous=None) -> list:
     if recorder is not None:
         call_options = _with_transformer_option(call_options, REGION_RECORDER_KEY, recorder)
     if any(c is not None for c in batch):
-        out = second_model.run_batch(lambda b: _run_batch(model, b, x, sigma, call_options, previous, args), batch,
+        out = run_with_second_models(lambda b: _run_batch(model, b, x, sigma, call_options, previous, args), batch,
                                      branch_map, model, x, sigma, call_options, run.second_models)
         run.calc_calls += 1
     else:
@@ -395,7 +395,7 @@ def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_l
             branch_map[len(batch)] = b
             batch.append(_branch_conds(b, conds, model_options))
         call_options = with_branch_map(model_options, branch_map)
-        out = second_model.run_batch(lambda b: comfy.samplers.calc_cond_batch(model, b, x, sigma, call_options), batch,
+        out = run_with_second_models(lambda b: comfy.samplers.calc_cond_batch(model, b, x, sigma, call_options), batch,
                                      branch_map, model, x, sigma, call_options, run.second_models)
         branches = {b.name: out[i] for i, b in branch_map.items()}
         if substitute is not None and evaluated:
@@ -514,3 +514,111 @@ def post_cfg_hook(args: dict) -> torch.Tensor:
     guided, _ = _guided(plan, run, stash, x, args["sigma"], cond_scale, cond_pred, uncond_pred)
     plain = args["uncond_denoised"] + (cond_pred - args["uncond_denoised"]) * cond_scale
     return denoised + (guided - plain)
+
+
+# ------------------------------------------------------------------------------------------------
+# second models: branches evaluated on another ModelPatcher (Autoguidance, Unconditional Priors, NPO checkpoint)
+# ------------------------------------------------------------------------------------------------
+# The second ModelPatcher is registered on the sampled model's clone with ``set_additional_models`` under
+# ``guidance_kit_second_model/<branch>``: ``prepare_sampling`` loads it with the sampled model (one memory
+# budget) and model management offloads it as usual. Nothing of it is kept in model_options (deep-copied on
+# every clone); the plan's Branch only names the key. In a step, ``run_with_second_models`` takes the entries
+# whose branch is an ``OtherModel`` out of the sampled model's batched call and evaluates them with
+# ``calc_cond_batch`` on the second model (same x, σ and conditioning; its own model_options and wrappers).
+
+SECOND_MODEL_KEY_PREFIX = "guidance_kit_second_model/"
+
+
+@dataclass(frozen=True)
+class OtherModel:
+    """A Branch perturbation: evaluate this branch on the additional model registered under ``key``."""
+
+    label: str
+    key: str
+
+
+def second_model_key(branch_name: str) -> str:
+    return SECOND_MODEL_KEY_PREFIX + branch_name
+
+
+def check_second_models(main_patcher) -> None:
+    """At sampling start: every registered second model still fits the sampled model."""
+    if main_patcher is None:
+        return
+    for key, models in main_patcher.additional_models.items():
+        if not key.startswith(SECOND_MODEL_KEY_PREFIX):
+            continue
+        for second in models:
+            label = key[len(SECOND_MODEL_KEY_PREFIX):]
+            if second.model is main_patcher.model:
+                raise second_model.SecondModelError(
+                    f"{label}: the second model shares its weights with the sampled model; it must come from its own "
+                    f"checkpoint loader (LoRA-patched clones are handled by the node itself).")
+            second_model.check_compatible(main_patcher, second, label, "second model")
+
+
+def _attached_second_model(model, key: str, label: str):
+    patcher = getattr(model, "current_patcher", None)
+    models = patcher.get_additional_models_with_key(key) if patcher is not None else []
+    if not models:
+        raise second_model.SecondModelError(
+            f"{label}: the second model is not attached to the model being sampled (was the {label} node's output "
+            f"connected to the sampler, and is the sampler a ComfyUI sampler / the Guidance Guider?).")
+    return models[0]
+
+
+def _second_model_options(second, model_options: dict) -> dict:
+    """The second model's own model_options for a calc_cond_batch call, with this run's sigmas."""
+    import comfy.model_patcher
+    import comfy.patcher_extension
+
+    mo = comfy.model_patcher.create_model_options_clone(second.model_options)
+    to = mo.setdefault("transformer_options", {})
+    to["wrappers"] = comfy.patcher_extension.copy_nested_dicts(second.wrappers)
+    to["callbacks"] = comfy.patcher_extension.copy_nested_dicts(second.callbacks)
+    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sigmas is not None:
+        to["sample_sigmas"] = sigmas
+    return mo
+
+
+def _second_model_ready(second, used: dict) -> None:
+    """``calc_cond_batch`` reads ``model.current_patcher``; ComfyUI sets it for the sampled model only."""
+    if getattr(second.model, "current_patcher", None) is not second:
+        second.pre_run()
+    used[id(second)] = second
+
+
+def run_with_second_models(run_main, batch: list, branch_map: dict, model, x, sigma, model_options: dict,
+                           used: dict) -> list:
+    """Evaluate ``batch``: OtherModel entries on their models, everything else through ``run_main``."""
+    main_batch = list(batch)
+    groups: dict[str, list[int]] = {}
+    labels: dict[str, str] = {}
+    for index, branch in branch_map.items():
+        p = getattr(branch, "perturbation", None)
+        if isinstance(p, OtherModel) and index < len(batch) and batch[index] is not None:
+            groups.setdefault(p.key, []).append(index)
+            labels[p.key] = p.label
+            main_batch[index] = None
+    if not groups:
+        return list(run_main(batch))
+    if any(c is not None for c in main_batch):
+        out = list(run_main(main_batch))
+    else:
+        out = [torch.zeros_like(x) for _ in batch]
+    for key, indices in groups.items():
+        second = _attached_second_model(model, key, labels[key])
+        _second_model_ready(second, used)
+        preds = comfy.samplers.calc_cond_batch(second.model, [batch[i] for i in indices], x, sigma,
+                                               _second_model_options(second, model_options))
+        for i, pred in zip(indices, preds):
+            out[i] = pred
+    return out
+
+
+def release_second_models(used: dict) -> None:
+    for second in used.values():
+        if getattr(second.model, "current_patcher", None) is second:
+            second.model.current_patcher = None
+    used.clear()

@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..guiders import attention_ops, region_guidance
 from ..guiders.branch_inputs import independent_embedding, perturbed_timesteps
@@ -276,9 +277,13 @@ def step_of(transformer_options: dict) -> int:
     return step_position(values, float(torch.as_tensor(sigma).reshape(-1)[0])).step_index
 
 
-def active(transformer_options: dict, batch_size: int, key: tuple | None, operators: tuple[str, ...]
-           ) -> list[tuple[Perturbation, torch.Tensor]]:
-    """(perturbation, row indices) for the branches in this forward that act on ``key``."""
+def branch_rows(transformer_options: dict, batch_size: int, accept, group=lambda p: p
+                ) -> list[tuple[object, torch.Tensor]]:
+    """(perturbation, row indices) for the branches of this forward whose perturbation ``accept`` takes.
+
+    The engine records entry index → Branch (``BRANCH_MAP_KEY``), ComfyUI the entry of each batch chunk
+    (``cond_or_uncond``); rows of perturbations with the same ``group`` key are gathered together.
+    """
     branch_map = transformer_options.get(BRANCH_MAP_KEY)
     chunks = transformer_options.get("cond_or_uncond")
     if not branch_map or not chunks:
@@ -286,20 +291,30 @@ def active(transformer_options: dict, batch_size: int, key: tuple | None, operat
     per_chunk = batch_size // len(chunks)
     if per_chunk * len(chunks) != batch_size:
         raise RuntimeError(f"Guidance Kit: a batch of {batch_size} rows does not split into {len(chunks)} chunks")
-    step = None
-    rows: dict[Perturbation, list[int]] = {}
+    rows: dict = {}
     for chunk, index in enumerate(chunks):
-        branch = branch_map.get(index)
-        p = getattr(branch, "perturbation", None)
-        if not isinstance(p, Perturbation) or p.operator not in operators:
+        p = getattr(branch_map.get(index), "perturbation", None)
+        if p is None or not accept(p):
             continue
-        if key is not None:
-            if p.operator == "drop" and step is None:
-                step = step_of(transformer_options)
-            if not p.acts_on(key, step if step is not None else 0):
-                continue
-        rows.setdefault(p, []).extend(range(chunk * per_chunk, (chunk + 1) * per_chunk))
-    return [(p, torch.tensor(r, dtype=torch.long)) for p, r in rows.items()]
+        rows.setdefault(group(p), (p, []))[1].extend(range(chunk * per_chunk, (chunk + 1) * per_chunk))
+    return [(p, torch.tensor(r, dtype=torch.long)) for p, r in rows.values()]
+
+
+def active(transformer_options: dict, batch_size: int, key: tuple | None, operators: tuple[str, ...]
+           ) -> list[tuple[Perturbation, torch.Tensor]]:
+    """(perturbation, row indices) for the branches in this forward that act on ``key``."""
+    step = []  # the step index, computed once and only for block dropping
+
+    def accept(p) -> bool:
+        if not isinstance(p, Perturbation) or p.operator not in operators:
+            return False
+        if key is None:
+            return True
+        if p.operator == "drop" and not step:
+            step.append(step_of(transformer_options))
+        return p.acts_on(key, step[0] if step else 0)
+
+    return branch_rows(transformer_options, batch_size, accept)
 
 
 def mark_applied(transformer_options: dict, groups) -> None:
@@ -611,18 +626,8 @@ def _place(out, part, rows, batch_size):
 
 
 def _custom_attention_rows(transformer_options: dict, batch_size: int) -> list:
-    branch_map = transformer_options.get(BRANCH_MAP_KEY)
-    chunks = transformer_options.get("cond_or_uncond")
-    if not branch_map or not chunks:
-        return []
-    per_chunk = batch_size // len(chunks)
-    rows: dict[int, tuple[object, list[int]]] = {}
-    for chunk, index in enumerate(chunks):
-        p = getattr(branch_map.get(index), "perturbation", None)
-        if p is None or isinstance(p, Perturbation) or not hasattr(p, "attention"):
-            continue
-        rows.setdefault(id(p), (p, []))[1].extend(range(chunk * per_chunk, (chunk + 1) * per_chunk))
-    return [(p, torch.tensor(r, dtype=torch.long)) for p, r in rows.values()]
+    return branch_rows(transformer_options, batch_size,
+                       lambda p: not isinstance(p, Perturbation) and hasattr(p, "attention"), group=id)
 
 
 def install_attention_dispatcher(model_patcher) -> None:
@@ -1642,3 +1647,222 @@ def install_region_hooks(model_patcher, spec: FamilySpec, dit_blocks: int) -> tu
     if not model_patcher.get_wrappers(apply_model, WRAPPER_KEY):
         model_patcher.add_wrapper_with_key(apply_model, WRAPPER_KEY, latent_shape_wrapper)
     return tuple(chosen)
+
+
+# ------------------------------------------------------------------------------------------------
+# weight deltas: a LoRA / patch difference on one branch's rows (Personalization, NPO, LoRA clones)
+# ------------------------------------------------------------------------------------------------
+# Weight deltas on the rows of one branch: a second set of weights without a second copy of them.
+#
+# Personalization guidance (θ_λ = θ_pre + λ·(θ_ft − θ_pre) for a LoRA fine-tune), Diffusion-NPO with
+# a LoRA, and a second MODEL that is a LoRA-patched clone of the sampled one all need predictions of
+# ``W + ΔW`` with ``ΔW`` a (low-rank) patch, in the same step as predictions of ``W``. Patching the
+# weights would need a second copy of every patched layer (ComfyUI's weight hooks keep a backup and a
+# cached patched copy of each touched weight, and run each hook group as its own forward). Instead the
+# patched layers get an object patch of their ``forward`` (``DeltaForward``) that computes
+#
+#     y = layer(x)                        (every row: the model's own weights, LoRAs already merged)
+#     y[rows] += s·up(down(x[rows]))·α/r  (the branch's rows only; low-rank, no dense ΔW)
+#
+# so cond, uncond and the branch share one forward and one set of weights; the only memory is the
+# LoRA factors. Patches that are not plain low-rank LoRAs (LoHa, LoKr, full diffs, bias diffs) fall
+# back to a dense ΔW per patched layer (the layer's size, never the model's). Non-additive patches
+# (DoRA, 'set', weight-merge strengths) are refused: their effect is not a sum of deltas.
+#
+# Which rows: the engine puts each branch in its own entry of the batched call and records entry
+# index → Branch in ``transformer_options["guidance_kit_branches"]``; ComfyUI records the entry of
+# each batch chunk in ``cond_or_uncond``. An APPLY_MODEL wrapper turns that into ``{delta id: (rows,
+# strength)}`` for the duration of the forward; the layer patches read it. A forward whose rows
+# carry a delta but where no patched layer ran raises ``DeltaNotApplied`` (never a silent no-op).
+
+DELTA_WRAPPER_KEY = "guidance_kit_weight_delta"
+
+
+class DeltaNotApplied(RuntimeError):
+    """A branch with a weight delta ran, but no patched layer was reached."""
+
+
+@dataclass(frozen=True)
+class RowDelta:
+    """A Branch perturbation: this branch's rows get ``strength ×`` the delta ``delta_id``.
+
+    Frozen and tensor-free like the rest of the plan; the tensors live on the layer patches.
+    """
+
+    label: str
+    delta_id: str
+    strength: float = 1.0
+    layers: int = 0  # number of patched layers (for messages)
+
+
+@dataclass(eq=False)
+class DeltaEntry:
+    """One patch of one layer (built by ``weight_delta.py``): low-rank (``up``, ``down``, ``scale``) or dense
+    (``dense``)."""
+
+    target: str  # "weight" | "bias"
+    scale: float = 1.0
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    out_slice: tuple[int, int] | None = None  # (start, size) on the output features (fused qkv patches)
+    _cache: dict = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.up, self.down, self.dense) if t is not None]
+
+    def _on(self, name: str, ref: torch.Tensor) -> torch.Tensor:
+        key = (name, ref.device, ref.dtype)
+        t = self._cache.get(key)
+        if t is None:
+            t = getattr(self, name).to(device=ref.device, dtype=ref.dtype)
+            self._cache.clear() if len(self._cache) > 6 else None
+            self._cache[key] = t
+        return t
+
+    def output(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The delta of the layer's output for input rows ``x`` (unscaled by the branch strength)."""
+        conv = isinstance(module, torch.nn.modules.conv._ConvNd)
+        if self.target == "bias":
+            b = self._on("dense", x)
+            shape = [1] * x.ndim
+            if conv:
+                shape[1] = -1
+            else:
+                shape[-1] = -1
+            return b.reshape(shape) * self.scale
+        if self.dense is not None:
+            w = self._on("dense", x)
+            out = module._conv_forward(x, w, None) if conv else F.linear(x, w)
+            return out * self.scale
+        down, up = self._on("down", x), self._on("up", x)
+        if conv:
+            h = module._conv_forward(x, down, None)
+            conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[up.ndim]
+            return conv_fn(h, up) * self.scale
+        return F.linear(F.linear(x, down), up) * self.scale
+
+
+_STACK: list[dict] = []  # the row groups of the forward in progress (ComfyUI runs one prompt at a time)
+
+
+class DeltaForward:
+    """Object patch of one Linear/Conv layer's ``forward``: adds the deltas to their branches' rows."""
+
+    is_guidance_kit = True
+
+    def __init__(self, module, entries: dict[str, list[DeltaEntry]], previous=None):
+        self.module = module
+        self.entries = entries
+        self.previous = previous
+
+    def with_entries(self, delta_id: str, entries: list[DeltaEntry]) -> DeltaForward:
+        merged = dict(self.entries)
+        merged[delta_id] = list(merged.get(delta_id, [])) + entries
+        return DeltaForward(self.module, merged, self.previous)
+
+    def _original(self, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, x, *args, **kwargs):
+        y = self._original(x, *args, **kwargs)
+        if not _STACK:
+            return y
+        context = _STACK[-1]
+        conv = isinstance(self.module, torch.nn.modules.conv._ConvNd)
+        cloned = False
+        for delta_id, (rows, strength) in context["groups"].items():
+            entries = self.entries.get(delta_id)
+            if not entries or strength == 0.0:
+                continue
+            idx = _expand_rows(rows, context["batch"], x.shape[0]).to(x.device)
+            xr = x[idx]
+            yr = y[idx]
+            for e in entries:
+                d = e.output(self.module, xr).to(yr.dtype) * strength
+                if e.out_slice is None:
+                    yr = yr + d
+                else:
+                    start, size = e.out_slice
+                    yr = yr.clone()
+                    if conv:
+                        yr[:, start:start + size] += d
+                    else:
+                        yr[..., start:start + size] += d
+            if not cloned:
+                y, cloned = y.clone(), True
+            y[idx] = yr
+            context["applied"].add(delta_id)
+        return y
+
+
+def _expand_rows(rows: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    if n == batch:
+        return rows
+    if n % batch == 0:  # batch folded with frames/groups, batch-major (b, k) → b·k
+        k = n // batch
+        return (rows[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
+    raise DeltaNotApplied(f"Guidance Kit: a patched layer saw {n} rows in a forward of {batch} samples; the row "
+                          f"delta cannot tell the branches apart here.")
+
+
+def row_groups(transformer_options: dict, batch_size: int) -> dict[str, tuple[torch.Tensor, float]]:
+    """``{delta id: (row indices, strength)}`` for the branches of this forward that carry a RowDelta."""
+    return {p.delta_id: (rows, p.strength) for p, rows in
+            branch_rows(transformer_options, batch_size, lambda p: isinstance(p, RowDelta), group=lambda p: p.delta_id)}
+
+
+def delta_wrapper(executor, x, t, *args, **kwargs):
+    """APPLY_MODEL wrapper: publishes this forward's delta rows to the layer patches."""
+    to = args[3] if len(args) > 3 else kwargs.get("transformer_options")
+    groups = row_groups(to, x.shape[0]) if isinstance(to, dict) else {}
+    if not groups:
+        return executor(x, t, *args, **kwargs)
+    context = {"groups": groups, "batch": int(x.shape[0]), "applied": set()}
+    _STACK.append(context)
+    try:
+        out = executor(x, t, *args, **kwargs)
+    finally:
+        _STACK.pop()
+    missing = [d for d, (_, s) in groups.items() if s != 0.0 and d not in context["applied"]]
+    if missing:
+        raise DeltaNotApplied(
+            "Guidance Kit: a branch with a LoRA/weight delta ran but none of its patched layers was reached (another "
+            "node replaced the layers' forward after this node, or the model calls these weights directly). Put the "
+            "Guidance Kit node last, after other model patches.")
+    return out
+
+
+def install_delta(model_patcher, delta_id: str, entries: dict[str, list[DeltaEntry]]) -> None:
+    """Install the layer patches of delta ``delta_id`` on a (cloned) ModelPatcher."""
+    import comfy.patcher_extension
+    import comfy.utils
+
+    for module_path, items in entries.items():
+        path = module_path + ".forward"
+        current = model_patcher.object_patches.get(path)
+        if isinstance(current, DeltaForward):
+            patch = current.with_entries(delta_id, items)
+        else:
+            patch = DeltaForward(comfy.utils.get_attr(model_patcher.model, module_path), {delta_id: items},
+                                 previous=current)
+        model_patcher.add_object_patch(path, patch)
+    if not model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, DELTA_WRAPPER_KEY):
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, DELTA_WRAPPER_KEY,
+                                           delta_wrapper)
+
+
+def delta_bytes(model_patcher) -> int:
+    """Bytes held by this patcher's delta patches (LoRA factors / dense layer deltas), counted once each."""
+    seen, total = set(), 0
+    for patch in model_patcher.object_patches.values():
+        if isinstance(patch, DeltaForward):
+            for items in patch.entries.values():
+                for e in items:
+                    for t in e.tensors():
+                        if t.data_ptr() not in seen:
+                            seen.add(t.data_ptr())
+                            total += t.numel() * t.element_size()
+    return total

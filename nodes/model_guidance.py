@@ -4,12 +4,13 @@ Two ways to get a second model's prediction in the same step, chosen by the node
 
 * **A different checkpoint** (its own loader): the second ModelPatcher is attached to the clone
   with ``set_additional_models`` (ComfyUI loads and offloads it with the sampled model) and its
-  branch runs through ``calc_cond_batch`` on it (``second_model.py``). Family, latent and
+  branch runs through ``calc_cond_batch`` on it (``engine.py``, second models). Family, latent and
   conditioning shapes are checked at the node and again at sampling start.
 * **The same weights with other patches** (a LoRA file on the node, or a second MODEL that is a
   LoRA-patched clone of the sampled one, e.g. through LoraLoader): the patch difference is applied
   to the branch's rows only, inside the one batched forward, from the LoRA factors
-  (``weight_delta.py``). No weight is copied; the personalization λ is a strength on that delta.
+  (``weight_delta.py`` builds the deltas, ``hooks.py`` applies them). No weight is copied; the
+  personalization λ is a strength on that delta.
 
 Terms: Autoguidance adds ``s_t·(C − C_weak)`` (an extra term, like PAG); the others replace the
 unconditional prediction, ``U' = U + β_t·(U_other − U)`` (β = 1: the papers' replacement).
@@ -19,27 +20,23 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.plan import Branch, ExtraGuidance, PlanError, UncondModel
-from ..guiders.schedules import SHAPES, ScheduleError
-from . import second_model, weight_delta
-from .common import CATEGORY_ROOT, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, model_input, model_output, node_error
-from .engine import apply_plan, plan_of
+from ..guiders.plan import Branch, ExtraGuidance, UncondModel
+from . import hooks, second_model, weight_delta
+from .common import (
+    CATEGORY_ROOT,
+    NODE_PREFIX,
+    SIGMA_NO_LIMIT,
+    add_extra_term,
+    add_method,
+    build_schedule,
+    model_input,
+    model_output,
+    node_error,
+    term_schedule_inputs,
+)
+from .engine import OtherModel, second_model_key
 
 CATEGORY_MODEL = CATEGORY_ROOT + "/second model"
-SCHEDULE_SHAPES = [s for s in SHAPES if s != "step_list"]
-
-
-def _schedule_inputs(what: str) -> list:
-    return [
-        io.Combo.Input("schedule", options=SCHEDULE_SHAPES, default="constant",
-                       tooltip="Shape of this term's strength over the run (the pack's schedules, mean 1 over the "
-                               "run): 'constant' = the same every step."),
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip=f"The term acts from this fraction of the run (0 = first step). Outside its window "
-                               f"{what} is not evaluated (no extra model cost)."),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="The term acts until this fraction of the run (1 = last step)."),
-    ]
 
 
 def _uncond_scale_input():
@@ -85,14 +82,6 @@ def _second_source(label: str, model, second, what: str):
     return "model", None
 
 
-def _with_plan(model, label: str, update):
-    try:
-        plan = update(plan_of(model))
-    except (PlanError, ScheduleError) as e:
-        raise node_error(str(e)) from None
-    return apply_plan(model, plan)
-
-
 def add_second_model_term(model, second, label: str, branch_name: str, kind: str, scale: float, schedule: str,
                           start_percent: float, end_percent: float, what: str):
     """Clone ``model`` with a term whose branch runs on ``second`` (kind 'extra' or 'uncond')."""
@@ -100,22 +89,22 @@ def add_second_model_term(model, second, label: str, branch_name: str, kind: str
     source, patches = _second_source(label, model, second, what)
     if source == "delta":
         delta_id = weight_delta.new_delta_id(label)
-        perturbation = weight_delta.RowDelta(label, delta_id, 1.0)
+        perturbation = hooks.RowDelta(label, delta_id, 1.0)
     else:
-        perturbation = second_model.OtherModel(label, second_model.model_key(branch_name))
+        perturbation = OtherModel(label, second_model_key(branch_name))
     branch = Branch(branch_name, source="cond" if kind == "extra" else "uncond", perturbation=perturbation)
     if kind == "extra":
         term = ExtraGuidance(branch, scale=float(scale), schedule=built, label=label)
-        patched = _with_plan(model, label, lambda p: p.with_extra(term))
+        patched = add_extra_term(model, term, label)
     else:
         term = UncondModel(branch, scale=float(scale), schedule=built, label=label)
-        patched = _with_plan(model, label, lambda p: p.with_method("uncond_model", term, label))
+        patched = add_method(model, "uncond_model", term, label)
     if source == "delta":
         try:
             entries = weight_delta.entries_from_patches(model, patches, label)
         except weight_delta.DeltaError as e:
             raise node_error(str(e)) from None
-        weight_delta.install_delta(patched, perturbation.delta_id, entries)
+        hooks.install_delta(patched, perturbation.delta_id, entries)
     else:
         patched.set_additional_models(perturbation.key, [second])
     return patched
@@ -133,13 +122,13 @@ def add_lora_uncond_term(model, label: str, branch_name: str, lora_sd: dict, mai
         entries = weight_delta.entries_from_patches(model, patches, label)
     except weight_delta.DeltaError as e:
         raise node_error(str(e)) from None
-    delta = weight_delta.RowDelta(label, weight_delta.new_delta_id(label), float(branch_strength), len(entries))
+    delta = hooks.RowDelta(label, weight_delta.new_delta_id(label), float(branch_strength), len(entries))
     term = UncondModel(Branch(branch_name, source="uncond", perturbation=delta), scale=float(scale), schedule=built,
                        label=label)
-    patched = _with_plan(model, label, lambda p: p.with_method("uncond_model", term, label))
+    patched = add_method(model, "uncond_model", term, label)
     if main_strength != 0.0:
         patched.add_patches(loaded, float(main_strength))
-    weight_delta.install_delta(patched, delta.delta_id, entries)
+    hooks.install_delta(patched, delta.delta_id, entries)
     return patched
 
 
@@ -171,7 +160,7 @@ class AutoguidanceNode(io.ComfyNode):
                 io.Float.Input("scale", default=1.0, min=0.0, max=20.0, step=0.05, round=0.01,
                                tooltip="Strength s of the term; the paper's guidance weight w is 1 + s at cfg 1 "
                                        "(its best values w ≈ 2–3). 0 = off (no extra model cost)."),
-                *_schedule_inputs("the weak model"),
+                *term_schedule_inputs(what="the weak model"),
             ],
             outputs=[model_output()],
         )
@@ -204,7 +193,7 @@ class UnconditionalPriorNode(io.ComfyNode):
                                                        "model of the fine-tune (or an NPO checkpoint). Same family; "
                                                        "checked at this node and at sampling start."),
                 _uncond_scale_input(),
-                *_schedule_inputs("the other model's uncond"),
+                *term_schedule_inputs(what="the other model's uncond"),
             ],
             outputs=[model_output()],
         )
@@ -238,7 +227,7 @@ class NPONode(io.ComfyNode):
                 io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05, round=0.01,
                                tooltip="Strength of the NPO LoRA on the uncond branch (1 = as trained)."),
                 _uncond_scale_input(),
-                *_schedule_inputs("the NPO uncond"),
+                *term_schedule_inputs(what="the NPO uncond"),
             ],
             outputs=[model_output()],
         )
@@ -280,7 +269,7 @@ class PersonalizationGuidanceNode(io.ComfyNode):
                                        "null prediction, 1 = the fine-tune's own (plain CFG). Our default 0.5; the "
                                        "paper sweeps it as the fidelity/editability control."),
                 _uncond_scale_input(),
-                *_schedule_inputs("the interpolated uncond"),
+                *term_schedule_inputs(what="the interpolated uncond"),
             ],
             outputs=[model_output()],
         )

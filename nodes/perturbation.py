@@ -16,14 +16,22 @@ from comfy_api.latest import io
 
 from ..guiders.attention_ops import drop_count
 from ..guiders.layers import LayerError, parse_layers, resolve
-from ..guiders.plan import Branch, ExtraGuidance, IndependentCondition, PlanError
-from ..guiders.schedules import SHAPES, ScheduleError
+from ..guiders.plan import Branch, ExtraGuidance, IndependentCondition
 from . import hooks
-from .common import CATEGORY_ROOT, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, model_input, model_output, node_error
-from .engine import apply_plan, plan_of
+from .common import (
+    CATEGORY_ROOT,
+    NODE_PREFIX,
+    SIGMA_NO_LIMIT,
+    add_extra_term,
+    add_method,
+    build_schedule,
+    model_input,
+    model_output,
+    node_error,
+    term_schedule_inputs,
+)
 
 CATEGORY_PERTURB = CATEGORY_ROOT + "/perturbation"
-SCHEDULE_SHAPES = [s for s in SHAPES if s != "step_list"]
 INFINITE_BLUR = 10000.0
 
 LAYERS_TOOLTIP = (
@@ -77,17 +85,8 @@ class Defaults:
     end: float = 1.0
 
 
-def _schedule_inputs(defaults: Defaults) -> list:
-    return [
-        io.Combo.Input("schedule", options=SCHEDULE_SHAPES, default="constant",
-                       tooltip="Shape of this term's scale over the run (the foundation's schedules, mean 1 over "
-                               "the run): 'constant' = the same scale every step."),
-        io.Float.Input("start_percent", default=defaults.start, min=0.0, max=1.0, step=0.01,
-                       tooltip="The term acts from this fraction of the run (0 = first step). Outside its window "
-                               "the degraded branch is not evaluated (no extra model cost)."),
-        io.Float.Input("end_percent", default=defaults.end, min=0.0, max=1.0, step=0.01,
-                       tooltip="The term acts until this fraction of the run (1 = last step)."),
-    ]
+def _term_inputs(defaults: Defaults) -> list:
+    return term_schedule_inputs(defaults.start, defaults.end)
 
 
 def _scale_input(defaults: Defaults, tooltip: str):
@@ -135,11 +134,7 @@ def add_perturbation_term(model, label: str, perturbation: hooks.Perturbation, s
     built = build_schedule(label, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
     term = ExtraGuidance(Branch(f"{perturbation.method}", source="cond", perturbation=perturbation), scale=scale,
                          schedule=built, label=label)
-    try:
-        plan = plan_of(model).with_extra(term)
-    except (PlanError, ScheduleError) as e:
-        raise node_error(str(e)) from None
-    patched = apply_plan(model, plan)
+    patched = add_extra_term(model, term, label)
     spec = hooks.FAMILIES_BY_NAME[perturbation.family]
     layout = hooks.block_layout(patched, spec)
     hooks.install(patched, hooks.plan_installation(spec, layout, perturbation), layout)
@@ -203,7 +198,7 @@ class PAGNode(LayeredMethodNode):
                                            "start lower (1–2) on DiTs. 0 = off (no extra model cost)."),
                 _layers_input("PAG default: the UNet middle block (all its transformer layers), the middle double "
                               "block on DiTs."),
-                *_schedule_inputs(cls.DEFAULTS),
+                *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
         )
@@ -237,7 +232,7 @@ class SEGNode(LayeredMethodNode):
                                        "(uniform attention, official default; strongest). 10 = the paper's "
                                        "milder setting. 0 = no perturbation."),
                 _layers_input("SEG default: the UNet middle block, the middle double block on DiTs."),
-                *_schedule_inputs(cls.DEFAULTS),
+                *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
         )
@@ -272,7 +267,7 @@ class TPGNode(LayeredMethodNode):
                 _layers_input("TPG default: the two deepest down-block transformers of the UNet (SDXL input 7, 8 = "
                               "the official down_blocks.2), the middle double block on DiTs."),
                 _seed_input(),
-                *_schedule_inputs(cls.DEFAULTS),
+                *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
         )
@@ -315,7 +310,7 @@ class SkipLayerNode(LayeredMethodNode):
                 _layers_input("SLG default: SD3/SD3.5 'double 7-9' (official), WAN 'blocks 9', LTXV 'blocks 19' "
                               "(STG), other DiTs 'double 7-9' (the middle block on small models), UNet "
                               "'middle all'."),
-                *_schedule_inputs(cls.DEFAULTS),
+                *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
         )
@@ -350,7 +345,7 @@ class S2GuidanceNode(LayeredMethodNode):
                 _layers_input("S²-Guidance: the candidate blocks to drop from; default all transformer blocks "
                               "(layers on UNets). The model's first block is never dropped."),
                 _seed_input(),
-                *_schedule_inputs(cls.DEFAULTS),
+                *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
         )
@@ -406,7 +401,7 @@ class TSGNode(io.ComfyNode):
                                tooltip="Std of the time perturbation as a fraction of the model's time range "
                                        "(clamped to the range). 0 = no perturbation (the term vanishes)."),
                 _seed_input(),
-                *_schedule_inputs(cls.DEFAULTS),
+                *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
         )
@@ -447,11 +442,7 @@ class ICGNode(io.ComfyNode):
         term = IndependentCondition(Branch("ICG", source="cond", perturbation=hooks.RandomCondition(cls.LABEL,
                                                                                                     int(seed))),
                                     label=cls.LABEL)
-        try:
-            plan = plan_of(model).with_method("icg", term, cls.LABEL)
-        except (PlanError, ScheduleError) as e:
-            raise node_error(str(e)) from None
-        return io.NodeOutput(apply_plan(model, plan))
+        return io.NodeOutput(add_method(model, "icg", term, cls.LABEL))
 
 
 NODES = [PAGNode, SEGNode, TPGNode, SkipLayerNode, S2GuidanceNode, TSGNode, ICGNode]

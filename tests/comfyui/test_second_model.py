@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from guidance_kit.nodes import cfg_methods as cm
+from guidance_kit.nodes import engine, hooks, second_model
 from guidance_kit.nodes import model_guidance as MG
 from guidance_kit.nodes import perturbation as P
-from guidance_kit.nodes import second_model, weight_delta
 from tests.comfyui.harness import CONFIGS, counted, init_random_, ksample, out, rel_diff, tiny_model
 
 CFG = 4.0
@@ -187,7 +187,7 @@ def test_family_and_shape_mismatch_are_clear_errors():
         autoguidance(tiny_model("sd15"), separate_model("sd15", context_dim=32))
     # a mismatch reaching the sampler (attached by other means) fails at sampling start
     m = uncond_prior(tiny_model("sd15"), separate_model("sd15", seed=3))
-    m.set_additional_models(second_model.model_key("UnconditionalPrior"), [tiny_model("flux")])
+    m.set_additional_models(engine.second_model_key("UnconditionalPrior"), [tiny_model("flux")])
     with pytest.raises(second_model.SecondModelError, match="not of the sampled model's family"):
         ksample(m, "sd15", CFG, 2)
 
@@ -276,7 +276,7 @@ def test_personalization_keeps_one_copy_of_the_weights(tmp_path):
     ksample(node, family, CFG, 2)
     assert measured["node"] == measured["plain"]  # same parameters, same backups: nothing duplicated
     lora_bytes = sum(t.numel() * t.element_size() for t in lora_sd(name).values())
-    extra = weight_delta.delta_bytes(node)
+    extra = hooks.delta_bytes(node)
     assert 0 < extra <= lora_bytes
     print(f"\nmemory: model parameters {measured['node'][0][1]} B in {measured['node'][0][0]} storages for both "
           f"branches; extra for θ_λ: {extra} B of LoRA factors (file {lora_bytes} B)")
