@@ -163,6 +163,14 @@ def test_every_method_of_the_metrics_report_runs_on_the_embedded_model(tmp_path,
             table[(row.label, scale)] = line[len(row.label):].split()[2:8]
     assert table[("NAG", "1")] != table[("CFG", "1")]  # NAG acts at cfg 1 (the null class as its negative)
     assert table[("APG", "3")] != table[("CFG", "3")]
+    # and every method acts on the embedded model (a row equal to plain CFG would be a silent no-op)
+    from guidance_kit.comparison.runs import EmbeddedRunner
+
+    runner = EmbeddedRunner(steps=6, samples_per_class=1, digits=(0, 1))
+    plain = runner.samples(parse_row("cfg"), 3.0, 0)
+    idle = [text for text in ALL_METHODS[1:]
+            if (runner.samples(parse_row(text), 3.0, 0) - plain).abs().max() < 1e-3]
+    assert not idle, f"these methods did not change the samples at cfg 3: {idle}"
 
 
 def test_sampler_rows_and_the_row_cfg_setting(tmp_path, capsys):
@@ -214,6 +222,8 @@ def test_grid_columns_can_be_seeds(tmp_path, capsys):
                                  "--digits", "1", "--steps", "3", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0
     assert "seed 0" in text and "seed 1" in text
+    cells = [line.split()[3:] for line in text.splitlines() if line.startswith("CFG ")]
+    assert len(cells) == 2 and cells[0] != cells[1]  # another seed, other digits
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -152,13 +152,16 @@ def test_stacks_with_cfg_space_and_perturbation_terms():
     main, main_counter = counted(tiny_model(family))
     weak, weak_counter = counted(separate_model(family, seed=5, **SMALLER[family]))
     prior = separate_model(family, seed=3)
-    m = out(P.PAGNode.execute(main, 2.0, "auto", "constant", 0.0, 1.0))
-    m = out(cm.APGNode.execute(out(cm.TCFGNode.execute(m)), 0.0, 15.0, -0.5))
-    m = autoguidance(uncond_prior(m, prior), weak, 1.0)
+    base = out(P.PAGNode.execute(main, 2.0, "auto", "constant", 0.0, 1.0))
+    base = out(cm.APGNode.execute(out(cm.TCFGNode.execute(base)), 0.0, 15.0, -0.5))
+    m = autoguidance(uncond_prior(base, prior), weak, 1.0)
     guided = ksample(m, family, CFG, STEPS)
     assert torch.isfinite(guided).all()
     # main: cond + PAG branch in one call; prior: uncond; weak: cond
     assert main_counter.batches[-STEPS:] == [2] * STEPS and weak_counter.batches == [1] * STEPS
+    # each second-model term still acts inside the stack
+    assert rel_diff(guided, ksample(uncond_prior(base, prior), family, CFG, STEPS)) > 1e-3
+    assert rel_diff(guided, ksample(autoguidance(base, weak, 1.0), family, CFG, STEPS)) > 1e-3
     with pytest.raises(ValueError, match="already comes from Unconditional Prior"):
         P.ICGNode.execute(m, 0)
 
@@ -280,6 +283,23 @@ def test_personalization_keeps_one_copy_of_the_weights(tmp_path):
     assert 0 < extra <= lora_bytes
     print(f"\nmemory: model parameters {measured['node'][0][1]} B in {measured['node'][0][0]} storages for both "
           f"branches; extra for θ_λ: {extra} B of LoRA factors (file {lora_bytes} B)")
+
+
+def test_a_lora_delta_that_never_reaches_the_model_is_an_error(tmp_path):
+    """Another node replacing the patched layers' forward after ours would make NPO plain CFG at full cost:
+    the APPLY_MODEL guard turns that into an error instead of a silent no-op."""
+    family = "sd15"
+    name = write_lora(tmp_path, family, "npo_bypass.safetensors", seed=18)
+    node = out(MG.NPONode.execute(tiny_model(family), name, 1.0, 1.0, "constant", 0.0, 1.0))
+    paths = [k for k, v in node.object_patches.items() if isinstance(v, hooks.DeltaForward)]
+    assert paths
+    bypassed = node.clone()
+    for path in paths:  # a later node's own forward patch on the same layers
+        bypassed.add_object_patch(path, bypassed.object_patches[path].module.__class__.forward.__get__(
+            bypassed.object_patches[path].module))
+    with pytest.raises(hooks.DeltaNotApplied, match="none of its patched layers was reached"):
+        ksample(bypassed, family, CFG, 2)
+    assert torch.isfinite(ksample(node, family, CFG, 2)).all()
 
 
 def test_unsupported_patches_are_refused(tmp_path):

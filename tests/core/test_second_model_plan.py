@@ -163,3 +163,14 @@ def test_autoguidance_concentrates_on_the_class(mixtures):
     assert dist(guided) < dist(plain) - 0.1  # closer to the class centre (sharper), as the paper
     assert adherence(base, guided) > adherence(base, plain)
     assert den.calls["branches"] == len(sigmas) - 1  # one weak-model call per step
+
+
+def test_an_uncond_from_another_model_is_reported_inactive_at_cfg_one():
+    """At cfg 1 the uncond is not evaluated, so a second-model uncond changes nothing: the engine's cfg-1 warning
+    must name it (Autoguidance, an extra term, acts at cfg 1 and is not named)."""
+    plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, label="Unconditional Prior"),
+                                      "Unconditional Prior")
+    assert "Unconditional Prior" in plan.inactive_at_cfg_one(uncond_evaluated=False)
+    weak = ExtraGuidance(Branch("Autoguidance", source="cond", perturbation="weak model"), scale=1.0,
+                         label="Autoguidance")
+    assert GuidancePlan().with_extra(weak).inactive_at_cfg_one(uncond_evaluated=False) == []
