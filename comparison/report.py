@@ -181,8 +181,8 @@ def mixture_table(runner: EmbeddedRunner, rows: Sequence[Row], scales: Sequence[
     split = load_split()
     mixture = DiagonalGaussianMixture.fit(split.train_images, split.train_labels)
     patcher = runner.model.patcher
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), runner.scheduler,
-                                             runner.steps).tolist()
+    sampling = patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, runner.scheduler, runner.steps).tolist()
     headers = ["method", "cfg", "W2² to p(x0|c)", "Bayes adherence", "mean |x|"]
     floor = [exact_sample_floor(mixture, samples_per_class, seed) for seed in seeds]
     lines = [["exact samples (floor)", "", pm([f.distance for f in floor], ".3f"),
@@ -192,7 +192,8 @@ def mixture_table(runner: EmbeddedRunner, rows: Sequence[Row], scales: Sequence[
             continue
         for scale in scales:
             plan = plan_of_row(patcher.clone(), row, scale)
-            found = [evaluate_plan(plan, mixture, scale, sigmas, samples_per_class, seed) for seed in seeds]
+            found = [evaluate_plan(plan, mixture, scale, sigmas, samples_per_class, seed, sampling.percent_to_sigma)
+                     for seed in seeds]
             lines.append([row.label, f"{scale:g}", pm([f.distance for f in found], ".3f"),
                           pm([f.adherence for f in found], ".3f"), pm([f.mean_abs for f in found], ".3f")])
             if bar is not None:

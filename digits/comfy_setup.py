@@ -38,6 +38,12 @@ def is_comfyui(path: Path) -> bool:
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path:
     """The ComfyUI checkout to use, or ComfyUINotFound naming every place looked at."""
     candidates = comfyui_candidates(explicit)
+    if explicit and not is_comfyui(candidates[0][0]):
+        # a path the user named is never silently replaced by another checkout
+        raise ComfyUINotFound(
+            f"Guidance Kit: --comfyui {candidates[0][0]} is not a ComfyUI checkout (no comfy/samplers.py and "
+            f"main.py there). Point --comfyui at the ComfyUI folder, or leave it out to use COMFYUI_PATH, the "
+            f"ComfyUI this pack sits in, or ~/ComfyUI.")
     for path, _how in candidates:
         if is_comfyui(path):
             return path.resolve()

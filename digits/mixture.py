@@ -24,7 +24,7 @@ import torch
 
 from ..guiders.combine import GuidanceState, StepInputs, after_evaluation, combine, needs
 from ..guiders.plan import GuidancePlan
-from ..guiders.progress import step_position
+from ..guiders.progress import PercentToSigma, log_linear_percent_to_sigma, step_position
 from .metrics import frechet_distance_from_statistics, gaussian_statistics
 
 MIN_VARIANCE = 0.01
@@ -109,10 +109,18 @@ def check_exact(plan: GuidancePlan) -> None:
 
 
 def sample_with_plan(plan: GuidancePlan, mixture: DiagonalGaussianMixture, labels: torch.Tensor, cond_scale: float,
-                     sigmas: Sequence[float], seed: int = 0) -> torch.Tensor:
-    """Euler samples of ``plan`` on the exact denoisers, one per label, started as ComfyUI starts ε-models."""
+                     sigmas: Sequence[float], seed: int = 0,
+                     percent_to_sigma: PercentToSigma | None = None) -> torch.Tensor:
+    """Euler samples of ``plan`` on the exact denoisers, one per label, started as ComfyUI starts ε-models.
+
+    ``percent_to_sigma``: the progress convention of the schedules (a model's ``model_sampling.percent_to_sigma``);
+    default: log σ linear over the range of ``sigmas`` (ComfyUI's EDM convention).
+    """
     check_exact(plan)
+    plan = plan.for_model("ve")
     sigmas = [float(s) for s in sigmas]
+    if percent_to_sigma is None:
+        percent_to_sigma = log_linear_percent_to_sigma(min(s for s in sigmas if s > 0), sigmas[0])
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((labels.shape[0],) + mixture.shape, generator=generator, dtype=torch.float64)
     x = noise * math.sqrt(1.0 + sigmas[0] ** 2)
@@ -120,7 +128,7 @@ def sample_with_plan(plan: GuidancePlan, mixture: DiagonalGaussianMixture, label
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         sigma = torch.full((x.shape[0],), s, dtype=torch.float64)
-        position = step_position(sigmas, s)
+        position = step_position(sigmas, s, percent_to_sigma)
         need = needs(plan, position, s, state)
         cond = mixture.denoise_cond(x, sigma, labels) if need.cond else x
         uncond = mixture.denoise_uncond(x, sigma) if need.uncond else None
@@ -142,10 +150,11 @@ class MixtureResult:
 
 
 def evaluate_plan(plan: GuidancePlan, mixture: DiagonalGaussianMixture, cond_scale: float, sigmas: Sequence[float],
-                  samples_per_class: int = 500, seed: int = 0) -> MixtureResult:
+                  samples_per_class: int = 500, seed: int = 0,
+                  percent_to_sigma: PercentToSigma | None = None) -> MixtureResult:
     classes = mixture.means.shape[0]
     labels = torch.arange(classes).repeat_interleave(samples_per_class)
-    samples = sample_with_plan(plan, mixture, labels, cond_scale, sigmas, seed)
+    samples = sample_with_plan(plan, mixture, labels, cond_scale, sigmas, seed, percent_to_sigma)
     return summarize(mixture, samples, labels)
 
 

@@ -143,7 +143,7 @@ def after_evaluation(plan: GuidancePlan, state: GuidanceState, need: Needs, posi
     others = dict(branches)
     if uncond is not None:
         others[UNCOND] = uncond
-    if position.progress >= ag.start_percent - 1e-9:
+    if position.progress >= ag.start_percent - 1e-6:
         observe(adaptive, ag.threshold, watched, x, sigma, cond, others)
     if ag.linear and (uncond is not None or estimate is not None):
         record_uncond(adaptive, x, sigma, cond, uncond if uncond is not None else estimate,

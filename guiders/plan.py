@@ -111,17 +111,22 @@ class TCFG:
 class CFGZeroStar:
     """CFG-Zero*: optimised uncond scale α* and/or zero-init of the first ``zero_init_steps`` steps.
 
-    ``zero_init_steps`` counts zeroed steps: 0 = off, 1 = the first step (the official code's
-    ``zero_steps=0``), 2 = the first two (official ``zero_steps=1``, its Wan T2V setting).
+    ``zero_init_steps`` counts zeroed steps of a sampler call that starts from pure noise: 0 = off, 1 = the
+    first step (the official code's ``zero_steps=0``), 2 = the first two (official ``zero_steps=1``, its Wan
+    T2V setting). ``None`` = automatic: ``AUTO_FLOW_STEPS`` on flow models, off on eps/v models, where
+    the official code never runs and a zeroed first step leaves its noise in the image (resolved by
+    ``GuidancePlan.for_model``).
     """
 
+    AUTO_FLOW_STEPS = 1
+
     optimized_scale: bool = True
-    zero_init_steps: int = 1
+    zero_init_steps: int | None = None
     label: str = "CFG-Zero*"
 
     def validate(self) -> None:
-        if self.zero_init_steps < 0:
-            raise PlanError(f"{self.label}: zero_init_steps must be ≥ 0 (got {self.zero_init_steps})")
+        if self.zero_init_steps is not None and self.zero_init_steps < 0:
+            raise PlanError(f"{self.label}: zero_init_steps must be ≥ 0, or automatic (got {self.zero_init_steps})")
         if not self.optimized_scale and self.zero_init_steps == 0:
             raise PlanError(f"{self.label}: both the optimised scale and zero-init are off, so the node would do "
                             f"nothing; enable one of them or remove the node")
@@ -156,7 +161,7 @@ class ExtraGuidance:
     def scale_at(self, position: StepPosition, sigma: float) -> float:
         if self.scale == 0:
             return 0.0
-        return self.scale * self.schedule.multiplier(position.progress, sigma, position.n_steps)
+        return self.scale * self.schedule.multiplier(position.progress, sigma)
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,7 @@ class UncondModel:
     def weight_at(self, position: StepPosition, sigma: float) -> float:
         if self.scale == 0:
             return 0.0
-        return self.scale * self.schedule.multiplier(position.progress, sigma, position.n_steps)
+        return self.scale * self.schedule.multiplier(position.progress, sigma)
 
 
 ADAPTIVE_SCOPES = ("uncond and branches", "uncond only", "branches only")
@@ -365,11 +370,23 @@ class GuidancePlan:
         """f(p) of the CFG increment at this evaluation (1 without a schedule)."""
         if self.cfg_schedule is None:
             return 1.0
-        return self.cfg_schedule.multiplier(position.progress, sigma, position.n_steps)
+        return self.cfg_schedule.multiplier(position.progress, sigma)
 
     def is_zero_init_step(self, position: StepPosition) -> bool:
+        """CFG-Zero*'s zero-init: the first steps of a sampler call that starts from pure noise (never a second
+        pass, a refiner or img2img). An unresolved 'auto' setting (see ``for_model``) zero-inits nothing."""
         z = self.cfg_zero_star
-        return z is not None and position.step_index < z.zero_init_steps
+        return (z is not None and position.from_noise and z.zero_init_steps is not None
+                and position.step_index < z.zero_init_steps)
+
+    def for_model(self, parameterization: str) -> GuidancePlan:
+        """This plan with its model-dependent defaults resolved for a model of ``parameterization``
+        ("flow" or "ve"): CFG-Zero*'s automatic zero-init (the first step on flow models, off on eps/v)."""
+        z = self.cfg_zero_star
+        if z is None or z.zero_init_steps is not None:
+            return self
+        steps = CFGZeroStar.AUTO_FLOW_STEPS if parameterization == "flow" else 0
+        return replace(self, cfg_zero_star=replace(z, zero_init_steps=steps))
 
     def inactive_at_cfg_one(self, uncond_evaluated: bool) -> list[str]:
         """Labels of methods that cannot act when the CFG scale is 1 (there is no CFG direction).

@@ -5,7 +5,7 @@ Paper: Wang et al., "Analysis of Classifier-Free Guidance Weight Schedulers", TM
 Interval Improves Sample and Distribution Quality", NeurIPS 2024 (arXiv 2404.07724).
 
 A schedule gives a multiplier ``f(p)`` of a term's strength at sampling progress ``p``
-(0 = first step, 1 = last; see ``progress.py``):
+(ComfyUI's percent of σ: 0 = pure noise, 1 = σ = 0; see ``progress.py``):
 
 * for the CFG term it scales the *increment*: ``w_t = 1 + (w − 1)·f(p)``, so ``f = 0`` means the
   conditional prediction alone (never an unconditional step), and the engine then skips the
@@ -16,34 +16,33 @@ Shapes (``u`` = progress; "increasing" means increasing along the sampling direc
 guidance at high noise):
 
 =====================  ===========================  ==========================================
-shape                  f(u) before normalisation    note
+shape                  f(u)                         note
 =====================  ===========================  ==========================================
 constant               1                            plain CFG
-linear_increasing      2u                           paper "linear"
+linear_increasing      2u                           paper "linear" (w_t = 2w(1 − t/T))
 linear_decreasing      2(1 − u)
 cosine_increasing      1 − cos(πu)                  paper "cosine"
 cosine_decreasing      1 + cos(πu)
-power_increasing       u^k                          k = ``power``
-power_decreasing       (1 − u)^k
-step_list              user values, linear in u     value j at u = j/(n−1); one per step when
-                                                    n equals the number of steps
+power_increasing       (k + 1)·u^k                  k = ``power``
+power_decreasing       (k + 1)·(1 − u)^k
+step_list              user values, linear in u     value j at u = j/(n−1)
 =====================  ===========================  ==========================================
 
-Every shape but ``constant`` and ``step_list`` is normalised to **mean 1 over the run's actual
-step grid** u_i = i/(N−1) ("equal area", so a schedule at mean w̄ is comparable with CFG at w̄;
-for linear and cosine this is exactly the paper's formula for N ≥ 2). ``step_list`` values are
-taken as given.
+Every shape but ``step_list`` has **mean 1 over progress 0 → 1** ("equal area", so a schedule at mean
+w̄ is comparable with CFG at w̄; for linear and cosine this is the paper's formula). The mean is taken
+over continuous progress, not over a step grid, so a schedule depends on σ alone and a run split over
+several sampler calls gets the same weights as one call. ``step_list`` values are taken as given.
 
 A window restricts where the term acts (``f = 0`` outside): a progress range
-``start ≤ u ≤ end`` and a sigma range ``sigma_low < σ ≤ sigma_high`` (the guidance interval;
-sigma values are model-specific: eps/v models use σ up to ~15, flow models σ in [0, 1]).
+``start ≤ u ≤ end`` (ComfyUI's start_percent / end_percent) and a sigma range
+``sigma_low < σ ≤ sigma_high`` (the guidance interval; sigma values are model-specific: eps/v models
+use σ up to ~15, flow models σ in [0, 1]).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 SHAPES = (
     "constant",
@@ -87,23 +86,30 @@ class Window:
         return self.start <= 0.0 and self.end >= 1.0 and self.sigma_low <= 0.0 and self.sigma_high == math.inf
 
     def contains(self, progress: float, sigma: float) -> bool:
-        tol = 1e-9
+        tol = 1e-6  # progress is the inverse of percent_to_sigma in float32 sigmas: equality within 1e-6
         return (self.start - tol <= progress <= self.end + tol) and (self.sigma_low < sigma <= self.sigma_high)
 
-    def check_reachable(self, owner: str, sigmas: list[float]) -> None:
-        """Raise if no evaluated step of this run falls inside the window."""
-        n = len(sigmas) - 1
-        if n < 1 or self.is_full:
+    def check_reachable(self, owner: str, sigmas: list[float], percents: list[float]) -> None:
+        """Raise if no evaluated step of a sampler call falls inside the window (``percents``: the progress of
+        each entry of ``sigmas``)."""
+        if self.first_step_inside(sigmas, percents) is not None or len(sigmas) < 2:
             return
-        for i in range(n):
-            p = i / (n - 1) if n > 1 else 0.0
-            if self.contains(p, sigmas[i]):
-                return
+        n = len(sigmas) - 1
         raise ScheduleError(
             f"{owner}: no step of this run falls inside the window (progress {self.start:g}–{self.end:g}, "
             f"sigma ({self.sigma_low:g}, {self.sigma_high:g}]); this run's sigmas go from {sigmas[0]:.4g} "
-            f"to {sigmas[max(n - 1, 0)]:.4g}. Flow models (Flux, SD3, WAN, ...) use sigma in [0, 1]; "
-            f"eps/v models (SD1.5, SDXL) up to ~15. Widen the window or set it with start/end instead.")
+            f"(progress {percents[0]:.3g}) to {sigmas[max(n - 1, 0)]:.4g} (progress {percents[max(n - 1, 0)]:.3g}). "
+            f"Flow models (Flux, SD3, WAN, ...) use sigma in [0, 1]; eps/v models (SD1.5, SDXL) up to ~15. Widen "
+            f"the window or set it with start/end instead.")
+
+    def first_step_inside(self, sigmas: list[float], percents: list[float]) -> int | None:
+        """The first evaluated step of a sampler call inside the window, or None."""
+        if self.is_full:
+            return 0
+        for i in range(len(sigmas) - 1):
+            if self.contains(percents[i], sigmas[i]):
+                return i
+        return None
 
 
 @dataclass(frozen=True)
@@ -131,17 +137,15 @@ class Schedule:
     def is_constant(self) -> bool:
         return self.shape == "constant" and self.window.is_full
 
-    def multiplier(self, progress: float, sigma: float, n_steps: int) -> float:
-        """f(p): 0 outside the window, the (normalised) shape inside."""
+    def multiplier(self, progress: float, sigma: float) -> float:
+        """f(p): 0 outside the window, the (mean-1) shape inside."""
         if not self.window.contains(progress, sigma):
             return 0.0
         if self.shape == "constant":
             return 1.0
         if self.shape == "step_list":
             return _interpolate(self.step_values, progress)
-        raw = _raw_shape(self.shape, self.power, progress)
-        mean = _grid_mean(self.shape, self.power, n_steps)
-        return raw / mean if mean > 0 else 1.0
+        return shape_value(self.shape, self.power, progress)
 
 
 def parse_step_values(text: str, owner: str) -> tuple[float, ...]:
@@ -156,7 +160,11 @@ def parse_step_values(text: str, owner: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-def _raw_shape(shape: str, power: float, u: float) -> float:
+def shape_value(shape: str, power: float, u: float) -> float:
+    """f(u) of a built-in shape, normalised to mean 1 over u in [0, 1]."""
+    u = min(max(u, 0.0), 1.0)
+    if shape == "constant":
+        return 1.0
     if shape == "linear_increasing":
         return 2.0 * u
     if shape == "linear_decreasing":
@@ -166,17 +174,10 @@ def _raw_shape(shape: str, power: float, u: float) -> float:
     if shape == "cosine_decreasing":
         return 1.0 + math.cos(math.pi * u)
     if shape == "power_increasing":
-        return u ** power
+        return (power + 1.0) * u ** power
     if shape == "power_decreasing":
-        return (1.0 - u) ** power
+        return (power + 1.0) * (1.0 - u) ** power
     raise ScheduleError(f"unknown schedule shape {shape}")
-
-
-@lru_cache(maxsize=256)
-def _grid_mean(shape: str, power: float, n_steps: int) -> float:
-    if n_steps <= 1:
-        return _raw_shape(shape, power, 0.0)
-    return sum(_raw_shape(shape, power, i / (n_steps - 1)) for i in range(n_steps)) / n_steps
 
 
 def _interpolate(values: tuple[float, ...], u: float) -> float:

@@ -43,21 +43,24 @@ class CFGSchedule(io.ComfyNode):
                 "unconditional model call is skipped (fewer model calls)."),
             inputs=[
                 model_input(),
-                io.Combo.Input("schedule", options=list(SHAPES), default="constant",
-                               tooltip="Shape of the guidance strength over the run. 'linear_increasing' and "
-                                       "'cosine_increasing' are the paper's recommended schedules; 'constant' with a "
-                                       "sigma window is the guidance interval; 'step_list' takes your own values."),
+                io.Combo.Input("schedule", options=list(SHAPES), default="linear_increasing",
+                               tooltip="Shape of the guidance strength over the run's progress (ComfyUI's percent "
+                                       "of sigma, so a run split over several samplers gets the same schedule). "
+                                       "'linear_increasing' (default) and 'cosine_increasing' are the paper's "
+                                       "recommended schedules; 'constant' with a sigma window is the guidance "
+                                       "interval; 'step_list' takes your own values."),
                 io.Float.Input("power", default=2.0, min=0.1, max=10.0, step=0.1,
-                               tooltip="Exponent k of the power schedules (u^k, normalised to mean 1). Ignored by "
-                                       "other shapes."),
+                               tooltip="Exponent k of the power schedules ((k + 1)·u^k, mean 1 over the run). "
+                                       "Ignored by other shapes."),
                 io.String.Input("step_values", default="1, 1, 0.5, 0", multiline=False,
                                 tooltip="For 'step_list': multipliers of the guidance strength (1 = the sampler's "
-                                        "cfg, 0 = no guidance), spread evenly over the run and interpolated between; "
-                                        "give one value per step for per-step control. Ignored by other shapes."),
+                                        "cfg, 0 = no guidance), spread evenly over the run's progress 0 → 1 and "
+                                        "interpolated between. Ignored by other shapes."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Guidance acts from this fraction of the run (0 = first step)."),
+                               tooltip="Guidance acts from this progress (ComfyUI's percent of sigma, 0 = pure "
+                                       "noise, as core nodes' start_percent)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Guidance acts until this fraction of the run (1 = last step)."),
+                               tooltip="Guidance acts until this progress (ComfyUI's percent of sigma, 1 = sigma 0)."),
                 io.Float.Input("sigma_high", default=SIGMA_NO_LIMIT, min=0.0, max=SIGMA_NO_LIMIT, step=0.01,
                                tooltip="Guidance interval: guide only while sigma ≤ this value. 1000 = no limit. "
                                        "SDXL/SD1.5 (eps) sigmas run from ~14.6 down; flow models (Flux, SD3, WAN) "
@@ -70,8 +73,8 @@ class CFGSchedule(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, schedule="constant", power=2.0, step_values="", start_percent=0.0, end_percent=1.0,
-                        sigma_high=SIGMA_NO_LIMIT, sigma_low=0.0, **kwargs):
+    def validate_inputs(cls, schedule="linear_increasing", power=2.0, step_values="", start_percent=0.0,
+                        end_percent=1.0, sigma_high=SIGMA_NO_LIMIT, sigma_low=0.0, **kwargs):
         return validation_message(build_schedule, cls.LABEL, schedule, power, step_values, start_percent,
                                   end_percent, sigma_high, sigma_low)
 
@@ -194,25 +197,30 @@ class CFGZeroStarNode(io.ComfyNode):
                 "CFG-Zero* (Fan et al., arXiv 2503.18886), paper-exact for flow (velocity) and eps models: the "
                 "unconditional velocity is scaled by α* = ⟨v_c, v_u⟩/‖v_u‖² per sample, then CFG; in x0 space "
                 "D = cfg·C + α*(1 − cfg)·U + (1 − α*)(1 − cfg)·x (ComfyUI core's CFGZeroStar drops the x term). "
-                "Zero-init leaves the latent unchanged on the first steps and skips their model calls. For "
+                "Zero-init leaves the latent unchanged on the first steps and skips their model calls; by default "
+                "only on flow models, as the paper's code (on eps/v models it leaves noise blobs). For "
                 "guidance-distilled models (Flux dev) use zero-init only."),
             inputs=[
                 model_input(),
                 io.Boolean.Input("optimized_scale", default=True,
                                  tooltip="Scale the unconditional prediction by the optimal α* (the 'CFG-Zero*' part). "
                                          "Acts only when cfg ≠ 1."),
-                io.Int.Input("zero_init_steps", default=1, min=0, max=100,
+                io.Int.Input("zero_init_steps", default=-1, min=-1, max=100,
                              tooltip="Number of first steps whose output is zeroed (the latent is left unchanged and "
-                                     "no model call is made). 0 = off, 1 = first step (official zero_steps=0), "
-                                     "2 = first two (official Wan T2V setting). Paper: about 4% of the steps."),
+                                     "no model call is made), in a sampler call that starts from pure noise (never a "
+                                     "second pass, refiner or img2img). −1 = automatic: the first step on flow models "
+                                     "(Flux, SD3, WAN, ...), off on eps/v models (SD1.5, SDXL), where the paper never "
+                                     "uses it and it leaves dark blobs. 0 = off, 1 = first step (official "
+                                     "zero_steps=0), 2 = first two (official Wan T2V setting)."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
     def execute(cls, model, optimized_scale, zero_init_steps):
-        return io.NodeOutput(add_method(model, "cfg_zero_star",
-                                        CFGZeroStar(optimized_scale, zero_init_steps, cls.LABEL), cls.LABEL))
+        steps = None if zero_init_steps < 0 else zero_init_steps  # −1: automatic, resolved for the sampled model
+        return io.NodeOutput(add_method(model, "cfg_zero_star", CFGZeroStar(optimized_scale, steps, cls.LABEL),
+                                        cls.LABEL))
 
 
 class FDGNode(io.ComfyNode):

@@ -56,13 +56,14 @@ def term_schedule_inputs(start: float = 0.0, end: float = 1.0, what: str = "the 
     """The schedule / start_percent / end_percent inputs of a term; outside its window ``what`` is not run."""
     return [
         io.Combo.Input("schedule", options=TERM_SCHEDULE_SHAPES, default="constant",
-                       tooltip="Shape of this term's scale over the run (the foundation's schedules, mean 1 over "
-                               "the run): 'constant' = the same scale every step."),
+                       tooltip="Shape of this term's scale over the run (the CFG Schedule's shapes, mean 1 over "
+                               "the run's progress): 'constant' = the same scale every step."),
         io.Float.Input("start_percent", default=start, min=0.0, max=1.0, step=0.01,
-                       tooltip=f"The term acts from this fraction of the run (0 = first step). Outside its window "
-                               f"{what} is not evaluated (no extra model cost)."),
+                       tooltip=f"The term acts from this progress (ComfyUI's percent of sigma, as core nodes' "
+                               f"start_percent: 0 = pure noise; the same in a run split over several samplers). "
+                               f"Outside its window {what} is not evaluated (no extra model cost)."),
         io.Float.Input("end_percent", default=end, min=0.0, max=1.0, step=0.01,
-                       tooltip="The term acts until this fraction of the run (1 = last step)."),
+                       tooltip="The term acts until this progress (ComfyUI's percent of sigma; 1 = sigma 0)."),
     ]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import comfy.model_sampling
@@ -35,8 +36,9 @@ import torch
 
 from ..guiders.combine import GuidanceState, Needs, StepInputs, after_evaluation, combine, needs
 from ..guiders.plan import Branch, GuidancePlan
-from ..guiders.progress import StepPosition, step_position
+from ..guiders.progress import FROM_NOISE_PERCENT, StepPosition, percent_of_sigma, step_in_call
 from ..guiders.region_guidance import RegionRecorder
+from ..guiders.schedules import Window
 from . import second_model
 
 log = logging.getLogger("guidance_kit")
@@ -77,6 +79,9 @@ class RunState:
     stash: StepStash | None = None
     delta: tuple[torch.Tensor, torch.Tensor] | None = None
     windows_checked: bool = False
+    plan_source: GuidancePlan | None = None  # the model's plan, and ``plan``: it resolved for the sampled model
+    plan: GuidancePlan | None = None
+    parameterization: str = ""
     cfg_checked: bool = False
     warned: set = field(default_factory=set)
     calc_calls: int = 0
@@ -195,13 +200,31 @@ def parameterization_of(model) -> str:
     return "flow" if isinstance(sampling, comfy.model_sampling.CONST) else "ve"
 
 
-def _schedule_sigmas(run: RunState, model_options: dict, model) -> list[float]:
+_PERCENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model_sampling → {σ: percent} (a cache)
+
+
+def sigma_progress(model_sampling, sigma: float) -> float:
+    """ComfyUI's percent of ``sigma`` for this model_sampling (0 = σ_max, 1 = σ = 0): the progress every
+    schedule and window of the pack is written over (``guiders/progress.py``). Cached per model_sampling
+    object (a ModelSamplingFlux/SD3 node installs a new one, so a shift change is a new cache)."""
+    try:
+        cache = _PERCENTS.setdefault(model_sampling, {})
+    except TypeError:  # not weak-referenceable: compute every time
+        cache = {}
+    value = cache.get(sigma)
+    if value is None:
+        value = percent_of_sigma(sigma, model_sampling.percent_to_sigma)
+        if len(cache) > 4096:
+            cache.clear()
+        cache[sigma] = value
+    return value
+
+
+def _call_sigmas(run: RunState, model_options: dict) -> list[float] | None:
+    """This sampler call's sigmas (None for a sampler outside CFGGuider, which does not publish them)."""
     sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
     if sigmas is None:
-        # a sampler outside CFGGuider: fall back to the model's own sigma range, 1000 steps
-        sampling = model.model_sampling
-        hi, lo = float(sampling.sigma_max), float(sampling.sigma_min)
-        return [hi * (lo / hi) ** (i / 999) for i in range(1000)] + [0.0]
+        return None
     if run.sigmas is None or run.sigmas_ref is not sigmas:
         run.sigmas = [float(s) for s in sigmas.detach().float().cpu().tolist()]
         run.sigmas_ref = sigmas
@@ -213,19 +236,62 @@ def sigma_value(sigma) -> float:
 
 
 def _position(run: RunState, model_options: dict, model, sigma) -> StepPosition:
-    return step_position(_schedule_sigmas(run, model_options, model), sigma_value(sigma))
+    value = sigma_value(sigma)
+    sampling = model.model_sampling
+    progress = sigma_progress(sampling, value)
+    sigmas = _call_sigmas(run, model_options)
+    if sigmas is None:
+        # no schedule published (a sampler outside CFGGuider): progress still comes from σ; zero-init,
+        # which needs the call's first steps, cannot act
+        return StepPosition(progress=progress, step=0.0, n_steps=1, from_noise=False)
+    from_noise = sigma_progress(sampling, sigmas[0]) <= FROM_NOISE_PERCENT
+    return StepPosition(progress=progress, step=step_in_call(sigmas, value), n_steps=len(sigmas) - 1,
+                        from_noise=from_noise)
+
+
+def run_plan(plan: GuidancePlan, run: RunState, model) -> GuidancePlan:
+    """The plan with its model-dependent defaults resolved for the sampled model (cached per run)."""
+    if run.plan_source is not plan:
+        run.plan_source = plan
+        run.parameterization = parameterization_of(model)
+        run.plan = plan.for_model(run.parameterization)
+        _warn_zero_init(run.plan, run)
+    return run.plan
+
+
+def _warn_zero_init(plan: GuidancePlan, run: RunState) -> None:
+    z = plan.cfg_zero_star
+    if z is None or not z.zero_init_steps or run.parameterization == "flow":
+        return
+    run.warn_once("zero-init-eps", f"{z.label}: zero-init is on for a model that is not a flow model (SD1.5, SDXL "
+                                   f"and other eps/v models): its first {z.zero_init_steps} step(s) keep their noise, "
+                                   f"which shows as dark or noisy blobs. The paper's code zero-inits flow models only; "
+                                   f"set zero_init_steps to -1 (automatic) or 0.")
 
 
 def _check_windows(plan: GuidancePlan, run: RunState, model_options: dict, model) -> None:
+    """Once per sampler call, every window of the plan (``check_window_reachable``)."""
     if run.windows_checked:
         return
     run.windows_checked = True
-    sigmas = _schedule_sigmas(run, model_options, model)
+    sigmas = _call_sigmas(run, model_options)
     for label, schedule in plan.windows():
-        try:
-            schedule.window.check_reachable(label, sigmas)
-        except ValueError as e:
+        check_window_reachable(label, schedule.window, sigmas, model.model_sampling)
+
+
+def check_window_reachable(label: str, window: Window, sigmas: list[float] | None, model_sampling) -> None:
+    """A window that no step of a whole run reaches is an error (GuidanceRuntimeError); in a sampler call that is
+    one part of a split run (it does not start from pure noise, or does not end at σ = 0) it is logged instead."""
+    if sigmas is None or len(sigmas) < 2 or window.is_full:
+        return
+    percents = [sigma_progress(model_sampling, s) for s in sigmas]
+    try:
+        window.check_reachable(label, sigmas, percents)
+    except ValueError as e:
+        if percents[0] <= FROM_NOISE_PERCENT and sigmas[-1] == 0.0:
             raise GuidanceRuntimeError(str(e)) from None
+        log.info(f"{PACK}: {label} acts in no step of this sampler call (progress {percents[0]:.3g} to "
+                 f"{percents[-2]:.3g}), one part of a split run or a partial denoise; it acts inside its window only.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,6 +383,7 @@ def evaluate_batch(args: dict, previous=None) -> list:
     if plan is None or plan.is_empty:
         return _run_batch(model, conds, x, sigma, model_options, previous, args)
     run = run_state(model_options)
+    plan = run_plan(plan, run, model)
     _check_windows(plan, run, model_options, model)
     position = _position(run, model_options, model, sigma)
     need: Needs = needs(plan, position, sigma_value(sigma), run.guidance)
@@ -438,7 +505,8 @@ def _guided(plan: GuidancePlan, run: RunState, stash: StepStash, x, sigma, cond_
 
 
 def _nonfinite_message(plan: GuidancePlan, inp: StepInputs) -> str:
-    where = f"at step {inp.position.step_index + 1} of {inp.position.n_steps} (sigma {inp.sigma_value:.4g})"
+    where = (f"at step {inp.position.step_index + 1} of {inp.position.n_steps} of this sampler call (sigma "
+             f"{inp.sigma_value:.4g}, progress {inp.position.progress:.3f})")
     sources = [("cond", inp.cond), ("uncond", inp.uncond)] + list(inp.branches.items())
     for name, t in sources:
         if t is not None and not bool(torch.isfinite(t).all()):
@@ -458,6 +526,7 @@ def pre_cfg_hook(args: dict) -> list:
     if plan is None or plan.is_empty or len(conds_out) < 2:
         return conds_out
     run = run_state(model_options)
+    plan = run_plan(plan, run, args["model"])
     x = args["input"]
     cond_scale = float(args["cond_scale"])
     conds = args.get("conds") or [None, None]
@@ -490,6 +559,7 @@ def post_cfg_hook(args: dict) -> torch.Tensor:
     if plan is None or plan.is_empty:
         return denoised
     run = run_state(model_options)
+    plan = run_plan(plan, run, args["model"])
     x = args["input"]
     if run.delta is not None and run.delta[0] is x:
         delta = run.delta[1]

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from ..guiders import attention_ops, region_guidance
 from ..guiders.branch_inputs import independent_embedding, perturbed_timesteps
 from ..guiders.layers import BlockLayout
-from ..guiders.progress import step_position
-from ..guiders.schedules import ScheduleError, Window
-from .engine import BRANCH_MAP_KEY, REGION_RECORDER_KEY
+from ..guiders.progress import sigma_key
+from ..guiders.schedules import Window
+from .engine import BRANCH_MAP_KEY, REGION_RECORDER_KEY, check_window_reachable, sigma_progress
 
 OVERRIDE_KEY = "optimized_attention_override"
 BLOCK_CONTEXT_KEY = "guidance_kit_block"
@@ -53,6 +53,7 @@ WRAPPER_KEY = "guidance_kit_hooks"
 TIME_WRAPPER_KEY = "guidance_kit_time"
 GUARD_WRAPPER_KEY = "guidance_kit_guard"
 APPLIED_KEY = "guidance_kit_applied"
+NOISE_KEY = "guidance_kit_noise_key"  # transformer_options: (sigmas tensor, its sigma_key), per forward
 NAG_KEY = "guidance_kit_nag"  # transformer_options: the NagForward of this model call
 NAG_WRAPPER_KEY = "guidance_kit_nag"  # APPLY_MODEL wrapper key of NagInput
 CROSS_ATTENTION_KEY = "guidance_kit_cross_attention"  # set inside a marked text cross-attention module
@@ -242,21 +243,22 @@ class Perturbation:
     seed: int = 0
     timestep_shift: float = 0.0
 
-    def acts_on(self, key: tuple, step: int) -> bool:
+    def acts_on(self, key: tuple, noise: int) -> bool:
         if self.operator == "drop":
-            return key in dropped_blocks(self, step)
+            return key in dropped_blocks(self, noise)
         return key in self.blocks
 
 
 _DROP_CACHE: dict[tuple, tuple] = {}
 
 
-def dropped_blocks(p: Perturbation, step: int) -> tuple:
-    """The blocks S²-Guidance drops at ``step`` (reproducible: seeded by seed and step)."""
-    cache_key = (p.blocks, p.drop_ratio, p.seed, step)
+def dropped_blocks(p: Perturbation, noise: int) -> tuple:
+    """The blocks S²-Guidance drops at the noise level ``noise`` (``noise_key``): reproducible, seeded by the
+    node's seed and σ, so a split run drops the same blocks at the same σ."""
+    cache_key = (p.blocks, p.drop_ratio, p.seed, noise)
     if cache_key not in _DROP_CACHE:
         chosen = attention_ops.drop_selection(len(p.blocks), p.drop_ratio,
-                                              attention_ops.seeded_generator(p.seed, step))
+                                              attention_ops.seeded_generator(p.seed, noise))
         _DROP_CACHE[cache_key] = tuple(p.blocks[i] for i in chosen)
         if len(_DROP_CACHE) > 4096:
             _DROP_CACHE.clear()
@@ -268,13 +270,19 @@ def stable_key(key: tuple) -> int:
     return zlib.crc32(repr(key).encode())
 
 
-def step_of(transformer_options: dict) -> int:
-    sigmas = transformer_options.get("sample_sigmas")
+def noise_key(transformer_options: dict) -> int:
+    """An integer for this forward's noise level (``guiders.progress.sigma_key``), to seed per-step random draws
+    (S²-Guidance's dropped blocks, TPG's permutation, TSG's noise): the same σ draws the same numbers in one
+    sampler call and in a run split over several. Computed once per forward (one device sync)."""
     sigma = transformer_options.get("sigmas")
-    if sigmas is None or sigma is None:
+    if sigma is None:
         return 0
-    values = [float(s) for s in sigmas.detach().float().cpu().tolist()]
-    return step_position(values, float(torch.as_tensor(sigma).reshape(-1)[0])).step_index
+    cached = transformer_options.get(NOISE_KEY)
+    if cached is not None and cached[0] is sigma:
+        return cached[1]
+    key = sigma_key(float(torch.as_tensor(sigma).reshape(-1)[0]))
+    transformer_options[NOISE_KEY] = (sigma, key)
+    return key
 
 
 def branch_rows(transformer_options: dict, batch_size: int, accept, group=lambda p: p
@@ -311,7 +319,7 @@ def active(transformer_options: dict, batch_size: int, key: tuple | None, operat
         if key is None:
             return True
         if p.operator == "drop" and not step:
-            step.append(step_of(transformer_options))
+            step.append(noise_key(transformer_options))
         return p.acts_on(key, step[0] if step else 0)
 
     return branch_rows(transformer_options, batch_size, accept)
@@ -808,7 +816,7 @@ class DitBlockHook:
         span = self._image_span(args, to)
         start = 0 if span is None else span.start
         stop = img.shape[1] if span is None else span.stop
-        step = step_of(to)
+        step = noise_key(to)
         index = torch.arange(img.shape[1]).repeat(batch_size, 1)
         for p, rows in shuffles:
             perm = attention_ops.permutation(stop - start,
@@ -948,7 +956,7 @@ class UNetLayerForward:
         for p, rows in groups:
             if p.operator == "token_shuffle":
                 perm = attention_ops.permutation(x.shape[1], attention_ops.seeded_generator(
-                    p.seed, step_of(to), stable_key(self.key)))
+                    p.seed, noise_key(to), stable_key(self.key)))
                 x = x.clone() if x is x_in else x
                 x[rows] = x[rows][:, perm.to(x.device)]
         if not skipped:
@@ -1005,7 +1013,7 @@ def time_perturbation_wrapper(executor, x, t, *args, **kwargs):
     groups = active(transformer_options or {}, x.shape[0], None, ("timestep",))
     if not groups:
         return executor(x, t, *args, **kwargs)
-    token = _TIME_ROWS.set((groups, step_of(transformer_options), executor.class_obj.model_sampling,
+    token = _TIME_ROWS.set((groups, noise_key(transformer_options), executor.class_obj.model_sampling,
                             transformer_options))
     try:
         return executor(x, t, *args, **kwargs)
@@ -1185,7 +1193,7 @@ class NagInput:
 
     def __init__(self, settings: NagSettings):
         self.settings = settings
-        self._schedule: tuple | None = None
+        self._checked = None  # the sample_sigmas whose window reach was checked
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -1224,23 +1232,17 @@ class NagInput:
         if window.is_full:
             return True
         sigma = float(torch.as_tensor(to.get("sigmas")).reshape(-1)[0])
-        schedule = self._schedule_sigmas(to.get("sample_sigmas"), model)
-        if window.contains(step_position(schedule, sigma).progress, sigma):
+        if window.contains(sigma_progress(model.model_sampling, sigma), sigma):
             return True
-        try:
-            window.check_reachable(self.settings.owner, schedule)
-        except ScheduleError as e:
-            raise FamilyError(str(e)) from None
+        sample_sigmas = to.get("sample_sigmas")
+        if sample_sigmas is not None and (self._checked is None or self._checked is not sample_sigmas):
+            self._checked = sample_sigmas  # once per sampler call
+            sigmas = [float(s) for s in sample_sigmas.detach().float().cpu().tolist()]
+            try:
+                check_window_reachable(self.settings.owner, window, sigmas, model.model_sampling)
+            except RuntimeError as e:
+                raise FamilyError(str(e)) from None
         return False
-
-    def _schedule_sigmas(self, sample_sigmas, model) -> list[float]:
-        if sample_sigmas is None:  # a sampler outside CFGGuider: the model's sigma range, 1000 steps
-            sampling = model.model_sampling
-            hi, lo = float(sampling.sigma_max), float(sampling.sigma_min)
-            return [hi * (lo / hi) ** (i / 999) for i in range(1000)] + [0.0]
-        if self._schedule is None or self._schedule[0] is not sample_sigmas:
-            self._schedule = (sample_sigmas, [float(s) for s in sample_sigmas.detach().float().cpu().tolist()])
-        return self._schedule[1]
 
     def _negative_context(self, context: torch.Tensor, batch_size: int, chunks: int) -> torch.Tensor:
         import comfy.utils

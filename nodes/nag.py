@@ -149,11 +149,12 @@ class NAGNode(io.ComfyNode):
                             "HunyuanVideo: 0.12). Higher = stronger."),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="NAG acts from this fraction of the run (0 = first step). Outside its window the "
+                    tooltip="NAG acts from this progress (ComfyUI's percent of sigma, 0 = pure noise, as core "
+                            "nodes' start_percent). Outside its window the "
                             "negative's tokens are not added (no extra cost)."),
                 io.Float.Input(
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="NAG acts until this fraction of the run (1 = last step)."),
+                    tooltip="NAG acts until this progress (ComfyUI's percent of sigma, 1 = sigma 0)."),
                 io.Float.Input(
                     "sigma_end", default=0.0, min=0.0, max=1000.0, step=0.01, round=0.001,
                     tooltip="NAG acts only while sigma > sigma_end (the official nag_sigma_end; 0 = to the end). "

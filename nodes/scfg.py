@@ -124,11 +124,12 @@ class SCFGNode(io.ComfyNode):
                             "UNets."),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="S-CFG acts from this fraction of the run (official: every step). Outside the "
+                    tooltip="S-CFG acts from this progress (ComfyUI's percent of sigma; official: every step). "
+                            "Outside the "
                             "window the step is plain CFG and no map is read."),
                 io.Float.Input(
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="S-CFG acts until this fraction of the run (1 = last step)."),
+                    tooltip="S-CFG acts until this progress (ComfyUI's percent of sigma, 1 = sigma 0)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with S-CFG in its guidance plan (the input model is "
                                              "unchanged). Feed it to a sampler, and the same model to 'S-CFG Map' "

@@ -10,11 +10,21 @@ import logging
 import pytest
 import torch
 
+from guidance_kit.guiders.progress import percent_of_sigma
 from guidance_kit.nodes import adaptive as ag
 from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes import guider as gd
 from guidance_kit.nodes import perturbation as P
-from tests.comfyui.harness import conditioning, counted, custom_advanced, ksample, out, rel_diff, tiny_model
+from tests.comfyui.harness import (
+    conditioning,
+    counted,
+    custom_advanced,
+    ksample,
+    out,
+    rel_diff,
+    sigmas_for,
+    tiny_model,
+)
 
 CFG = 4.0
 STEPS = 6
@@ -56,8 +66,13 @@ def test_converged_predictions_switch_the_uncond_off_after_the_first_check(famil
     same = conditioning(family, 1)
     model, counter = counted(adaptive(base, threshold=0.999, start=0.4))
     ksample(model, family, CFG, STEPS, positive=same, negative=same)
-    # progress i/5: evaluations 0, 1, 2 (progress 0.4) run the uncond; it is checked at 2 and stops
-    assert counter.batches == [2, 2, 2, 1, 1, 1]
+    # the uncond runs until the first evaluation at progress ≥ 0.4 (ComfyUI's percent of σ), is checked there
+    # and stops
+    sampling = base.get_model_object("model_sampling")
+    percents = [percent_of_sigma(s, sampling.percent_to_sigma) for s in sigmas_for(base, STEPS).tolist()]
+    first = next(i for i, p in enumerate(percents) if p >= 0.4 - 1e-6)
+    assert 0 < first < STEPS - 1
+    assert counter.batches == [2] * (first + 1) + [1] * (STEPS - first - 1)
 
 
 def test_pag_branch_stops_too():

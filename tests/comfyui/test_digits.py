@@ -265,7 +265,27 @@ def test_missing_comfyui_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "compare.py"), "--comfyui", str(tmp_path / "nowhere")],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
-    assert "no ComfyUI checkout found" in result.stderr and "COMFYUI_PATH" in result.stderr
+    # a named path is never replaced by another checkout (e.g. the ComfyUI this pack sits in)
+    assert "is not a ComfyUI checkout" in result.stderr and "COMFYUI_PATH" in result.stderr
+
+
+def test_no_comfyui_anywhere_is_a_clear_error(tmp_path):
+    from guidance_kit.digits import comfy_setup
+
+    env = {"HOME": str(tmp_path)}
+    try:
+        saved = {k: os.environ.pop(k, None) for k in ("COMFYUI_PATH", "HOME")}
+        os.environ.update(env)
+        candidates = comfy_setup.comfyui_candidates()
+        if any(comfy_setup.is_comfyui(path) for path, _ in candidates):
+            pytest.skip("this pack sits inside a ComfyUI checkout: there is always one to find")
+        with pytest.raises(comfy_setup.ComfyUINotFound, match="no ComfyUI checkout found"):
+            comfy_setup.find_comfyui()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def test_compare_runs_as_a_script_from_a_folder_with_hyphens(tmp_path):

@@ -6,7 +6,12 @@ import torch
 
 from guidance_kit.guiders.combine import GuidanceState, StepInputs, after_evaluation, combine, needs
 from guidance_kit.guiders.plan import GuidancePlan
-from guidance_kit.guiders.progress import step_position
+from guidance_kit.guiders.progress import (
+    StepPosition,
+    flow_percent_to_sigma,
+    log_linear_percent_to_sigma,
+    step_position,
+)
 
 from .gmm import GaussianMixture, euler_sample
 
@@ -16,7 +21,7 @@ class PlanDenoiser:
 
     def __init__(self, plan: GuidancePlan, gmm: GaussianMixture, label: int, cond_scale: float,
                  sigmas: list[float], parameterization: str = "ve", branch_fns: dict | None = None):
-        self.plan, self.gmm, self.label, self.cond_scale = plan, gmm, label, cond_scale
+        self.plan, self.gmm, self.label, self.cond_scale = plan.for_model(parameterization), gmm, label, cond_scale
         self.sigmas, self.parameterization = sigmas, parameterization
         self.branch_fns = branch_fns or {}
         self.state = GuidanceState()
@@ -24,7 +29,7 @@ class PlanDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
         s = float(sigma.reshape(-1)[0])
-        position = step_position(self.sigmas, s)
+        position = step_position(self.sigmas, s, percent_convention(parameterization=self.parameterization))
         need = needs(self.plan, position, s, self.state)
         cond = x
         if need.cond:
@@ -60,11 +65,22 @@ def cfg_reference(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.T
     return uncond + (cond - uncond) * w
 
 
+def percent_convention(parameterization: str = "ve"):
+    """The percent ↔ σ convention of the test schedules: eps (Karras, σ 0.03–14.6) or flow (shift 3)."""
+    if parameterization == "flow":
+        return flow_percent_to_sigma(3.0)
+    return log_linear_percent_to_sigma(0.03, 14.6)
+
+
+def position_at(step: float, n_steps: int) -> StepPosition:
+    """The position of step ``step`` of an ``n_steps`` run whose progress is linear in the step (p = i/(N−1))."""
+    return StepPosition(progress=step / (n_steps - 1) if n_steps > 1 else 0.0, step=float(step), n_steps=n_steps)
+
+
 def step_inputs(x, cond, uncond, sigma=1.0, cond_scale=5.0, step=3, n_steps=10, parameterization="ve",
                 branches=None) -> StepInputs:
-    from guidance_kit.guiders.progress import StepPosition
     sig = torch.full((x.shape[0],), float(sigma))
-    return StepInputs(x=x, sigma=sig, cond_scale=cond_scale, position=StepPosition(float(step), n_steps),
+    return StepInputs(x=x, sigma=sig, cond_scale=cond_scale, position=position_at(step, n_steps),
                       parameterization=parameterization, cond=cond, uncond=uncond, branches=branches or {})
 
 

@@ -14,10 +14,10 @@ from guidance_kit.guiders.adaptive import (
 )
 from guidance_kit.guiders.combine import GuidanceState, after_evaluation, needs
 from guidance_kit.guiders.plan import AdaptiveGuidance, Branch, ExtraGuidance, GuidancePlan, PlanError
-from guidance_kit.guiders.progress import StepPosition
+from guidance_kit.guiders.progress import percent_of_sigma
 
 from .gmm import GaussianMixture, flow_sigmas, karras_sigmas
-from .helpers import PlanDenoiser, sample_plan
+from .helpers import PlanDenoiser, percent_convention, position_at, sample_plan
 
 SHAPE = (2, 8, 8)
 
@@ -128,7 +128,7 @@ def test_switch_point_on_the_mixture_follows_the_cosine(mixture):
         sig = torch.full((128,), sigmas[i], dtype=torch.float64)
         cond, uncond = mixture.denoise_cond(x, sig, 1), mixture.denoise_uncond(x, sig)
         gamma = float(guidance_cosine(x, cond, uncond, sig).min())
-        progress = i / 29
+        progress = percent_of_sigma(sigmas[i], percent_convention("ve"))
         if progress >= 0.3:
             assert (gamma >= 0.999) == (i == switched_at)
         x = x + (sigmas[i + 1] - sigmas[i]) * (x - (uncond + 4.0 * (cond - uncond))) / sigmas[i]
@@ -205,18 +205,18 @@ def test_extra_branches_stop_on_their_own_criterion():
     x = torch.randn(2, 4, 8, 8) * 3
     cond = torch.randn(2, 4, 8, 8)
     uncond = cond + torch.randn(2, 4, 8, 8)
-    position = StepPosition(0.0, 10)
+    position = position_at(0.0, 10)
     need = needs(plan, position, 3.0, state)
     assert need.uncond and need.branches == (branch,)
     after_evaluation(plan, state, need, position, x, torch.full((2,), 3.0), cond, uncond, {branch.name: cond})
-    need = needs(plan, StepPosition(1.0, 10), 2.0, state)
+    need = needs(plan, position_at(1.0, 10), 2.0, state)
     assert need.uncond and need.branches == ()
     scoped = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0, scope="uncond only"))
     scoped = scoped.with_extra(ExtraGuidance(branch, 2.0, label="test term"))
     state = GuidanceState()
     need = needs(scoped, position, 3.0, state)
     after_evaluation(scoped, state, need, position, x, torch.full((2,), 3.0), cond, uncond, {branch.name: cond})
-    assert needs(scoped, StepPosition(1.0, 10), 2.0, state).branches == (branch,)
+    assert needs(scoped, position_at(1.0, 10), 2.0, state).branches == (branch,)
 
 
 def test_batch_switches_on_the_worst_sample():
@@ -226,10 +226,10 @@ def test_batch_switches_on_the_worst_sample():
     cond = torch.randn(2, 4, 8, 8)
     uncond = cond.clone()
     uncond[1] += 3 * torch.randn(4, 8, 8)  # sample 1 still far from converged
-    position = StepPosition(0.0, 10)
+    position = position_at(0.0, 10)
     need = needs(plan, position, 3.0, state)
     after_evaluation(plan, state, need, position, x, torch.full((2,), 3.0), cond, uncond, {})
-    assert needs(plan, StepPosition(1.0, 10), 2.0, state).uncond
+    assert needs(plan, position_at(1.0, 10), 2.0, state).uncond
     uncond[1] = cond[1]
-    after_evaluation(plan, state, need, StepPosition(1.0, 10), x, torch.full((2,), 3.0), cond, uncond, {})
-    assert not needs(plan, StepPosition(2.0, 10), 2.0, state).uncond
+    after_evaluation(plan, state, need, position_at(1.0, 10), x, torch.full((2,), 3.0), cond, uncond, {})
+    assert not needs(plan, position_at(2.0, 10), 2.0, state).uncond

@@ -18,10 +18,9 @@ from guidance_kit.guiders.plan import (
     PlanError,
     Rescale,
 )
-from guidance_kit.guiders.progress import StepPosition
 from guidance_kit.guiders.schedules import Schedule, Window
 
-from .helpers import cfg_reference, random_triplet, step_inputs
+from .helpers import cfg_reference, position_at, random_triplet, step_inputs
 
 METHODS = {
     "cfg_schedule": Schedule(shape="cosine_increasing"),
@@ -116,7 +115,7 @@ def test_extra_term_adds_scaled_direction_and_scale_zero_is_identity():
     b = {"test-branch": perturbed(c)}
     for o1, o2 in zip(run_steps(with_zero, x, c, u, branches=b), run_steps(without, x, c, u)):
         assert torch.equal(o1, o2)
-    assert needs(with_zero, StepPosition(1.0, 6), 1.0).branches == ()  # and it costs no evaluation
+    assert needs(with_zero, position_at(1.0, 6), 1.0).branches == ()  # and it costs no evaluation
     term = ExtraGuidance(branch, scale=2.5)
     got = combine(GuidancePlan().with_extra(term), step_inputs(x, c, u, cond_scale=4.0, branches=b),
                   GuidanceState())[0]
@@ -127,8 +126,8 @@ def test_extra_term_window_and_schedule_skip_its_branch():
     branch = Branch("b")
     term = ExtraGuidance(branch, scale=3.0, schedule=Schedule(window=Window(start=0.0, end=0.4)))
     plan = GuidancePlan().with_extra(term)
-    assert needs(plan, StepPosition(1.0, 11), 5.0).branches == (branch,)
-    assert needs(plan, StepPosition(6.0, 11), 5.0).branches == ()
+    assert needs(plan, position_at(1.0, 11), 5.0).branches == (branch,)
+    assert needs(plan, position_at(6.0, 11), 5.0).branches == ()
     with pytest.raises(PlanError):
         plan.with_extra(term)  # same branch twice
 
@@ -142,7 +141,7 @@ def test_missing_branch_prediction_is_an_error():
 
 def test_zero_init_step_needs_no_model_call():
     plan = plan_with("cfg_zero_star", extra=[ExtraGuidance(Branch("b"), scale=1.0)])
-    need = needs(plan, StepPosition(0.0, 10), 1.0)
+    need = needs(plan, position_at(0.0, 10), 1.0)
     assert not need.cond and not need.uncond and need.branches == ()
 
 

@@ -264,7 +264,7 @@ def test_bad_inputs():
 
 def step_inputs(cond, uncond, regions, cfg=5.0):
     return StepInputs(x=torch.zeros_like(cond), sigma=torch.tensor([1.0]), cond_scale=cfg,
-                      position=StepPosition(step=0.0, n_steps=10), parameterization="ve",
+                      position=StepPosition(progress=0.0, step=0.0, n_steps=10), parameterization="ve",
                       cond=cond, uncond=uncond, regions=regions)
 
 

@@ -7,7 +7,13 @@ import torch
 
 from guidance_kit.guiders.combine import needs
 from guidance_kit.guiders.plan import GuidancePlan
-from guidance_kit.guiders.progress import StepPosition, step_position
+from guidance_kit.guiders.progress import (
+    flow_percent_to_sigma,
+    log_linear_percent_to_sigma,
+    percent_of_sigma,
+    sigma_key,
+    step_position,
+)
 from guidance_kit.guiders.schedules import (
     SHAPES,
     Schedule,
@@ -19,47 +25,83 @@ from guidance_kit.guiders.schedules import (
 )
 
 from .gmm import flow_sigmas, karras_sigmas
-from .helpers import random_triplet, step_inputs
+from .helpers import position_at, random_triplet, step_inputs
 
 
-def multipliers(schedule: Schedule, n: int, sigmas=None) -> list[float]:
-    sigmas = sigmas or [float(n - i) for i in range(n)] + [0.0]
-    return [schedule.multiplier(i / (n - 1), sigmas[i], n) for i in range(n)]
+def multipliers(schedule: Schedule, n: int, sigma: float = 1.0) -> list[float]:
+    """f at progress i/(n−1), i = 0 … n−1."""
+    return [schedule.multiplier(i / (n - 1), sigma) for i in range(n)]
 
 
-@pytest.mark.parametrize("sigmas", [karras_sigmas(20), flow_sigmas(20), [5.0, 0.0]])
-def test_progress_is_step_over_n_minus_one(sigmas):
-    n = len(sigmas) - 1
-    for i in range(n):
-        pos = step_position(sigmas, sigmas[i])
-        assert pos.step == i and pos.step_index == i
-        assert pos.progress == pytest.approx(i / (n - 1) if n > 1 else 0.0)
+def test_percent_inverts_percent_to_sigma_for_every_convention():
+    for convention in (log_linear_percent_to_sigma(0.03, 14.6), flow_percent_to_sigma(1.0), flow_percent_to_sigma(3.0),
+                       flow_percent_to_sigma(0.2)):
+        for p in (0.0001, 0.1, 0.37, 0.5, 0.93, 0.9999):
+            assert percent_of_sigma(convention(p), convention) == pytest.approx(p, abs=1e-6)
+        assert percent_of_sigma(convention(0.0) * 2, convention) == 0.0  # at or above σ_max
+        assert percent_of_sigma(0.0, convention) == 1.0
+
+
+def test_progress_is_the_percent_of_sigma_and_the_step_is_per_call():
+    convention = flow_percent_to_sigma(3.0)
+    sigmas = flow_sigmas(20)  # t linear in the step: percent = i/20
+    for i in range(20):
+        pos = step_position(sigmas, sigmas[i], convention)
+        assert pos.step == i and pos.step_index == i and pos.n_steps == 20
+        assert pos.progress == pytest.approx(i / 20, abs=1e-6)
+        assert pos.from_noise
+
+
+def test_a_split_run_has_the_same_progress_as_one_call():
+    """KSamplerAdvanced 0–10 then 10–20 (or SplitSigmas): the second call's sigmas are the tail of the first's."""
+    for convention, sigmas in ((log_linear_percent_to_sigma(0.03, 14.6), karras_sigmas(20)),
+                               (flow_percent_to_sigma(3.0), flow_sigmas(20))):
+        head, tail = sigmas[:11], sigmas[10:]
+        for i in range(20):
+            whole = step_position(sigmas, sigmas[i], convention)
+            part = step_position(head if i < 10 else tail, sigmas[i], convention)
+            assert part.progress == whole.progress
+            assert part.step == (i if i < 10 else i - 10)
+        assert step_position(head, head[0], convention).from_noise
+        assert not step_position(tail, tail[0], convention).from_noise  # a second pass: no zero-init there
 
 
 def test_progress_between_points_and_outside():
+    convention = log_linear_percent_to_sigma(1.0, 8.0)
     sigmas = [8.0, 4.0, 2.0, 0.0]
-    assert step_position(sigmas, 6.0).step == pytest.approx(0.5)
-    assert step_position(sigmas, 6.0).step_index == 0
-    assert step_position(sigmas, 20.0).step == 0  # churn can raise sigma above the first point
-    assert step_position(sigmas, 1.0).step_index == 2  # between the last point and 0
-    assert step_position(sigmas, 1.0).progress == 1.0
+    assert step_position(sigmas, 6.0, convention).step == pytest.approx(0.5)
+    assert step_position(sigmas, 6.0, convention).step_index == 0
+    assert step_position(sigmas, 20.0, convention).step == 0  # churn can raise sigma above the first point
+    assert step_position(sigmas, 20.0, convention).progress == 0.0
+    assert step_position(sigmas, 1.0, convention).step_index == 2  # between the last point and 0
+    assert step_position(sigmas, 1.0, convention).progress == pytest.approx(1.0, abs=1e-6)
+    assert step_position(sigmas, 0.5, convention).progress == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sigma_key_is_the_same_for_the_same_sigma_only():
+    assert sigma_key(0.5) == sigma_key(torch.tensor(0.5).item())
+    assert len({sigma_key(s) for s in karras_sigmas(30)}) == 31
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s not in ("constant", "step_list")])
-@pytest.mark.parametrize("n", [2, 7, 30])
-def test_shapes_have_mean_one_on_the_step_grid(shape, n):
+def test_shapes_have_mean_one_over_progress(shape):
     sched = Schedule(shape=shape, power=3.0)
-    assert sum(multipliers(sched, n)) / n == pytest.approx(1.0, abs=1e-12)
+    n = 20001  # trapezoid rule on a fine grid of progress
+    values = multipliers(sched, n)
+    mean = (sum(values) - 0.5 * (values[0] + values[-1])) / (n - 1)
+    assert mean == pytest.approx(1.0, abs=1e-6)
 
 
 def test_linear_and_cosine_are_the_paper_formulas():
     n = 11
     lin = multipliers(Schedule(shape="linear_increasing"), n)
     cos = multipliers(Schedule(shape="cosine_increasing"), n)
+    power = multipliers(Schedule(shape="power_increasing", power=2.0), n)
     for i in range(n):
         u = i / (n - 1)
         assert lin[i] == pytest.approx(2 * u)
         assert cos[i] == pytest.approx(1 - math.cos(math.pi * u))
+        assert power[i] == pytest.approx(3 * u ** 2)
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "power"])
@@ -72,11 +114,11 @@ def test_increasing_is_along_the_sampling_direction(shape):
     assert inc == pytest.approx(dec[::-1])
 
 
-def test_step_list_one_value_per_step_and_interpolation():
+def test_step_list_spread_over_progress_and_interpolated():
     sched = Schedule(shape="step_list", step_values=(1.0, 0.5, 0.0))
     assert multipliers(sched, 3) == [1.0, 0.5, 0.0]
-    assert sched.multiplier(0.25, 1.0, 5) == pytest.approx(0.75)
-    assert Schedule(shape="step_list", step_values=(0.3,)).multiplier(0.9, 1.0, 4) == 0.3
+    assert sched.multiplier(0.25, 1.0) == pytest.approx(0.75)
+    assert Schedule(shape="step_list", step_values=(0.3,)).multiplier(0.9, 1.0) == 0.3
 
 
 def test_window_progress_and_sigma_interval():
@@ -97,9 +139,12 @@ def test_empty_or_invalid_windows_are_errors(bad):
 def test_unreachable_sigma_window_names_the_fix():
     # an SDXL interval on a flow model's sigmas (all ≤ 1) never acts
     w = Window(sigma_low=2.0, sigma_high=5.42)
+    flow, eps = flow_percent_to_sigma(3.0), log_linear_percent_to_sigma(0.03, 14.6)
+    sigmas = flow_sigmas(20)
     with pytest.raises(ScheduleError, match="Flow models"):
-        w.check_reachable("CFG Schedule", flow_sigmas(20))
-    w.check_reachable("CFG Schedule", karras_sigmas(20))
+        w.check_reachable("CFG Schedule", sigmas, [percent_of_sigma(s, flow) for s in sigmas])
+    sigmas = karras_sigmas(20)
+    w.check_reachable("CFG Schedule", sigmas, [percent_of_sigma(s, eps) for s in sigmas])
 
 
 @pytest.mark.parametrize("text,expected", [("1, 1, 0.5, 0", (1, 1, 0.5, 0)), ("2\n3;4", (2, 3, 4)), ("7", (7,))])
@@ -143,9 +188,9 @@ def test_constant_schedule_equals_cfg_and_window_skips_uncond():
     assert torch.equal(got, u + (c - u) * 6.0)
 
     windowed = base.with_method("cfg_schedule", Schedule(window=Window(start=0.5, end=1.0)), "CFG Schedule")
-    early = StepPosition(2.0, 10)
+    early = position_at(2.0, 10)
     assert needs(windowed, early, 1.0).uncond is False
-    assert needs(windowed, StepPosition(7.0, 10), 1.0).uncond is True
+    assert needs(windowed, position_at(7.0, 10), 1.0).uncond is True
     inp_early = step_inputs(x, c, None, cond_scale=6.0, step=2)
     got, handed_uncond = combine(windowed, inp_early, GuidanceState())
     assert torch.equal(got, c) and handed_uncond is None

@@ -12,11 +12,10 @@ import torch
 
 from guidance_kit.guiders.combine import combine, needs
 from guidance_kit.guiders.plan import Branch, ExtraGuidance, GuidancePlan, IndependentCondition, PlanError, UncondModel
-from guidance_kit.guiders.progress import StepPosition
 from guidance_kit.guiders.schedules import Schedule, Window
 
 from .gmm import GaussianMixture, euler_sample, karras_sigmas
-from .helpers import PlanDenoiser, step_inputs
+from .helpers import PlanDenoiser, percent_convention, position_at, step_inputs
 
 SHAPE = (2, 8, 8)
 PRIOR = Branch("UnconditionalPrior", source="uncond", perturbation="base model")
@@ -46,7 +45,7 @@ class TwoModelDenoiser(PlanDenoiser):
         from guidance_kit.guiders.progress import step_position
 
         s = float(sigma.reshape(-1)[0])
-        position = step_position(self.sigmas, s)
+        position = step_position(self.sigmas, s, percent_convention(self.parameterization))
         need = needs(self.plan, position, s, self.state)
         cond = self.gmm.denoise_cond(x, sigma, self.label, self.parameterization)
         self.calls["cond"] += 1
@@ -122,15 +121,15 @@ def test_blend_formula_and_substitution():
         assert torch.allclose(uncond_out, u, atol=1e-6)
         assert torch.allclose(guided, u + 3.0 * (cond - u), atol=1e-5)
     plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR), "UP")
-    need = needs(plan, StepPosition(0.0, 10), 5.0)
+    need = needs(plan, position_at(0.0, 10), 5.0)
     assert need.uncond and need.uncond_branch == PRIOR and PRIOR not in need.branches
 
 
 def test_window_and_schedule_gate_the_second_model():
     plan = GuidancePlan().with_method(
         "uncond_model", UncondModel(PRIOR, schedule=Schedule(window=Window(start=0.5, end=1.0)), label="UP"), "UP")
-    early = needs(plan, StepPosition(1.0, 10), 5.0)
-    late = needs(plan, StepPosition(8.0, 10), 0.5)
+    early = needs(plan, position_at(1.0, 10), 5.0)
+    late = needs(plan, position_at(8.0, 10), 0.5)
     assert early.uncond_branch is None and not early.branches  # the sampled model's own uncond
     assert late.uncond_branch == PRIOR
     assert ("UP", plan.uncond_model.schedule) in plan.windows()

@@ -4,12 +4,12 @@
 //   node --test web/tests/
 // It must stay in step with guiders/schedules.py and nodes/common.py (build_schedule):
 //
-//   f(u) = 0 outside the progress window start ≤ u ≤ end (tolerance 1e-9), inside by shape:
+//   f(u) = 0 outside the progress window start ≤ u ≤ end (tolerance 1e-6), inside by shape:
 //     constant 1 · linear_increasing 2u · linear_decreasing 2(1−u) · cosine_increasing 1−cos(πu)
-//     cosine_decreasing 1+cos(πu) · power_increasing u^k · power_decreasing (1−u)^k
+//     cosine_decreasing 1+cos(πu) · power_increasing (k+1)·u^k · power_decreasing (k+1)·(1−u)^k
 //     step_list: the values spread evenly over [0, 1], linearly interpolated (one value = constant)
-//   Every shape but constant and step_list is divided by its mean over the step grid
-//   u_i = i/(N−1), i = 0..N−1 (the whole grid, not just the window).
+//   Every shape but step_list has mean 1 over progress u ∈ [0, 1] (continuous, not over a step grid:
+//   u is ComfyUI's percent of sigma, so a run split over several samplers gets the same schedule).
 //
 // The sigma window (sigma_low, sigma_high] depends on the model's sigmas, which the editor does not
 // know; the preview only describes it (sigmaCaption).
@@ -27,7 +27,7 @@ export const SHAPES = Object.freeze([
   "step_list",
 ]);
 
-/** Number of sampling steps the preview normalises over (the real run uses its own step count). */
+/** Number of sampling steps the preview marks with dots (evenly spaced in progress). */
 export const PREVIEW_STEPS = 20;
 
 /** sigma_high at or above this means "no upper limit" (nodes/common.py SIGMA_NO_LIMIT). */
@@ -44,7 +44,7 @@ export const DEFAULTS = Object.freeze({
   sigma_low: 0.0,
 });
 
-const WINDOW_TOL = 1e-9;
+const WINDOW_TOL = 1e-6; // as Window.contains
 
 /** A schedule or window that cannot act (the message is shown on the node). */
 export class ScheduleError extends Error {
@@ -90,9 +90,12 @@ export function parseStepValues(text, owner = "step_values") {
   });
 }
 
-/** The shape before normalisation (schedules._raw_shape). */
-export function rawShape(shape, power, u) {
+/** f(u) of a built-in shape, mean 1 over u ∈ [0, 1] (schedules.shape_value). */
+export function shapeValue(shape, power, u) {
+  u = Math.min(Math.max(u, 0), 1);
   switch (shape) {
+    case "constant":
+      return 1;
     case "linear_increasing":
       return 2 * u;
     case "linear_decreasing":
@@ -102,20 +105,12 @@ export function rawShape(shape, power, u) {
     case "cosine_decreasing":
       return 1 + Math.cos(Math.PI * u);
     case "power_increasing":
-      return u ** power;
+      return (power + 1) * u ** power;
     case "power_decreasing":
-      return (1 - u) ** power;
+      return (power + 1) * (1 - u) ** power;
     default:
       throw new ScheduleError(`unknown schedule shape ${shape}`);
   }
-}
-
-/** Mean of the raw shape over u_i = i/(N−1), i = 0..N−1 (schedules._grid_mean). */
-export function gridMean(shape, power, nSteps) {
-  if (nSteps <= 1) return rawShape(shape, power, 0);
-  let sum = 0;
-  for (let i = 0; i < nSteps; i++) sum += rawShape(shape, power, i / (nSteps - 1));
-  return sum / nSteps;
 }
 
 /** Linear interpolation of values spread evenly over [0, 1] (schedules._interpolate). */
@@ -174,34 +169,26 @@ export function buildSchedule(params = {}) {
   return Object.freeze({ isBuiltSchedule: true, shape, power, values, start, end, sigmaLow, sigmaHigh });
 }
 
-/** Whether the shape is divided by its grid mean (all but constant and step_list). */
-export function isNormalised(shape) {
-  return shape !== "constant" && shape !== "step_list";
-}
-
 /**
- * f(u) at progress u for a run of nSteps steps (Schedule.multiplier with σ inside its window):
- * 0 outside start ≤ u ≤ end, else the (normalised) shape. `params` as for buildSchedule.
+ * f(u) at progress u (Schedule.multiplier with σ inside its window): 0 outside start ≤ u ≤ end, else
+ * the mean-1 shape. `params` as for buildSchedule.
  */
-export function multiplier(u, params, nSteps = PREVIEW_STEPS) {
+export function multiplier(u, params) {
   const s = buildSchedule(params);
   if (!(s.start - WINDOW_TOL <= u && u <= s.end + WINDOW_TOL)) return 0;
-  if (s.shape === "constant") return 1;
   if (s.shape === "step_list") return interpolate(s.values, u);
-  const raw = rawShape(s.shape, s.power, u);
-  const mean = gridMean(s.shape, s.power, nSteps);
-  return mean > 0 ? raw / mean : 1;
+  return shapeValue(s.shape, s.power, u);
 }
 
 /**
  * Points of f over u ∈ [0, 1] for drawing: a polyline with vertical edges at the window bounds,
  * the step_list knots included so the interpolation is drawn exactly.
- * Returns {points: [[u, f], ...], steps: [[u_i, f(u_i)], ...] on the nSteps grid, min, max,
+ * Returns {points: [[u, f], ...], steps: [[u_i, f(u_i)], ...] at nSteps evenly spaced progress values, min, max,
  * window: {start, end}}.
  */
 export function sampleCurve(params, { nSteps = PREVIEW_STEPS, samples = 96 } = {}) {
   const s = buildSchedule(params);
-  const f = (u) => multiplier(u, s, nSteps);
+  const f = (u) => multiplier(u, s);
   const us = new Set([s.start, s.end]);
   for (let i = 0; i <= samples; i++) {
     const u = i / samples;
@@ -241,12 +228,12 @@ export function sigmaCaption(params) {
 }
 
 /** One-line description of the shape for the preview caption. */
-export function shapeCaption(params, nSteps = PREVIEW_STEPS) {
+export function shapeCaption(params) {
   const s = buildSchedule(params);
   if (s.shape === "constant") return "constant";
   if (s.shape === "step_list") {
     const n = s.values.length;
     return n === 1 ? "step_list: 1 value (constant)" : `step_list: ${n} values, interpolated`;
   }
-  return `mean-normalised, ${nSteps} steps`;
+  return "mean 1 over the run";
 }
