@@ -40,4 +40,14 @@ if command -v node >/dev/null 2>&1; then
 else
   echo "tests/run.sh: node not found: web extension tests SKIPPED (install Node.js >= 20 to run them)"
 fi
+# The schedule preview in a real browser: the pinned and the newest ComfyUI frontend, classic and Nodes 2.0
+# mode (web/tests/run_browser_checks.sh; it says SKIPPED and why where Chromium, ComfyUI or the network is
+# missing). GUIDANCE_KIT_BROWSER_CHECKS=0 leaves it out.
+if [ "${GUIDANCE_KIT_BROWSER_CHECKS:-1}" != 0 ]; then
+  if [ -n "$comfyui" ]; then
+    COMFYUI_PATH="$comfyui" bash web/tests/run_browser_checks.sh "$venv/bin/python"
+  else
+    echo "browser checks SKIPPED: no ComfyUI checkout"
+  fi
+fi
 exec "$venv/bin/python" -m pytest "$@"

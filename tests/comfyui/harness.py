@@ -134,20 +134,25 @@ def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
-_MODELS: dict[str, comfy.model_patcher.ModelPatcher] = {}
+_MODELS: dict[tuple, comfy.model_patcher.ModelPatcher] = {}
 
 
-def tiny_model(family: str) -> comfy.model_patcher.ModelPatcher:
-    """A fresh ModelPatcher (clone) around a cached tiny model of the family."""
-    if family not in _MODELS:
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """A fresh ModelPatcher (clone) around a cached tiny model of the family.
+
+    ``seed`` picks the random weights (another seed = another model of the family, e.g. a second
+    checkpoint); ``dtype`` the inference dtype (fp16/bf16 models for the precision checks).
+    """
+    key = (family, seed, dtype)
+    if key not in _MODELS:
         cls, unet_config = CONFIGS[family]
         config = cls(dict(unet_config))
-        config.set_inference_dtype(torch.float32, None)
+        config.set_inference_dtype(dtype, None)
         model = config.get_model({})
-        init_random_(model.diffusion_model)
-        _MODELS[family] = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                                           offload_device=torch.device("cpu"))
-    return _MODELS[family].clone()
+        init_random_(model.diffusion_model, seed)  # built in ``dtype`` (layers a family keeps in fp32 stay so)
+        _MODELS[key] = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                                        offload_device=torch.device("cpu"))
+    return _MODELS[key].clone()
 
 
 def conditioning(family: str, seed: int, tokens: int = 6) -> list:

@@ -1,44 +1,80 @@
-// Real-browser check of the schedule preview (manual; not part of `node --test web/tests/`).
+// Real-browser check of the schedule preview (not part of `node --test web/tests/`; the automatic
+// run is web/tests/run_browser_checks.sh, which installs what this needs and starts ComfyUI).
 //
-// Loads the ComfyUI frontend in headless Chromium, adds two GuidanceKit_CFGSchedule nodes (one set
-// to cosine_increasing with end_percent 0.7 through its widgets, one with an invalid step list),
-// redraws, checks that the curve and the error message are painted inside the nodes, and saves a
-// screenshot. Exits 1 on a console error / page error or if a node does not draw, 2 on bad usage.
-// Known noise that does not come from this pack is listed and ignored (--strict counts it too):
-// 404s / offline failures of resources outside /extensions/comfyui-guidance-kit/ (user.css,
-// favicon, userdata of a fresh base directory, api.comfy.org) and frontend 1.27.10's own
-// "reading 'id'" error from its settings store on a fresh profile (it happens with this pack's
-// scripts blocked too).
+// Against a running ComfyUI with this pack, in headless Chromium, in one rendering mode:
+//   --mode classic  the LiteGraph canvas (Comfy.VueNodes.Enabled = false)
+//   --mode vue      "Modern Node Design (Nodes 2.0)" (Comfy.VueNodes.Enabled = true)
+// The mode is set through the settings API (POST /api/settings) before the page loads (and the
+// server's previous values are put back at the end). Then:
+//   1. adds two GuidanceKit_CFGSchedule nodes, one set to cosine_increasing / end_percent 0.7 through
+//      its widgets, one with an invalid step list;
+//   2. checks on a screenshot of each node's preview element (what the page shows, not only the
+//      element's own canvas) that the curve colour / the red message are painted, that the element
+//      lies inside its node and is the topmost element there, and that the invalid node names the bad
+//      value ('x' is not a number) in its message;
+//   3. loads each --workflow (default: workflows/cfg_schedule_sdxl.json and
+//      workflows/stack_apg_pag_schedule_sdxl.json): every node type is registered, each widget of a
+//      Guidance Kit node holds the value at its place in the file's widgets_values (widgets the file
+//      predates keep their defaults: listed under "notes"), each such node serializes to exactly its
+//      own widgets' values (the preview widget adds none), and every preview draws its curve;
+//   4. saves screenshots (--out, --workflow-out; one per workflow, suffixed -2, -3, ...).
+// Prints one summary line "browser check <label>: PASS|FAIL ..." and exits 1 on a failed check or a
+// console / page error, 2 on bad usage.
 //
-// How to run:
-//   1. Chromium and playwright-core, the latter outside the repository:
-//        apt-get install -y chromium
-//        npm install --prefix /tmp/gkweb-tools playwright-core
-//   2. ComfyUI on CPU with this pack:
-//        mkdir -p /tmp/gkweb/custom_nodes
-//        ln -sfn "$PWD" /tmp/gkweb/custom_nodes/comfyui-guidance-kit
-//        (cd ~/ComfyUI && OMP_NUM_THREADS=1 python main.py --cpu --listen 127.0.0.1 --port 8288 \
-//           --base-directory /tmp/gkweb --database-url sqlite:///:memory:)
-//   3. PLAYWRIGHT_CORE=/tmp/gkweb-tools/node_modules/playwright-core \
-//        node web/tests/browser_check.mjs http://127.0.0.1:8288 [--out /tmp/gkweb/preview.png]
-//        [--chromium /usr/bin/chromium] [--strict] [--workflow workflows/x.json --workflow-out shot.png]
+// Console noise that is not from this pack is listed and ignored (--strict counts it too): see
+// KNOWN_NOISE below. Anything that mentions this pack's files (/extensions/comfyui-guidance-kit/) or
+// "Guidance Kit" is always an error.
 //
-// (PLAYWRIGHT_CORE may be omitted where `import("playwright-core")` resolves on its own.)
+// Manual run:
+//   apt-get install -y chromium
+//   npm install --prefix ~/.cache/guidance-kit-web playwright-core
+//   mkdir -p /tmp/gkweb/custom_nodes && ln -sfn "$PWD" /tmp/gkweb/custom_nodes/comfyui-guidance-kit
+//   (cd ~/ComfyUI && OMP_NUM_THREADS=1 python main.py --cpu --listen 127.0.0.1 --port 8288 \
+//      --base-directory /tmp/gkweb --database-url sqlite:///:memory: [--front-end-root <static dir>])
+//   PLAYWRIGHT_CORE=~/.cache/guidance-kit-web/node_modules/playwright-core \
+//     node web/tests/browser_check.mjs http://127.0.0.1:8288 --mode vue [--out shot.png]
+//     [--workflow workflows/x.json ...] [--workflow-out wf.png] [--chromium /usr/bin/chromium]
+//     [--label name] [--strict]
 
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { pathToFileURL } from "node:url";
+import { dirname, join } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { inflateSync } from "node:zlib";
+
+const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const PACK_PATH = "/extensions/comfyui-guidance-kit/";
+const PREVIEW_TYPE = "gk_schedule_preview";
+
+// Console errors / failed requests that come from the frontend or a fresh ComfyUI, not from this pack.
+// Each entry: [what, test(text, url)].
+const KNOWN_NOISE = [
+  // A newer frontend than the backend asks for endpoints the backend lacks (ComfyUI 0.3.64 has no
+  // /api/jobs, /api/global_subgraphs, /api/assets, ...): 404 / 405 on resources outside this pack.
+  ["failed resource outside the pack", (text, url) =>
+    /^Failed to load resource/.test(text) && !url.includes(PACK_PATH)],
+  // ... which the newer frontend then also reports in its own words.
+  ["newer frontend: endpoint missing in this backend", (text) =>
+    /\/api\/(jobs|global_subgraphs|assets|workflow_templates|experiment|userdata|i18n|history)/i.test(text) ||
+    /global.?subgraphs|jobs? (list|queue)|Failed to (fetch|load) (jobs|queue|history|templates|global subgraphs)/i.test(text)],
+  // Frontend 1.27.10's settings store on a fresh profile (happens with this pack's scripts blocked too).
+  ["frontend 1.27 settings store on a fresh profile", (text, stack) =>
+    text === "page error: Cannot read properties of undefined (reading 'id')" && stack.includes("addSetting")],
+  // No network in the check (api.comfy.org, fonts, registry): offline fetches.
+  ["offline request", (text, url) =>
+    /api\.comfy\.org|registry\.comfy\.org|net::ERR_(INTERNET_DISCONNECTED|NAME_NOT_RESOLVED|CONNECTION_REFUSED)/.test(text + url) &&
+    !url.includes(PACK_PATH)],
+];
 
 function usage(message) {
-  console.error(`${message}\nusage: node web/tests/browser_check.mjs <comfyui-url> [--out file.png] [--chromium path] [--strict] [--workflow ui.json] [--workflow-out file.png]`);
+  console.error(`${message}\nusage: node web/tests/browser_check.mjs <comfyui-url> [--mode classic|vue] [--label name] [--out file.png] [--workflow ui.json ...] [--workflow-out file.png] [--chromium path] [--strict]`);
   process.exit(2);
 }
 
 if (process.env.NODE_TEST_CONTEXT) {
-  // picked up by a test runner (e.g. a newer Node treating web/tests/ as a glob): not an automatic test
-  console.log("browser_check.mjs is a manual check; skipped under the test runner");
+  // picked up by a test runner (e.g. a newer Node treating web/tests/ as a glob): not a unit test
+  console.log("browser_check.mjs is a browser check (web/tests/run_browser_checks.sh); skipped under the test runner");
   process.exit(0);
 }
 
@@ -51,13 +87,20 @@ const option = (name, fallback) => {
   args.splice(i, 2);
   return value;
 };
-const out = option("--out", "/tmp/gkweb/preview.png");
-const workflowPath = option("--workflow", null); // optional: a UI workflow to load, check and screenshot too
-const workflowOut = option("--workflow-out", "/tmp/gkweb/workflow.png");
+const workflows = [];
+for (let w; (w = option("--workflow", null)); ) workflows.push(w);
+if (!workflows.length) {
+  workflows.push(join(REPO, "workflows/cfg_schedule_sdxl.json"), join(REPO, "workflows/stack_apg_pag_schedule_sdxl.json"));
+}
+const mode = option("--mode", "classic");
+if (!["classic", "vue"].includes(mode)) usage("--mode is classic or vue");
+const label = option("--label", mode);
+const out = option("--out", `/tmp/gkweb-shots/preview-${mode}.png`);
+const workflowOut = option("--workflow-out", `/tmp/gkweb-shots/workflow-${mode}.png`);
 const chromiumPath = option("--chromium", process.env.CHROMIUM ?? "/usr/bin/chromium");
 const strict = args.includes("--strict");
 if (strict) args.splice(args.indexOf("--strict"), 1);
-const url = args[0];
+const url = args[0]?.replace(/\/$/, "");
 if (!url || !/^https?:\/\//.test(url)) usage("give the ComfyUI URL, e.g. http://127.0.0.1:8288");
 
 async function loadPlaywright() {
@@ -69,31 +112,205 @@ async function loadPlaywright() {
   return import("playwright-core");
 }
 
+/** RGBA pixels of an 8-bit, non-interlaced PNG (what Chromium's screenshots are). */
+function decodePng(buf) {
+  if (buf.readUInt32BE(0) !== 0x89504e47) throw new Error("not a PNG");
+  let pos = 8;
+  let width, height, colorType, bitDepth, interlace;
+  const idat = [];
+  while (pos < buf.length) {
+    const len = buf.readUInt32BE(pos);
+    const type = buf.toString("latin1", pos + 4, pos + 8);
+    const data = buf.subarray(pos + 8, pos + 8 + len);
+    if (type === "IHDR") {
+      width = data.readUInt32BE(0);
+      height = data.readUInt32BE(4);
+      bitDepth = data[8];
+      colorType = data[9];
+      interlace = data[12];
+    } else if (type === "IDAT") idat.push(data);
+    else if (type === "IEND") break;
+    pos += 12 + len;
+  }
+  const channels = { 0: 1, 2: 3, 4: 2, 6: 4 }[colorType];
+  if (bitDepth !== 8 || !channels || interlace) throw new Error(`unsupported PNG (depth ${bitDepth}, colour ${colorType})`);
+  const raw = inflateSync(Buffer.concat(idat));
+  const stride = width * channels;
+  const px = Buffer.alloc(height * stride);
+  for (let y = 0; y < height; y++) {
+    const filter = raw[y * (stride + 1)];
+    const src = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
+    const row = px.subarray(y * stride, (y + 1) * stride);
+    const prev = y ? px.subarray((y - 1) * stride, y * stride) : Buffer.alloc(stride);
+    for (let i = 0; i < stride; i++) {
+      const a = i >= channels ? row[i - channels] : 0;
+      const b = prev[i];
+      const c = i >= channels ? prev[i - channels] : 0;
+      let v = src[i];
+      if (filter === 1) v += a;
+      else if (filter === 2) v += b;
+      else if (filter === 3) v += (a + b) >> 1;
+      else if (filter === 4) {
+        const p = a + b - c;
+        const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+        v += pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+      }
+      row[i] = v & 0xff;
+    }
+  }
+  const rgba = Buffer.alloc(width * height * 4);
+  for (let i = 0; i < width * height; i++) {
+    const s = px.subarray(i * channels, (i + 1) * channels);
+    const [r, g, b, al] = channels >= 3 ? [s[0], s[1], s[2], channels === 4 ? s[3] : 255] : [s[0], s[0], s[0], channels === 2 ? s[1] : 255];
+    rgba.set([r, g, b, al], i * 4);
+  }
+  return { width, height, rgba };
+}
+
+/** Pixels of a PNG that pass test(r, g, b). */
+function countPixels(png, test) {
+  let n = 0;
+  const d = png.rgba;
+  for (let i = 0; i < d.length; i += 4) if (test(d[i], d[i + 1], d[i + 2])) n++;
+  return n;
+}
+// The curve is #5ab0ff and the message #ff7a7a; anti-aliased edges and thin text come out darker,
+// so these test the hue and a minimum brightness rather than the exact colour. The window shading
+// (a faint blue over a dark background) and the grey lines / labels pass neither.
+const isCurve = (r, g, b) => b >= 150 && b - r >= 70 && g >= 90;
+const isError = (r, g, b) => r >= 100 && r - g >= 40 && r - b >= 40;
+
 const playwright = await loadPlaywright().catch((e) => usage(`playwright-core not found (${e.message}); set PLAYWRIGHT_CORE`));
 const { chromium } = playwright.chromium ? playwright : playwright.default; // CommonJS package
 const profile = mkdtempSync(join(tmpdir(), "gk-chromium-"));
 const problems = [];
-const ignored = [];
+const ignored = new Map(); // noise kind → count
+const facts = {};
 let browser;
 
-const PACK_PATH = "/extensions/comfyui-guidance-kit/";
-function consoleError(text, location) {
-  const known = text.startsWith("Failed to load resource") && !location.includes(PACK_PATH);
-  (known && !strict ? ignored : problems).push(`console error: ${text} (${location})`);
+function classify(text, location) {
+  const ours = text.includes(PACK_PATH) || location.includes(PACK_PATH) || /guidance.?kit/i.test(text);
+  if (!ours && !strict) {
+    const noise = KNOWN_NOISE.find(([, test]) => test(text, location));
+    if (noise) {
+      ignored.set(noise[0], (ignored.get(noise[0]) ?? 0) + 1);
+      return;
+    }
+  }
+  problems.push(`${text} (${location || "no location"})`);
 }
-function pageError(err) {
-  const stack = String(err.stack ?? "");
-  const known = err.message === "Cannot read properties of undefined (reading 'id')" &&
-    stack.includes("addSetting") && !stack.includes(PACK_PATH);
-  (known && !strict ? ignored : problems).push(`page error: ${err.message}`);
+
+async function postSettings(settings) {
+  const response = await fetch(`${url}/api/settings`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(settings),
+  });
+  if (!response.ok) throw new Error(`POST /api/settings: HTTP ${response.status}`);
+}
+
+/** Draw passes: the canvas redraws, Vue renders, the preview's poll runs. */
+async function settle(page, ms = 1200) {
+  await page.evaluate(async (ms) => {
+    const app = window.comfyAPI.app.app;
+    const until = performance.now() + ms;
+    while (performance.now() < until) {
+      app.graph.setDirtyCanvas(true, true);
+      app.canvas.draw(true, true);
+      await new Promise((r) => requestAnimationFrame(r));
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }, ms);
+}
+
+/** Geometry and state of the preview element of each node (by id) in the page. */
+function inspectPreviews(page, ids) {
+  return page.evaluate(({ ids, PREVIEW_TYPE }) => {
+    const app = window.comfyAPI.app.app;
+    return ids.map((id) => {
+      const node = app.graph.getNodeById(id);
+      const widget = node?.widgets?.find((w) => w.type === PREVIEW_TYPE);
+      const el = widget?.element;
+      if (!el) return { id, error: "no preview widget" };
+      el.dataset.gkCheck = String(id);
+      const r = el.getBoundingClientRect();
+      // the node on screen: the Vue node element, or the node's rectangle on the graph canvas
+      let nodeRect;
+      const vueEl = document.querySelector(`.lg-node[data-node-id="${id}"], [data-node-id="${id}"].lg-node`) ??
+        document.querySelector(`[data-node-id="${id}"]`);
+      if (window.LiteGraph.vueNodesMode && vueEl) {
+        const v = vueEl.getBoundingClientRect();
+        nodeRect = [v.left, v.top, v.right, v.bottom];
+      } else {
+        const c = app.canvas.canvas.getBoundingClientRect();
+        const ds = app.canvas.ds;
+        const [x0, y0] = ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT]);
+        const [x1, y1] = ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
+        nodeRect = [c.left + x0, c.top + y0, c.left + x1, c.top + y1];
+      }
+      const cx = r.left + r.width / 2;
+      const cy = r.top + r.height / 2;
+      const top = document.elementFromPoint(cx, cy);
+      const style = getComputedStyle(el);
+      return {
+        id,
+        connected: el.isConnected,
+        rect: [r.left, r.top, r.right, r.bottom].map(Math.round),
+        nodeRect: nodeRect.map(Math.round),
+        inside: r.width > 20 && r.height > 20 && r.left >= nodeRect[0] - 1 && r.right <= nodeRect[2] + 1 &&
+          r.top >= nodeRect[1] - 1 && r.bottom <= nodeRect[3] + 1,
+        topmost: !!top && el.contains(top),
+        visible: style.visibility !== "hidden" && style.display !== "none" && Number(style.opacity) > 0.5,
+        error: el.dataset.error ?? "",
+        serialize: widget.serialize,
+        optionsSerialize: widget.options?.serialize,
+      };
+    });
+  }, { ids, PREVIEW_TYPE });
+}
+
+async function screenshotCounts(page, id) {
+  const handle = await page.$(`[data-gk-check="${id}"]`);
+  if (!handle) return { curve: 0, error: 0 };
+  const png = decodePng(await handle.screenshot());
+  return { curve: countPixels(png, isCurve), error: countPixels(png, isError), size: [png.width, png.height] };
+}
+
+function checkPreview(info, counts, what, { wantCurve, wantError, minCurve = 150 }) {
+  if (info.error && !wantError) problems.push(`${what}: unexpected message "${info.error}"`);
+  if (info.error === "no preview widget") return;
+  if (!info.connected) problems.push(`${what}: the preview element is not in the page`);
+  if (!info.visible) problems.push(`${what}: the preview element is hidden`);
+  if (!info.inside) problems.push(`${what}: the preview ${info.rect} is not inside its node ${info.nodeRect}`);
+  if (!info.topmost) problems.push(`${what}: something covers the preview`);
+  if (info.serialize !== false || info.optionsSerialize !== false) problems.push(`${what}: the preview widget would be serialized`);
+  if (wantCurve && counts.curve < minCurve) problems.push(`${what}: no curve on screen (${counts.curve} curve-coloured pixels)`);
+  if (wantError) {
+    if (!/'x' is not a number/.test(info.error)) problems.push(`${what}: no message for the invalid step list ("${info.error}")`);
+    if (counts.error < 30) problems.push(`${what}: the message is not on screen (${counts.error} red pixels)`);
+    if (counts.curve > 30) problems.push(`${what}: a curve is drawn despite the invalid value`);
+  }
+}
+
+const near = (a, b) => (typeof a === "number" && typeof b === "number" ? Math.abs(a - b) < 1e-6 : JSON.stringify(a) === JSON.stringify(b));
+
+// the server's settings before the check, put back afterwards (a check against one's own ComfyUI)
+let savedSettings = null;
+try {
+  const response = await fetch(`${url}/api/settings`);
+  if (response.ok) savedSettings = await response.json();
+} catch {
+  // reported by postSettings below
 }
 
 try {
+  await postSettings({ "Comfy.VueNodes.Enabled": mode === "vue", "Comfy.TutorialCompleted": true });
+
   // Playwright takes the fresh profile directory as userDataDir (it refuses --user-data-dir in args)
   browser = await chromium.launchPersistentContext(profile, {
     executablePath: chromiumPath,
     headless: true,
-    viewport: { width: 1280, height: 800 },
+    viewport: { width: 1400, height: 900 },
     args: [
       "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -101,9 +318,14 @@ try {
   });
   const page = browser.pages()[0] ?? (await browser.newPage());
   page.on("console", (msg) => {
-    if (msg.type() === "error") consoleError(msg.text(), msg.location()?.url ?? "");
+    if (msg.type() === "error") classify(msg.text(), msg.location()?.url ?? "");
   });
-  page.on("pageerror", pageError);
+  page.on("pageerror", (err) => classify(`page error: ${err.message}`, String(err.stack ?? "")));
+  page.on("response", (response) => {
+    if (response.status() >= 400 && response.url().includes(PACK_PATH)) {
+      problems.push(`HTTP ${response.status()} for ${response.url()}`);
+    }
+  });
 
   await page.goto(url, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(
@@ -113,30 +335,37 @@ try {
         app.extensions?.some((e) => e.name === "GuidanceKit.SchedulePreview"));
     },
     null,
-    { timeout: 60_000 },
+    { timeout: 90_000 },
   );
   // let the first-load work (default graph, dialogs) settle, then close any dialog
   await page.waitForTimeout(1500);
   await page.keyboard.press("Escape");
-  await page.waitForTimeout(1000);
+  await page.waitForTimeout(300);
 
-  const result = await page.evaluate(async () => {
+  Object.assign(facts, await page.evaluate(() => ({
+    frontend: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+    vueNodesMode: !!window.LiteGraph.vueNodesMode,
+  })));
+  if (facts.vueNodesMode !== (mode === "vue")) {
+    problems.push(`mode ${mode} asked for, but LiteGraph.vueNodesMode is ${facts.vueNodesMode}`);
+  }
+
+  const ids = await page.evaluate(async () => {
     const app = window.comfyAPI.app.app;
     const LiteGraph = window.LiteGraph;
     app.graph.clear();
+    app.canvas.ds.scale = 1;
+    app.canvas.ds.offset = [0, 0];
 
     const set = (node, name, value) => {
       const w = node.widgets.find((w) => w.name === name);
       if (!w) throw new Error(`no widget ${name}`);
-      if (w.setValue) w.setValue(value, { node, canvas: app.canvas, e: undefined });
-      else {
-        w.value = value;
-        w.callback?.(value, app.canvas, node);
-      }
+      w.value = value;
+      w.callback?.(w.value, app.canvas, node);
     };
 
     const good = LiteGraph.createNode("GuidanceKit_CFGSchedule");
-    good.pos = [60, 60];
+    good.pos = [80, 130];
     app.graph.add(good);
     set(good, "schedule", "cosine_increasing");
     set(good, "end_percent", 0.7);
@@ -144,91 +373,163 @@ try {
     set(good, "sigma_high", 5.42);
 
     const bad = LiteGraph.createNode("GuidanceKit_CFGSchedule");
-    bad.pos = [good.pos[0] + good.size[0] + 60, 60];
+    bad.pos = [good.pos[0] + good.size[0] + 80, 130];
     app.graph.add(bad);
     set(bad, "schedule", "step_list");
     set(bad, "step_values", "1, 0.5, x");
-
-    app.canvas.ds.scale = 1;
-    app.canvas.ds.offset = [0, 0];
-    for (let i = 0; i < 3; i++) {
-      app.graph.setDirtyCanvas(true, true);
-      app.canvas.draw(true, true);
-      await new Promise((r) => requestAnimationFrame(r));
-    }
-
-    // count painted pixels of a colour in the node's body below its widgets
-    const canvas = app.canvas.canvas;
-    const ratio = canvas.width / canvas.clientWidth;
-    const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
-    const count = (node, [r, g, b]) => {
-      const bottom = Math.max(...node.widgets.map((w) => (w.y ?? 0) + (w.computedHeight ?? 24)));
-      const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + bottom]);
-      const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
-      let n = 0;
-      for (let y = Math.floor(y0 * ratio); y < Math.floor(y1 * ratio); y++) {
-        for (let x = Math.floor(x0 * ratio); x < Math.floor(x1 * ratio); x++) {
-          const i = (y * canvas.width + x) * 4;
-          const d = pixels.data;
-          if (Math.abs(d[i] - r) < 40 && Math.abs(d[i + 1] - g) < 40 && Math.abs(d[i + 2] - b) < 40) n++;
-        }
-      }
-      return { n, rect: [x0, y0, x1, y1].map(Math.round) };
-    };
-    return {
-      curve: count(good, [0x5a, 0xb0, 0xff]),
-      message: count(bad, [0xff, 0x7a, 0x7a]),
-      goodSize: [...good.size].map(Math.round),
-      values: Object.fromEntries(good.widgets.map((w) => [w.name, w.value])),
-      frontend: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
-    };
+    return { good: good.id, bad: bad.id };
   });
+  await settle(page);
 
-  console.log(JSON.stringify(result, null, 2));
-  if (result.values.schedule !== "cosine_increasing" || result.values.end_percent !== 0.7) {
-    problems.push("the widget values were not set");
+  const [good, bad] = await inspectPreviews(page, [ids.good, ids.bad]);
+  const goodCounts = await screenshotCounts(page, ids.good);
+  const badCounts = await screenshotCounts(page, ids.bad);
+  facts.nodes = { good: { ...good, ...goodCounts }, bad: { ...bad, ...badCounts } };
+  checkPreview(good, goodCounts, "cosine_increasing node", { wantCurve: true });
+  checkPreview(bad, badCounts, "invalid step list node", { wantError: true });
+  const values = await page.evaluate((id) => {
+    const node = window.comfyAPI.app.app.graph.getNodeById(id);
+    return Object.fromEntries(node.widgets.map((w) => [w.name, w.value]));
+  }, ids.good);
+  if (values.schedule !== "cosine_increasing" || values.end_percent !== 0.7) {
+    problems.push(`the widget values were not set: ${JSON.stringify(values)}`);
   }
-  if (result.curve.n < 100) problems.push(`no curve drawn in the node (${result.curve.n} curve-coloured pixels)`);
-  if (result.message.n < 20) problems.push(`no error message drawn in the invalid node (${result.message.n} pixels)`);
 
+  // a changed value redraws the preview (as a user's edit does)
+  await page.evaluate((id) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const w = node.widgets.find((w) => w.name === "step_values");
+    w.value = "1, 0.5, 0.25";
+    w.callback?.(w.value, app.canvas, node);
+  }, ids.bad);
+  await settle(page, 900);
+  const [fixed] = await inspectPreviews(page, [ids.bad]);
+  const fixedCounts = await screenshotCounts(page, ids.bad);
+  checkPreview(fixed, fixedCounts, "step list node after fixing the value", { wantCurve: true });
+
+  if (mode === "classic") {
+    // the wheel over the preview still zooms / pans the graph (the events go on to the canvas)
+    const moved = await page.evaluate((id) => {
+      const app = window.comfyAPI.app.app;
+      const el = app.graph.getNodeById(id).widgets.find((w) => w.type === "gk_schedule_preview").element;
+      const r = el.getBoundingClientRect();
+      const before = JSON.stringify([app.canvas.ds.scale, ...app.canvas.ds.offset]);
+      el.dispatchEvent(new WheelEvent("wheel", { clientX: r.left + 20, clientY: r.top + 20, deltaY: 120, bubbles: true, cancelable: true }));
+      const after = JSON.stringify([app.canvas.ds.scale, ...app.canvas.ds.offset]);
+      app.canvas.ds.scale = 1;
+      app.canvas.ds.offset = [0, 0];
+      return before !== after;
+    }, ids.good);
+    if (!moved) problems.push("a wheel event over the preview does not reach the graph canvas");
+    await settle(page, 500);
+  }
+
+  mkdirSync(dirname(out), { recursive: true });
+  // the invalid node again, for the screenshot
+  await page.evaluate((id) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const w = node.widgets.find((w) => w.name === "step_values");
+    w.value = "1, 0.5, x";
+    w.callback?.(w.value, app.canvas, node);
+  }, ids.bad);
+  await settle(page, 900);
   await page.screenshot({ path: out });
-  console.log(`screenshot: ${out}`);
+  facts.screenshots = [out];
 
-  if (workflowPath) {
-    const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
-    const loaded = await page.evaluate(async (wf) => {
+  for (const [i, path] of workflows.entries()) {
+    const workflow = JSON.parse(readFileSync(path, "utf8"));
+    const loaded = await page.evaluate(async ({ wf, PREVIEW_TYPE }) => {
       const app = window.comfyAPI.app.app;
       await app.loadGraphData(wf);
-      app.canvas.ds.scale = 0.7;
-      app.canvas.ds.offset = [20, 20];
-      for (let i = 0; i < 3; i++) {
-        app.graph.setDirtyCanvas(true, true);
-        app.canvas.draw(true, true);
-        await new Promise((r) => requestAnimationFrame(r));
-      }
+      app.canvas.ds.scale = 0.75;
+      app.canvas.ds.offset = [10, 10];
       const registered = window.LiteGraph.registered_node_types;
-      return app.graph._nodes.map((n) => ({ id: n.id, type: n.type, known: !!registered[n.type] }));
-    }, workflow);
+      const serialized = app.graph.serialize();
+      return app.graph.nodes.map((n) => ({
+        id: n.id,
+        type: n.type,
+        known: !!registered[n.type],
+        preview: !!n.widgets?.some((w) => w.type === PREVIEW_TYPE),
+        widgets: (n.widgets ?? []).filter((w) => w.type !== PREVIEW_TYPE && w.serialize !== false).map((w) => [w.name, w.value]),
+        serialized: serialized.nodes.find((s) => String(s.id) === String(n.id))?.widgets_values ?? null,
+      }));
+    }, { wf: workflow, PREVIEW_TYPE });
+    await page.keyboard.press("Escape"); // e.g. a missing-models dialog
+    const name = path.split("/").pop();
     const expected = workflow.nodes.map((n) => n.type).sort();
     const got = loaded.map((n) => n.type).sort();
-    if (JSON.stringify(expected) !== JSON.stringify(got)) problems.push(`workflow nodes differ: ${got} vs ${expected}`);
+    if (JSON.stringify(expected) !== JSON.stringify(got)) problems.push(`${name}: nodes differ: ${got} vs ${expected}`);
     const unknown = loaded.filter((n) => !n.known && n.type !== "Note" && n.type !== "MarkdownNote");
-    if (unknown.length) problems.push(`workflow has unregistered node types: ${unknown.map((n) => n.type)}`);
-    console.log(`workflow ${workflowPath}: ${loaded.length} nodes loaded`);
-    await page.waitForTimeout(500);
-    await page.screenshot({ path: workflowOut });
-    console.log(`screenshot: ${workflowOut}`);
+    if (unknown.length) problems.push(`${name}: unregistered node types: ${unknown.map((n) => n.type)}`);
+    const withPreview = loaded.filter((n) => n.preview);
+    if (!withPreview.length) problems.push(`${name}: no node with a schedule preview`);
+    for (const n of loaded.filter((n) => n.type.startsWith("GuidanceKit_"))) {
+      const saved = workflow.nodes.find((s) => String(s.id) === String(n.id))?.widgets_values ?? [];
+      const what = `${name}: node ${n.id} ${n.type}`;
+      // each widget holds the value at its place in widgets_values ...
+      const shifted = n.widgets.slice(0, saved.length).filter(([, v], k) => !near(v, saved[k]));
+      if (shifted.length || saved.length > n.widgets.length) {
+        problems.push(`${what}: widgets ${JSON.stringify(n.widgets)} vs widgets_values ${JSON.stringify(saved)}`);
+      }
+      // (inputs added to the node after the file was written keep their defaults: a note, not a failure)
+      if (n.widgets.length > saved.length) {
+        (facts.notes ??= []).push(`${what}: the file has no value for ${n.widgets.slice(saved.length).map(([k]) => k)} (default kept)`);
+      }
+      // ... and the node serializes to exactly its own widgets' values (nothing for the preview)
+      const own = n.widgets.map(([, v]) => v);
+      if (!n.serialized || n.serialized.length !== own.length || !n.serialized.every((v, k) => near(v, own[k]))) {
+        problems.push(`${what}: serializes to ${JSON.stringify(n.serialized)}, its widgets hold ${JSON.stringify(own)}`);
+      }
+    }
+    for (const n of withPreview) {
+      // bring the node to the upper left of the view (away from toasts / the minimap), at 100 %
+      await page.evaluate((id) => {
+        const app = window.comfyAPI.app.app;
+        const node = app.graph.getNodeById(id);
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [160 - node.pos[0], 140 - node.pos[1]];
+      }, n.id);
+      await settle(page, 800);
+      const [info] = await inspectPreviews(page, [n.id]);
+      const counts = await screenshotCounts(page, n.id);
+      // the workflows' schedules include flat ones (constant): a line, fewer pixels than a cosine
+      checkPreview(info, counts, `${name}: node ${n.id} ${n.type}`, { wantCurve: true, minCurve: 60 });
+    }
+    await page.evaluate((id) => {
+      const app = window.comfyAPI.app.app;
+      const node = app.graph.getNodeById(id);
+      app.canvas.ds.scale = 0.75;
+      app.canvas.ds.offset = [400 / 0.75 - node.pos[0], 120 / 0.75 - node.pos[1]];
+    }, withPreview[0]?.id);
+    await settle(page, 800);
+    const shot = i ? workflowOut.replace(/\.png$/, `-${i + 1}.png`) : workflowOut;
+    await page.screenshot({ path: shot });
+    facts.screenshots.push(shot);
+    facts[name] = `${loaded.length} nodes, ${withPreview.length} with a preview`;
   }
 } catch (e) {
   problems.push(`check failed: ${e.stack ?? e}`);
 } finally {
   await browser?.close();
   rmSync(profile, { recursive: true, force: true });
+  if (savedSettings) {
+    await postSettings({
+      "Comfy.VueNodes.Enabled": savedSettings["Comfy.VueNodes.Enabled"] ?? false,
+      "Comfy.TutorialCompleted": savedSettings["Comfy.TutorialCompleted"] ?? false,
+    }).catch(() => {});
+  }
 }
 
-if (ignored.length) console.log(`ignored (known, not from this pack):\n  ${ignored.join("\n  ")}`);
+console.log(JSON.stringify(facts, null, 2));
+if (ignored.size) {
+  console.log(`ignored console noise (not from this pack): ${[...ignored].map(([k, n]) => `${k} ×${n}`).join("; ")}`);
+}
+const summary = `browser check ${label}: frontend ${facts.frontend ?? "?"}, ${mode} mode`;
 if (problems.length) {
-  console.error(problems.join("\n"));
+  console.error(problems.map((p) => `  - ${p}`).join("\n"));
+  console.log(`${summary}: FAIL (${problems.length} problem${problems.length > 1 ? "s" : ""})`);
   process.exit(1);
 }
-console.log("browser check passed: no console errors, the preview is drawn");
+console.log(`${summary}: PASS (curve drawn, invalid step list shows its message, ${workflows.length} workflow(s) load with their values)`);
