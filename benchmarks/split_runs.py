@@ -78,9 +78,8 @@ def apply_row(model, family: str, stack, registry):
 
 
 def split_difference(model, family: str, steps: int, split: int) -> tuple[float, float]:
-    from comfy_extras import nodes_custom_sampler as custom
-
     import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
 
     positive, negative = conditioning(family, 1), conditioning(family, 2)
     lat = {"samples": latent(family)}

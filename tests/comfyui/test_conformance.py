@@ -410,6 +410,7 @@ def test_d_a_batch_equals_single_runs(node, family, loras_folder):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("node,family", CASES, ids=IDS)
 def test_e_half_precision_outputs_are_finite(node, family, dtype, loras_folder):
+    assert tiny_model(family, dtype=dtype).model.get_dtype() == dtype  # the network really runs in half precision
     case = case_for(node, family, loras_folder, dtype=dtype)
     got = node_output(case)
     if got is None:
