@@ -1,6 +1,6 @@
 """Model passes, wall time and quality of Adaptive Guidance / LinearAG vs plain CFG.
 
-    python benchmarks/adaptive_cost.py [--steps 30] [--samples 1024] [--seeds 3] [--comfyui]
+    python benchmarks/adaptive_cost.py [--steps 30] [--samples 1024] [--seeds 3] [--digits] [--comfyui]
 
 Part 1 (always; pure torch): Euler sampling on an exact class-conditional Gaussian mixture (the
 denoisers of tests/core/gmm.py), eps (Karras σ) and flow (shifted σ). The guided target is CFG at
@@ -12,7 +12,12 @@ noise, and **FD→p(x|c)**, the distance to the true conditional distribution N(
 form on its side; guidance moves samples away from it by design, so CFG's own value is the
 target); plus adherence (Bayes-classifier accuracy to the requested class).
 
-Part 2 (``--comfyui``, needs a ComfyUI checkout): wall time and model passes per run on tiny
+Part 2 (``--digits``, needs a ComfyUI checkout and scikit-learn): the embedded digits model, a real ε
+network, through ComfyUI's KSampler path (batch of 100, one sample per digit and seed): model passes counted
+per forward, adherence, Fréchet distance to held-out digits, diversity, clipped pixels and the paired error
+against CFG on the same noise, per setting of ``DIGIT_CASES`` and cfg (``--digits-scales``).
+
+Part 3 (``--comfyui``, needs a ComfyUI checkout): wall time and model passes per run on tiny
 random-weight ComfyUI models through KSampler, AG vs CFG (random weights make the switch point
 arbitrary: this part measures the cost mechanics, not quality).
 """
@@ -44,14 +49,12 @@ LABEL = 1
 
 CASES: dict[str, AdaptiveGuidance | None] = {
     "CFG": None,
-    "AG γ̄ 0.99": AdaptiveGuidance(threshold=0.99),
-    "AG γ̄ 0.995": AdaptiveGuidance(threshold=0.995),
-    "AG γ̄ 0.999": AdaptiveGuidance(threshold=0.999),
-    "AG γ̄ 0.99 from 30%": AdaptiveGuidance(threshold=0.99, start_percent=0.3),
-    "LinearAG γ̄ 0.99": AdaptiveGuidance(threshold=0.99, linear=True),
-    "LinearAG γ̄ 0.999": AdaptiveGuidance(threshold=0.999, linear=True),
-    "LinearAG only (γ̄ > 1)": AdaptiveGuidance(threshold=1.01, linear=True),
+    "LinearAG only (default: γ̄ > 1, refresh 2)": AdaptiveGuidance(threshold=1.01, linear=True),
     "LinearAG only, refresh 3": AdaptiveGuidance(threshold=1.01, linear=True, refresh_every=3),
+    "AG γ̄ 0.99 from 50%": AdaptiveGuidance(threshold=0.99, linear=False),
+    "AG γ̄ 0.999 from 50%": AdaptiveGuidance(threshold=0.999, linear=False),
+    "AG γ̄ 0.99 from 30%": AdaptiveGuidance(threshold=0.99, start_percent=0.3, linear=False),
+    "LinearAG + AG γ̄ 0.99 from 50%": AdaptiveGuidance(threshold=0.99, linear=True),
 }
 
 
@@ -154,6 +157,84 @@ def run_comfyui(steps: int, repeats: int) -> None:
                   f"{seconds / plain_time:.2f} |")
 
 
+DIGIT_CASES: dict[str, dict | None] = {
+    "CFG": None,
+    "AG γ̄ 0.99 from 50% (old default)": dict(threshold=0.99, start_percent=0.5, linear_ag=False),
+    "AG γ̄ 0.999 from 50%": dict(threshold=0.999, start_percent=0.5, linear_ag=False),
+    "LinearAG γ̄ 0.99 from 50%": dict(threshold=0.99, start_percent=0.5, linear_ag=True),
+    "LinearAG γ̄ 0.999 from 50%": dict(threshold=0.999, start_percent=0.5, linear_ag=True),
+    "LinearAG only (γ̄ > 1)": dict(threshold=1.01, start_percent=0.5, linear_ag=True),
+    "LinearAG only, refresh 3": dict(threshold=1.01, start_percent=0.5, linear_ag=True, refresh_every=3),
+    "AG γ̄ 0.99 from 80%": dict(threshold=0.99, start_percent=0.8, linear_ag=False),
+    "LinearAG γ̄ 0.99 from 80%": dict(threshold=0.99, start_percent=0.8, linear_ag=True),
+    "LinearAG γ̄ 0.99 from 90%": dict(threshold=0.99, start_percent=0.9, linear_ag=True),
+}
+
+
+def run_digits(steps: int, scales: list[float], seeds: int, cases: list[str] | None = None) -> None:
+    """The embedded digits model (a real ε-prediction network, ComfyUI's KSampler path, batch of 100)."""
+    import logging
+
+    # isort: off
+    import compare  # the pack as guidance_kit, ComfyUI on sys.path
+    compare.import_pack()
+    from guidance_kit.digits.comfy_setup import import_comfyui
+    import_comfyui(None, cpu=True)
+    import comfy.patcher_extension
+    from guidance_kit.comparison.runs import held_out_digits
+    from guidance_kit.digits import sampling
+    from guidance_kit.digits.metrics import DigitsEvaluator
+    from guidance_kit.digits.model import cached_digits_model
+    from guidance_kit.nodes import adaptive as ag
+    # isort: on
+
+    logging.getLogger("guidance_kit").setLevel(logging.WARNING)
+    digits = cached_digits_model()
+    evaluator = DigitsEvaluator(held_out_digits())
+    labels = [d for _ in range(10) for d in range(10)]
+    selected = {k: v for k, v in DIGIT_CASES.items() if cases is None or k in cases or v is None}
+    print(f"\n### Embedded digits model (eps), KSampler euler/normal, {steps} steps, 100 samples × {seeds} seeds\n")
+    print("FD = Fréchet distance to held-out digits (lower is better), div = within-class diversity, "
+          "paired = mean ‖x − x_CFG‖/‖x_CFG‖ on the same noise\n")
+    print("| cfg | method | passes | vs CFG | acc | FD | div | clip% | paired |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for scale in scales:
+        reference = {}
+        rows = []
+        for name, settings in selected.items():
+            model = digits.patcher.clone()
+            if settings is not None:
+                model = ag.AdaptiveGuidanceNode.execute(
+                    model, settings["threshold"], settings["start_percent"], "uncond and branches",
+                    settings["linear_ag"], 3, settings.get("refresh_every", 2)).result[0]
+            counted: list[int] = []
+
+            def count(executor, x, *args, _counted=counted, **kwargs):
+                _counted.append(int(x.shape[0]))
+                return executor(x, *args, **kwargs)
+
+            model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "benchmark_counter", count)
+            metrics, passes, paired = [], [], []
+            for seed in range(seeds):
+                counted.clear()
+                samples = sampling.sample(model, digits, labels, seed, scale, steps)
+                passes.append(sum(counted) / len(labels))
+                metrics.append(evaluator.evaluate(samples, torch.tensor(labels)).as_dict())
+                if settings is None:
+                    reference[seed] = samples
+                paired.append(float(((samples - reference[seed]).flatten(1).norm(dim=1)
+                                     / reference[seed].flatten(1).norm(dim=1)).mean()))
+            rows.append((name, statistics.mean(passes), metrics, paired))
+        plain = rows[0][1]
+        for name, mean_passes, metrics, paired in rows:
+            def col(key, digits_=2, factor=1.0, metrics=metrics):
+                return _pm([m[key] * factor for m in metrics], digits_)
+
+            print(f"| {scale:g} | {name} | {mean_passes:.1f} | {100 * (mean_passes / plain - 1):+.0f}% | "
+                  f"{col('adherence', 3)} | {col('frechet', 1)} | {col('diversity')} | {col('clipped', 1, 100.0)} | "
+                  f"{_pm(paired, 3)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -161,8 +242,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--comfyui", action="store_true", help="also time tiny ComfyUI models")
+    parser.add_argument("--digits", action="store_true", help="also the embedded digits model (real network)")
+    parser.add_argument("--digits-scales", type=float, nargs="+", default=[3.0, 5.0, 7.0])
+    parser.add_argument("--digits-steps", type=int, default=20)
+    parser.add_argument("--digits-cases", nargs="+", default=None, help="names of DIGIT_CASES to run (CFG always)")
+    parser.add_argument("--no-mixture", action="store_true", help="skip the exact-mixture tables")
     args = parser.parse_args()
-    run_gmm(args.steps, args.samples, args.seeds)
+    if not args.no_mixture:
+        run_gmm(args.steps, args.samples, args.seeds)
+    if args.digits:
+        run_digits(args.digits_steps, args.digits_scales, args.seeds, args.digits_cases)
     if args.comfyui:
         run_comfyui(args.steps, args.repeats)
 

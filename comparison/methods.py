@@ -40,7 +40,7 @@ class Method:
 
 METHODS: dict[str, Method] = {m.key: m for m in (
     Method("cfg", "CFG", None, exact=True),
-    Method("cfg_schedule", "CFG Schedule", "cfg_methods:CFGSchedule", {"schedule": "linear_increasing"}, exact=True),
+    Method("cfg_schedule", "CFG Schedule", "cfg_methods:CFGSchedule", exact=True),
     Method("beta_cfg", "β-CFG", "cfg_methods:BetaCFGNode", exact=True),
     Method("apg", "APG", "cfg_methods:APGNode", exact=True),
     Method("tcfg", "TCFG", "cfg_methods:TCFGNode", exact=True),
@@ -70,12 +70,18 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 )}
 ALIASES = {"slg": "skip_layer", "skiplayer": "skip_layer", "s2": "s2_guidance", "cfgzero": "cfg_zero_star",
            "cfg_zero": "cfg_zero_star", "cfg-zero*": "cfg_zero_star", "beta": "beta_cfg", "schedule": "cfg_schedule",
-           "ag": "adaptive", "linear_ag": "adaptive:linear_ag=true", "cfgpp": "cfgpp_2m", "cfg++": "cfgpp_2m",
+           "ag": "adaptive", "linear_ag": "adaptive:linear_ag=true",
+           "ag_switch": "adaptive:threshold=0.99,linear_ag=false", "cfgpp": "cfgpp_2m", "cfg++": "cfgpp_2m",
            "dpmpp_2m_sde_cfg_pp": "cfgpp_2m", "dpmpp_3m_sde_cfg_pp": "cfgpp_3m", "s-cfg": "scfg",
            "s_cfg": "scfg", "ag_weak": "autoguidance", "autoguide": "autoguidance"}
 # The rows of `compare.py metrics`: every method of the pack at its compare defaults.
-ALL_METHODS = ("cfg", "cfg_schedule", "beta_cfg", "apg", "tcfg", "cfg_zero_star", "fdg", "rescale", "pag", "seg",
-               "tpg", "skip_layer", "s2_guidance", "tsg", "icg", "adaptive", "adaptive:linear_ag=true", "nag",
+# β-CFG's cfg is the length of its guidance, not a CFG scale: on the embedded model (class guidance per pixel ~10×
+# SDXL's) its default (per-element RMS) is near unconditional at CFG's values and needs ~16× them for the same
+# strength (β-CFG 48 ≈ CFG 3, benchmarks/beta_cfg_strength.py): both rows. Adaptive Guidance's default is LinearAG
+# alone; the second row is the paper's switch.
+ALL_METHODS = ("cfg", "cfg_schedule", "beta_cfg", "beta_cfg:cfg={16 * scale}", "apg", "tcfg", "cfg_zero_star", "fdg",
+               "rescale", "pag", "seg", "tpg", "skip_layer", "s2_guidance", "tsg", "icg", "adaptive",
+               "adaptive:threshold=0.99,linear_ag=false", "nag",
                "autoguidance", "cfgpp_2m", "cfgpp_3m", "pcg")
 # Rows that `compare.py metrics` leaves out, and why (every other method is in ALL_METHODS; a test checks both).
 NOT_IN_REPORT = {

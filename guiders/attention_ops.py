@@ -60,13 +60,22 @@ def _with_identity_block(mask: torch.Tensor, start: int, stop: int, length: int,
     return mask.masked_fill(~allowed, float("-inf"))
 
 
-INFINITE_BLUR = 9999.0
+INFINITE_BLUR = 9999.0  # the official ``inf_blur_threshold``: σ strictly above it is the infinite blur
+
+
+def is_infinite_blur(sigma: float) -> bool:
+    """The official rule (``SEGCFGSelfAttnProcessor``: ``blur_sigma > inf_blur_threshold``, 9999)."""
+    return sigma > INFINITE_BLUR
 
 
 def gaussian_kernel_size(sigma: float) -> int:
-    """SEG's kernel size: ceil(6σ) + 1 − ceil(6σ) mod 2 (odd, covering ±3σ), as the official code."""
+    """SEG's kernel size ``ceil(6σ) + 1 − ceil(6σ) mod 2`` (odd, covering ±3σ), exactly as the official code.
+
+    It is 1 (the identity: no blur) for 0 < σ ≤ 1/6 and 3 for 1/6 < σ ≤ 1/3 (a near-identity kernel:
+    the neighbours' weight is exp(−1/(2σ²)) ≤ 0.011 there, not zero).
+    """
     six = math.ceil(6.0 * sigma)
-    return max(3, six + 1 - six % 2)
+    return six + 1 - six % 2
 
 
 def _clamp_kernel(size: int, extent: int) -> int:
@@ -75,28 +84,32 @@ def _clamp_kernel(size: int, extent: int) -> int:
 
 
 def blur_grid_tokens(x: torch.Tensor, grid: tuple[int, ...], sigma: float) -> torch.Tensor:
-    """Gaussian-blur tokens [B, H, L, D] laid out on a spatial grid (h, w) or (t, h, w) (per frame).
+    """Gaussian-blur tokens [B, H, L, D] laid out on a spatial grid (h, w) or (t, h, w), each frame on its own.
 
-    Follows the official SEG code (Hong, SEG-SDXL ``gaussian_blur_2d``): kernel size
-    ``ceil(6σ)+1−ceil(6σ) mod 2`` clamped to the grid, reflect padding, a normalised separable
-    Gaussian (kornia). σ ≤ 0 returns the input; σ ≥ 9999 (or inf) returns the mean token, the limit
-    of an infinite blur (the official ``query.mean`` branch). Video grids blur each frame.
+    Follows the official SEG code (Hong, SusungHong/SEG-SDXL ``pipeline_seg.py``: ``gaussian_blur_2d`` and
+    ``SEGCFGSelfAttnProcessor``): kernel size ``ceil(6σ)+1−ceil(6σ) mod 2`` clamped to the grid
+    (``min(k, n − (n mod 2 − 1))``, per axis here: the official code assumes a square grid), reflect
+    padding, a normalised separable Gaussian. σ ≤ 0 returns the input (the official code would divide
+    by zero); 0 < σ ≤ 1/6 gives a 1-wide kernel, the identity. σ > 9999 (the official threshold) is the
+    infinite blur: every token becomes the mean token of its frame (official: ``query.mean`` over the
+    image's height and width; on video each frame's own mean, as the finite blur is per frame).
     """
     if sigma <= 0:
         return x
     b, h, length, d = x.shape
     if math.prod(grid) != length:
         raise ValueError(f"a token grid {tuple(grid)} does not hold {length} tokens")
-    if sigma >= INFINITE_BLUR:
-        return x.mean(dim=2, keepdim=True).expand_as(x).contiguous()
-    from kornia.filters import gaussian_blur2d
-
     frames, gh, gw = (1,) + tuple(grid) if len(grid) == 2 else tuple(grid)
-    images = x.reshape(b, h, frames, gh, gw, d).permute(0, 1, 2, 5, 3, 4).reshape(b * h * frames, d, gh, gw)
+    if is_infinite_blur(sigma):
+        per_frame = x.reshape(b, h, frames, gh * gw, d)
+        return per_frame.mean(dim=3, keepdim=True).expand_as(per_frame).reshape(b, h, length, d).contiguous()
     size = gaussian_kernel_size(sigma)
     kh, kw = _clamp_kernel(size, gh), _clamp_kernel(size, gw)
     if kh < 2 and kw < 2:
         return x
+    from kornia.filters import gaussian_blur2d
+
+    images = x.reshape(b, h, frames, gh, gw, d).permute(0, 1, 2, 5, 3, 4).reshape(b * h * frames, d, gh, gw)
     blurred = gaussian_blur2d(images.float(), (max(kh, 1), max(kw, 1)), (sigma, sigma),
                               border_type="reflect").to(x.dtype)
     return blurred.reshape(b, h, frames, d, gh, gw).permute(0, 1, 2, 4, 5, 3).reshape(b, h, length, d)
@@ -108,8 +121,9 @@ def smoothed_energy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Hong, "Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of
     Attention", NeurIPS 2024: blurring the queries blurs the attention energy; σ → 0 is the
-    unperturbed attention, σ = ∞ makes every query the mean query (the most uniform map).
-    In joint attention only the image queries are blurred.
+    unperturbed attention, σ = ∞ makes every query of a frame the frame's mean query, so every query
+    of the frame gets the same attention row (the map softmax(q̄·kᵀ/√d), constant across queries, not a
+    uniform map over the keys). In joint attention only the image queries are blurred.
     """
     length = q.shape[-2]
     img = image if image is not None else slice(0, length)

@@ -4,15 +4,18 @@ All predictions are denoised (x0) predictions, as ComfyUI's CFG path passes them
 ``U`` uncond, ``B`` an extra branch; ``x`` the noisy input at noise level σ.
 
 Stage 2 in full, for FDG levels l (one level without FDG), base weights ``w_l`` (the sampler's
-cfg, or FDG's per-level scales):
+cfg, or FDG's per-level scales; with FDG's relative mode ``1 + (cfg − 1)·scale_l``):
 
     f       = CFG schedule multiplier at this step (1 without a schedule; 0 outside its window)
     W_l     = 1 + (w_l − 1)·f                         (the schedule scales the increment)
-    W_l    ← W_l·β(τ)·(σ/‖C − U‖)^γ                   (with β-CFG; per sample)
+    W_l    ← W_l·β(τ)·(σ/‖C − U‖)^γ·(N/N_ref)^(γ/2)   (with β-CFG, per sample; the last factor in its default
+                                                  per-element RMS mode, 1 in the paper's L2 mode)
     W_l    ← W_l·r(x)                                 (with S-CFG; per pixel, ``region_guidance.py``)
     g_l     = l-th Laplacian band of g = C − U (g itself without FDG)
     without APG:  G_l = U_l + W_l·g_l                 (= ComfyUI's CFG formula when W = cfg)
-    with APG:     G_l = C_l + (W_l − 1)·Δ'_l,  Δ'_l = APG(g_l, C_l) with its own momentum buffer
+    with APG:     G_l = C_l + (W_l − 1)·Δ'_l,  Δ'_l = APG(g_l, C_l): momentum, clip, projection without FDG;
+                  with FDG the projection Δ⊥ + η·Δ∥ per band only (APG ``fdg_mode`` "full": the whole rule per band,
+                  each band with its own momentum buffer)
     D̂       = reconstruct(G_0 … G_{L−1})
 
 Each transform is invariant-preserving: with f = 1, no β-CFG, no APG and equal FDG weights w this
@@ -21,25 +24,27 @@ is exactly CFG at w.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .adaptive import (
     UNCOND,
     AdaptiveState,
+    apply_row_masks,
     estimate_uncond,
     finish_evaluation,
     is_switched,
     observe,
     record_uncond,
+    stage_row_masks,
     wants_estimate,
 )
 from .frequency import laplacian_pyramid, reconstruct
 from .normalization import beta_cfg_factor, rescale_to_cond_std
 from .plan import Branch, GuidancePlan
 from .progress import StepPosition
-from .projection import apg_direction
+from .projection import apg_direction, project_guidance
 from .region_guidance import RegionMaps, fit_to, region_scale_map
 from .tensor_ops import to_f32
 from .uncond_rewrites import optimized_scale, scale_uncond_velocity, tangential_damping
@@ -51,6 +56,8 @@ class GuidanceState:
 
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
     adaptive: AdaptiveState = field(default_factory=AdaptiveState)
+    # β-CFG: (progress, the CFG scale its weight amounts to, lowest over the batch) of the last evaluation
+    beta_effective: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,13 +136,17 @@ def after_evaluation(plan: GuidancePlan, state: GuidanceState, need: Needs, posi
     """Adaptive Guidance bookkeeping once an evaluation's predictions are in.
 
     ``uncond`` is the evaluated unconditional prediction (None when it was not run). Updates the
-    one-way switches from the true predictions and LinearAG's regression; returns LinearAG's
-    estimated uncond when ``need.estimate_uncond``, else None.
+    one-way per-sample switches from the true predictions and LinearAG's regression; returns LinearAG's
+    estimated uncond when ``need.estimate_uncond``, else None. The samples that stopped the uncond or a
+    branch at an earlier evaluation are staged for this evaluation's ``combine``, which gives them the
+    conditional prediction there (``adaptive.apply_row_masks``).
     """
     ag = plan.adaptive
     if ag is None or not need.cond:
         return None
     adaptive = state.adaptive
+    kind = ag.parameterization or "ve"
+    stage_row_masks(adaptive, x.shape[0])
     estimate = None
     if need.estimate_uncond:
         estimate = estimate_uncond(adaptive, x, sigma, cond)
@@ -144,7 +155,7 @@ def after_evaluation(plan: GuidancePlan, state: GuidanceState, need: Needs, posi
     if uncond is not None:
         others[UNCOND] = uncond
     if position.progress >= ag.start_percent - 1e-6:
-        observe(adaptive, ag.threshold, watched, x, sigma, cond, others)
+        observe(adaptive, ag.threshold, watched, x, sigma, cond, others, kind)
     if ag.linear and (uncond is not None or estimate is not None):
         record_uncond(adaptive, x, sigma, cond, uncond if uncond is not None else estimate,
                       true_evaluation=uncond is not None, fit=True)
@@ -182,13 +193,14 @@ def guide_cfg_direction(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tenso
     """Stage 2 (see the module docstring). Returns float32."""
     cond = to_f32(inp.cond)
     uncond = to_f32(uncond)
-    base = plan.fdg.scales if plan.fdg is not None else (inp.cond_scale,)
+    base = plan.fdg.weights(inp.cond_scale) if plan.fdg is not None else (inp.cond_scale,)
     weights: list[torch.Tensor | float] = [1.0 + (w - 1.0) * multiplier for w in base]
     if plan.beta_cfg is not None:
         bc = plan.beta_cfg
         factor = beta_cfg_factor(cond, uncond, inp.sigma, inp.position.progress, bc.a, bc.b, bc.gamma,
-                                 bc.normalize_peak)
+                                 bc.normalize_peak, bc.normalization, bc.reference_elements)
         weights = [w * factor for w in weights]
+        state.beta_effective = (inp.position.progress, float(torch.as_tensor(weights[0]).min()))
     diff = cond - uncond
     if plan.scfg is not None and inp.regions is not None:
         # S-CFG: the weight becomes a per-region map W·r(x), r from ‖C − U'‖ per region
@@ -207,7 +219,10 @@ def guide_cfg_direction(plan: GuidancePlan, inp: StepInputs, uncond: torch.Tenso
     for level, (c_band, u_band, g_band, w) in enumerate(zip(cond_bands, uncond_bands, diff_bands, weights)):
         if torch.is_tensor(w) and w.ndim == 4 and w.shape[-1] > 1 and w.shape[-2:] != c_band.shape[-2:]:
             w = fit_to(w, c_band)  # S-CFG's map on a smaller FDG band
-        if plan.apg is not None:
+        if plan.apg is not None and plan.fdg is not None and plan.apg.fdg_mode == "projection":
+            # FDG + APG: per-band projection only (diffusers' parallel_weights; no momentum, no clip)
+            guided.append(c_band + (w - 1.0) * project_guidance(g_band, c_band, plan.apg.eta))
+        elif plan.apg is not None:
             key = f"apg/{level}"
             direction, state.momentum[key] = apg_direction(
                 g_band, c_band, plan.apg.eta, plan.apg.norm_threshold, plan.apg.momentum, state.momentum.get(key))
@@ -225,6 +240,10 @@ def combine(plan: GuidancePlan, inp: StepInputs, state: GuidanceState) -> tuple[
     """
     out_dtype = inp.cond.dtype
     sigma = inp.sigma_value
+    if plan.adaptive is not None and state.adaptive.pending_off:
+        # Adaptive Guidance: samples that stopped the uncond / a branch earlier get their cond rows there
+        uncond, branches = apply_row_masks(state.adaptive, inp.cond, inp.uncond, inp.branches)
+        inp = replace(inp, uncond=uncond, branches=branches)
     if plan.is_zero_init_step(inp.position):
         # CFG-Zero* zero-init: a zero velocity/ε, i.e. D̂ = x, leaves the sample where it is
         return inp.x.to(out_dtype), inp.x.to(out_dtype)

@@ -115,12 +115,15 @@ class BlockLayout:
     """The blocks a model has, as ComfyUI's hooks address them.
 
     UNet: ``unet_blocks[group]`` maps block index → number of transformer layers in it (only blocks
-    with transformers are listed). DiT: ``dit_blocks[group]`` = number of blocks of that group.
+    with transformers are listed); ``unet_input_levels`` maps input block index → resolution level
+    (0 = the latent's resolution, +1 per downsampling). DiT: ``dit_blocks[group]`` = number of blocks
+    of that group.
     """
 
     family: str
     unet_blocks: dict[str, dict[int, int]] = field(default_factory=dict)
     dit_blocks: dict[str, int] = field(default_factory=dict)
+    unet_input_levels: dict[int, int] = field(default_factory=dict)  # input block → downsamplings before it
 
     @property
     def is_unet(self) -> bool:

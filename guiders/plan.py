@@ -7,7 +7,7 @@ order is fixed by *stage*, not by node order, because node order carries no mean
 1. **uncond rewrites** — TCFG (tangential damping), then CFG-Zero*'s optimised scale α*.
    Order-sensitive between the two; fixed as listed.
 2. **the CFG direction** g = C − U' and its transforms — FDG bands (per-level weights), the CFG
-   weight schedule, β-CFG's adaptive factor, APG's momentum/clip/projection (per FDG band).
+   weight schedule, β-CFG's adaptive factor, APG's momentum/clip/projection (with FDG: its projection per band).
    At most one of each; they commute as documented in ``combine.py``.
 3. **extra guidance terms**, each ``s_t·(C − B)`` for its own branch B. Additive, so their order
    does not matter.
@@ -48,13 +48,16 @@ class Branch:
 
 @dataclass(frozen=True)
 class BetaCFG:
-    """β-CFG: weight × β(τ; a, b)·(σ/‖C − U‖)^γ (see ``normalization.beta_cfg_factor``)."""
+    """β-CFG: weight × β(τ; a, b)·(σ/‖C − U‖)^γ, times (N/N_ref)^(γ/2) in the resolution-independent
+    ``normalization="rms"`` (default); ``"l2"`` is the paper's (see ``normalization.beta_cfg_factor``)."""
 
     a: float = 2.0
     b: float = 2.0
     gamma: float = 1.0
     normalize_peak: bool = False
     label: str = "β-CFG"
+    normalization: str = "rms"
+    reference_elements: int = 4 * 128 * 128
 
     def validate(self) -> None:
         if self.a < 1 or self.b < 1:
@@ -62,18 +65,35 @@ class BetaCFG:
                             f"otherwise); got a={self.a}, b={self.b}")
         if not (0 <= self.gamma <= 2):
             raise PlanError(f"{self.label}: gamma must be in [0, 2] (got {self.gamma}); the paper uses 1")
+        if self.normalization not in ("rms", "l2"):
+            raise PlanError(f"{self.label}: normalization must be 'rms' (per-element, resolution-independent) or "
+                            f"'l2' (the paper's); got {self.normalization!r}")
+        if self.reference_elements < 1:
+            raise PlanError(f"{self.label}: reference_elements must be ≥ 1 (got {self.reference_elements})")
+
+
+APG_FDG_MODES = ("projection", "full")
 
 
 @dataclass(frozen=True)
 class APG:
-    """Adaptive Projected Guidance settings (see ``projection.apg_direction``)."""
+    """Adaptive Projected Guidance settings (see ``projection.apg_direction``).
+
+    ``fdg_mode``: what APG does per band when FDG is in the plan. "projection" (default): only the
+    parallel/orthogonal split with η, as diffusers' FrequencyDecoupledGuidance ``parallel_weights`` (no
+    momentum, no norm clip: neither paper applies them per band). "full": the whole APG rule (momentum
+    buffer and absolute norm clip) on each band (the pack's earlier behaviour). Without FDG it is ignored.
+    """
 
     eta: float = 0.0
     norm_threshold: float = 15.0
     momentum: float = -0.5
     label: str = "APG"
+    fdg_mode: str = "projection"
 
     def validate(self) -> None:
+        if self.fdg_mode not in APG_FDG_MODES:
+            raise PlanError(f"{self.label}: fdg_mode must be one of {', '.join(APG_FDG_MODES)}; got {self.fdg_mode!r}")
         if self.norm_threshold < 0:
             raise PlanError(f"{self.label}: norm_threshold must be ≥ 0 (0 disables the clip); "
                             f"got {self.norm_threshold}")
@@ -84,10 +104,32 @@ class APG:
 
 @dataclass(frozen=True)
 class FDG:
-    """Frequency-decoupled guidance: one CFG weight per Laplacian level, high → low frequency."""
+    """Frequency-decoupled guidance: one CFG weight per Laplacian level, high → low frequency.
+
+    ``relative`` False (the paper's and diffusers' rule): the scales are the band weights and the sampler's
+    cfg is not used. True: band weight ``1 + (cfg − 1)·scale``, so the sampler's cfg sets the strength and
+    the scales its split over the bands ("1, 0.5" at cfg 10: 10 and 5.5; cfg 1: no guidance).
+    """
 
     scales: tuple[float, ...] = (10.0, 5.0)
     label: str = "FDG"
+    relative: bool = False
+
+    def weights(self, cond_scale: float) -> tuple[float, ...]:
+        """The CFG weight of each band at the sampler's cfg ``cond_scale``."""
+        if self.relative:
+            return tuple(1.0 + (cond_scale - 1.0) * s for s in self.scales)
+        return self.scales
+
+    def ignored_cfg_note(self, cond_scale: float) -> str | None:
+        """A message when the sampler's cfg has no effect on FDG's bands (absolute scales, cfg not 1 and not the
+        highest band's scale, i.e. not a value chosen to compare with plain CFG); None otherwise."""
+        if self.relative or math.isclose(cond_scale, 1.0) or math.isclose(cond_scale, self.scales[0]):
+            return None
+        scales = ", ".join(f"{s:g}" for s in self.scales)
+        return (f"{self.label}: the sampler's cfg ({cond_scale:g}) does not change the guidance: FDG's scales "
+                f"'{scales}' are the CFG weights of its bands and replace cfg (paper/diffusers rule). To make cfg act, "
+                f"set the FDG node's scale_mode to 'relative to cfg' (band weight = 1 + (cfg − 1)·scale).")
 
     def validate(self) -> None:
         if len(self.scales) < 2:
@@ -218,22 +260,30 @@ ADAPTIVE_SCOPES = ("uncond and branches", "uncond only", "branches only")
 class AdaptiveGuidance:
     """Adaptive Guidance / LinearAG settings (see ``adaptive.py``): which evaluations stop, and when.
 
-    ``threshold`` γ̄: an evaluation stops for the rest of the run once cos(ε_c, ε_other) ≥ γ̄ at a
-    progress ≥ ``start_percent`` (γ̄ > 1 never stops = CFG exactly; γ̄ = −1 stops from the first
-    step, whatever ``start_percent``). The guard exists because at high noise ε_c and ε_u are both
-    ≈ the input noise, so their cosine is ≈ 1 before guidance has done its work (measured on the
-    exact mixture: 0.9999 at σ = 14.6), and the switch is one-way. ``linear`` adds
+    ``threshold`` γ̄: an evaluation stops for the rest of the run (per sample) once cos(ε_c, ε_other) ≥ γ̄
+    at a progress ≥ ``start_percent`` (γ̄ > 1 never stops; γ̄ = −1 stops from the first step, whatever
+    ``start_percent``). The guard exists because at high noise ε_c and ε_u are both ≈ the input noise, so
+    their cosine is ≈ 1 before guidance has done its work (measured on the exact mixture: 0.9999 at
+    σ = 14.6; on flow models ε = x exactly at σ = 1), and the switch is one-way. ``linear`` adds
     LinearAG's estimated uncond on ``refresh_every − 1`` of every ``refresh_every`` evaluations
     after ``calibration_steps`` evaluated ones.
+
+    Defaults (the node's): LinearAG alone, the switch off (``NO_SWITCH``): on the embedded digits model
+    (a real ε network, cfg 7) the switch from 50–80% of the run lost quality against CFG (Fréchet distance
+    +26…33%, diversity −9…−18%), from 90% it cost +5% and saved no more than LinearAG alone, which kept CFG's
+    quality at −22% passes (``benchmarks/adaptive_cost.py --digits``).
     """
 
-    threshold: float = 0.99
+    NO_SWITCH = 1.01
+
+    threshold: float = NO_SWITCH
     scope: str = "uncond and branches"
     start_percent: float = 0.5
-    linear: bool = False
+    linear: bool = True
     calibration_steps: int = 3
     refresh_every: int = 2
     label: str = "Adaptive Guidance"
+    parameterization: str | None = None  # "ve" / "flow": how ε is read from D (resolved by GuidancePlan.for_model)
 
     def validate(self) -> None:
         if not (-1.0 <= self.threshold <= 1.5):
@@ -246,7 +296,8 @@ class AdaptiveGuidance:
         if self.linear:
             if not self.watches_uncond:
                 raise PlanError(f"{self.label}: LinearAG estimates the unconditional prediction, so the scope must "
-                                f"include the uncond (got {self.scope!r})")
+                                f"include the uncond (got {self.scope!r}); turn linear_ag off to stop only the "
+                                f"extra branches")
             if self.calibration_steps < 2:
                 raise PlanError(f"{self.label}: LinearAG needs at least 2 calibration steps (it regresses on the "
                                 f"previous step); got {self.calibration_steps}")
@@ -364,7 +415,16 @@ class GuidancePlan:
     @property
     def needs_uncond_at_cfg_one(self) -> bool:
         """Methods that act even at cfg 1 (so ComfyUI must not drop the uncond call there)."""
-        return self.fdg is not None or self.beta_cfg is not None
+        return (self.fdg is not None and not self.fdg.relative) or self.beta_cfg is not None
+
+    def cfg_notes(self, cond_scale: float) -> list[tuple[str, str]]:
+        """(key, message) pairs to log once per sampler call about how the sampler's cfg is used."""
+        notes = []
+        if self.fdg is not None:
+            note = self.fdg.ignored_cfg_note(cond_scale)
+            if note is not None:
+                notes.append(("fdg-ignores-cfg", note))
+        return notes
 
     def cfg_multiplier(self, position: StepPosition, sigma: float) -> float:
         """f(p) of the CFG increment at this evaluation (1 without a schedule)."""
@@ -381,12 +441,17 @@ class GuidancePlan:
 
     def for_model(self, parameterization: str) -> GuidancePlan:
         """This plan with its model-dependent defaults resolved for a model of ``parameterization``
-        ("flow" or "ve"): CFG-Zero*'s automatic zero-init (the first step on flow models, off on eps/v)."""
-        z = self.cfg_zero_star
-        if z is None or z.zero_init_steps is not None:
-            return self
-        steps = CFGZeroStar.AUTO_FLOW_STEPS if parameterization == "flow" else 0
-        return replace(self, cfg_zero_star=replace(z, zero_init_steps=steps))
+        ("flow" or "ve"): CFG-Zero*'s automatic zero-init (the first step on flow models, off on eps/v) and how
+        Adaptive Guidance reads the noise prediction ε from a denoised one."""
+        plan = self
+        z = plan.cfg_zero_star
+        if z is not None and z.zero_init_steps is None:
+            steps = CFGZeroStar.AUTO_FLOW_STEPS if parameterization == "flow" else 0
+            plan = replace(plan, cfg_zero_star=replace(z, zero_init_steps=steps))
+        ag = plan.adaptive
+        if ag is not None and ag.parameterization != parameterization:
+            plan = replace(plan, adaptive=replace(ag, parameterization=parameterization))  # ε from D per model
+        return plan
 
     def inactive_at_cfg_one(self, uncond_evaluated: bool) -> list[str]:
         """Labels of methods that cannot act when the CFG scale is 1 (there is no CFG direction).
@@ -394,9 +459,11 @@ class GuidancePlan:
         Uncond rewrites (TCFG, CFG-Zero*'s α*) still act at cfg 1 when the uncond is evaluated
         anyway (CFG++ samplers re-noise with it).
         """
-        if self.fdg is not None or self.beta_cfg is not None:
+        if self.needs_uncond_at_cfg_one:
             return []
         labels = []
+        if self.fdg is not None:
+            labels.append(self.fdg.label + " (scales relative to cfg)")
         if self.icg is not None:
             labels.append(self.icg.label)
         if self.cfg_schedule is not None:

@@ -256,29 +256,34 @@ def langevin_step_ratio(sigma: torch.Tensor, sigma_next: torch.Tensor, half_log_
 
 
 def langevin_correct(x: torch.Tensor, sigma: torch.Tensor, guided_denoise: Denoiser, *, half_log_snr: HalfLogSNR,
-                     ratio: torch.Tensor | float, steps: int, noise: StandardNormal) -> torch.Tensor:
+                     ratio: torch.Tensor | float, steps: int, noise: StandardNormal,
+                     noise_scale: float = 1.0) -> torch.Tensor:
     """``steps`` Langevin steps at noise level σ on the density whose denoiser is ``guided_denoise``:
-    x ← x − ρ·(x − α·D(x)) + σ·√(2ρ)·z, i.e. x ← x + δ·∇log p + √(2δ)·z with δ = ρ·σ², score −(x − α·D)/σ².
+    x ← x − ρ·(x − α·D(x)) + σ·s·√(2ρ)·z, i.e. x ← x + δ·∇log p + √(2δ)·z with δ = ρ·(σs)², score
+    −(x − α·D)/(σs)², where s is the model's noise scale (``x = α·x0 + σ·s·n``; 1 for every model but those
+    with ComfyUI's ``noise_scale``). ρ is a ratio of noise variances, so s cancels there.
     """
     alpha = signal_scale(sigma, half_log_snr)
     ratio = torch.as_tensor(ratio, dtype=sigma.dtype, device=sigma.device)
-    noise_scale = sigma * (2 * ratio).sqrt()
+    noise_std = sigma * (2 * ratio).sqrt() * noise_scale
     for _ in range(steps):
         guided = guided_denoise(x, sigma)
-        x = x - ratio * (x - alpha * guided) + noise_scale * noise(x)
+        x = x - ratio * (x - alpha * guided) + noise_std * noise(x)
     return x
 
 
 @torch.no_grad()
 def sample_pcg(cond_denoise: Denoiser, guided_denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
                half_log_snr: HalfLogSNR, langevin_noise: StandardNormal, corrector_steps: int = 1,
-               step_scale: float = 0.5, callback: Callback | None = None, step_range: StepRange = range
-               ) -> torch.Tensor:
+               step_scale: float = 0.5, callback: Callback | None = None, step_range: StepRange = range,
+               noise_scale: float = 1.0) -> torch.Tensor:
     """Predictor-Corrector Guidance (Bradley & Nakkiran, arXiv 2408.09000; see the module docstring).
 
     Per step σ → σ': ``x ← α'·C + (σ'/σ)·(x − α·C)`` with C the conditional prediction (one cond-only model
     call), then ``corrector_steps`` times ``x ← x − ρ·(x − α'·D_γ) + σ'·√(2ρ)·z`` with D_γ = ``guided_denoise``
     (CFG at scale γ) at σ' and ρ from :func:`langevin_step_ratio`. The last step (σ' = 0) returns C.
+    ``noise_scale``: the model's noise scale s (the Langevin noise is σ'·s·√(2ρ)·z; ComfyUI's SDE samplers
+    multiply their s_noise by it in the same way).
     """
     label = "PCG sampler"
     check_pcg_settings(label, corrector_steps, step_scale)
@@ -294,5 +299,5 @@ def sample_pcg(cond_denoise: Denoiser, guided_denoise: Denoiser, x: torch.Tensor
         if corrector_steps:
             ratio = langevin_step_ratio(sigma, sigma_next, half_log_snr, step_scale)
             x = langevin_correct(x, sigma_next, guided_denoise, half_log_snr=half_log_snr, ratio=ratio,
-                                 steps=corrector_steps, noise=langevin_noise)
+                                 steps=corrector_steps, noise=langevin_noise, noise_scale=noise_scale)
     return x

@@ -22,6 +22,9 @@ def build_adaptive(label: str, threshold: float, start_percent: float, scope: st
 
 class AdaptiveGuidanceNode(io.ComfyNode):
     LABEL = "Adaptive Guidance"
+    STATE_ACROSS_SAMPLER_CALLS = ("its switches (which evaluations stopped) and LinearAG's regression restart at each "
+                                  "sampler call: the second call of a split run evaluates the uncond again until its "
+                                  "own check stops it")
 
     @classmethod
     def define_schema(cls):
@@ -30,32 +33,42 @@ class AdaptiveGuidanceNode(io.ComfyNode):
             display_name="Adaptive Guidance · AG / LinearAG (fewer model calls)",
             category=CATEGORY_EFFICIENCY,
             description=(
-                "Adaptive Guidance (Castillo et al., arXiv 2312.12487, AAAI 2025): once the conditional and "
-                "unconditional noise predictions point the same way (cosine similarity ≥ threshold) the "
-                "unconditional pass is switched off for the rest of the run, so later steps cost one pass instead "
-                "of two. The same test stops extra guidance branches (PAG, SEG, skip-layer, ...). LinearAG "
-                "additionally replaces some unconditional passes before the switch with an affine estimate from "
-                "the previous step, fitted by least squares on this run's own trajectory. Works with every "
-                "sampler and with the Guidance Guider; each run logs the model passes made vs plain CFG."),
+                "Fewer model passes for CFG (Castillo et al., 'Adaptive Guidance', arXiv 2312.12487, AAAI 2025). "
+                "Default: LinearAG alone: after 3 calibration steps every other unconditional pass is replaced by "
+                "an affine estimate from the previous step, fitted by least squares on this run's own trajectory "
+                "(−22…−23% passes at CFG quality, measured on the embedded digits model and the exact eps and flow "
+                "mixtures). Optional, with threshold ≤ 1: the paper's switch: once the conditional and "
+                "unconditional noise predictions ε point the same way (cosine ≥ threshold, after start_percent) a "
+                "sample gets the conditional prediction for the rest of the run, and the pass stops when every "
+                "sample of the batch has switched; saves more but lost quality on every real model measured (digits "
+                "cfg 7: Fréchet distance +29%). The switch also stops extra branches (PAG, SEG, ...). Per sampler "
+                "call: a run split over two samplers starts the calibration and the switches again. Each run logs "
+                "the model passes made vs plain CFG."),
             inputs=[
                 model_input(),
-                io.Float.Input("threshold", default=0.99, min=-1.0, max=1.5, step=0.001,
-                               tooltip="γ̄: a branch stops once cos(ε_cond, ε_branch) ≥ this. Higher = stops later "
-                                       "(closer to CFG, fewer savings): 0.99 default, 0.995–0.999 for more "
-                                       "caution. > 1 never stops (= CFG exactly); −1 stops from the first step."),
+                io.Float.Input("threshold", default=AdaptiveGuidance.NO_SWITCH, min=-1.0, max=1.5, step=0.001,
+                               tooltip="γ̄ of the paper's switch: a sample stops using a branch once "
+                                       "cos(ε_cond, ε_branch) ≥ this, ε = the noise prediction (x − α·D)/σ (α = 1 − σ "
+                                       "on flow models). Above 1 (default 1.01) the switch is off: LinearAG alone. "
+                                       "0.99 (≈ the paper's) to 0.999 stop the uncond: more savings, lower quality "
+                                       "on the models measured (ε cosines stay above 0.98 all run on real networks, "
+                                       "so the switch acts at start_percent). −1 stops from the first step."),
                 io.Float.Input("start_percent", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Earliest point of the run (fraction) at which a branch may stop. At high "
-                                       "noise both predictions are ≈ the input noise, so their cosine is ≈ 1 before "
-                                       "guidance has shaped the image; the paper's search found guidance needed in "
+                               tooltip="The switch only (threshold ≤ 1): the earliest progress (ComfyUI's percent "
+                                       "of sigma) at which a branch may stop. At high noise both noise predictions "
+                                       "are ≈ the input noise (on flow models exactly x at σ = 1), so their cosine is "
+                                       "≈ 1 before guidance has shaped the image; the paper found guidance needed in "
                                        "the first half. Lower it for more savings, raise it for safety."),
                 io.Combo.Input("scope", options=list(ADAPTIVE_SCOPES), default=ADAPTIVE_SCOPES[0],
-                               tooltip="Which evaluations may stop: the unconditional pass and every extra branch "
-                                       "of other Guidance Kit terms (each with its own test), only the uncond, or "
-                                       "only the extra branches."),
-                io.Boolean.Input("linear_ag", default=False,
-                                 tooltip="LinearAG: before the switch, estimate the unconditional prediction instead "
-                                         "of running it on some steps (see refresh_every). Saves more calls; the "
-                                         "estimate's error is logged in the benchmark, not zero."),
+                               tooltip="Which evaluations the switch may stop: the unconditional pass and every "
+                                       "extra branch of other Guidance Kit terms (each with its own test), only the "
+                                       "uncond, or only the extra branches (turn linear_ag off for this one)."),
+                io.Boolean.Input("linear_ag", default=True,
+                                 tooltip="LinearAG (default on): estimate the unconditional prediction instead of "
+                                         "running it on refresh_every − 1 of every refresh_every steps after "
+                                         "calibration (a per-sample affine regression on this run's trajectory, on "
+                                         "ε for eps models and the velocity for flow models). Off: only the switch "
+                                         "(threshold) saves passes."),
                 io.Int.Input("calibration_steps", default=3, min=2, max=100,
                              tooltip="LinearAG: steps at the start that always run the true uncond to fit the "
                                      "regression. Ignored without linear_ag."),
@@ -68,8 +81,8 @@ class AdaptiveGuidanceNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold=0.99, start_percent=0.5, scope=ADAPTIVE_SCOPES[0], linear_ag=False,
-                        calibration_steps=3, refresh_every=2, **kwargs):
+    def validate_inputs(cls, threshold=AdaptiveGuidance.NO_SWITCH, start_percent=0.5, scope=ADAPTIVE_SCOPES[0],
+                        linear_ag=True, calibration_steps=3, refresh_every=2, **kwargs):
         return validation_message(build_adaptive, cls.LABEL, threshold, start_percent, scope, linear_ag,
                                   calibration_steps, refresh_every)
 

@@ -85,6 +85,9 @@ class CFGSchedule(io.ComfyNode):
         return io.NodeOutput(add_method(model, "cfg_schedule", built, cls.LABEL))
 
 
+BETA_NORMALIZATIONS = {"per-element RMS (resolution-independent)": "rms", "L2 (paper)": "l2"}
+
+
 class BetaCFGNode(io.ComfyNode):
     LABEL = "β-CFG"
 
@@ -96,10 +99,15 @@ class BetaCFGNode(io.ComfyNode):
             category=CATEGORY_CFG,
             description=(
                 "β-CFG (Malarz et al., arXiv 2502.10574): gradient-normalised guidance shaped by a beta-density "
-                "time curve. In ε/velocity space ε̂ = ε_u + cfg·β(τ; a, b)·(ε_c − ε_u)/‖ε_c − ε_u‖^γ with "
-                "τ = step/(steps − 1). With γ = 1 the guidance has a fixed length cfg·β(τ), so the sampler's cfg no "
-                "longer means 'CFG scale': retune it. For a, b > 1 there is no guidance on the first and last steps "
-                "(the prediction there is the unconditional one, as in the paper)."),
+                "time curve: ε̂ = ε_u + cfg·β(τ; a, b)·g/‖g‖^γ with g = ε_c − ε_u (the velocity on flow models) and "
+                "τ the run's progress. With γ = 1 the guidance has a fixed length, so the sampler's cfg is not a CFG "
+                "scale: it sets that length. Default normalisation: per-element RMS, the paper's formula evaluated "
+                "at the paper's SDXL latent size (4×128×128), so the same cfg gives the same strength at every "
+                "resolution and on eps and flow models (the paper's L2 norm over the whole latent makes cfg "
+                "stronger on small latents and weaker on large ones). Recommended cfg: 5–10 (SDXL; the paper's "
+                "7.5), 10–15 on SD1.5 (15 = the paper's SD1.5 example at 512²); models with a strong class signal "
+                "per pixel need far more (the embedded digits model: 30–50). For a, b > 1 the first and last steps "
+                "are unconditional (as in the paper)."),
             inputs=[
                 model_input(),
                 io.Float.Input("a", default=2.0, min=1.0, max=10.0, step=0.1,
@@ -114,18 +122,46 @@ class BetaCFGNode(io.ComfyNode):
                 io.Boolean.Input("normalize_peak", default=False,
                                  tooltip="Divide the beta curve by its peak so it tops out at 1 (official optional "
                                          "normalisation; needs a, b > 1 or equal to 1)."),
+                io.Combo.Input("normalization", options=list(BETA_NORMALIZATIONS), optional=True,
+                               default=next(iter(BETA_NORMALIZATIONS)),
+                               tooltip="How ‖g‖ is measured. 'per-element RMS (resolution-independent)' (default): "
+                                       "RMS(g)·√65536, the paper's L2 norm as if the latent had SDXL-1024²'s 65,536 "
+                                       "values: one cfg means the same strength at every resolution (identical to "
+                                       "the paper on SDXL at 1024²). 'L2 (paper)': the official code's norm over the "
+                                       "whole latent; the same cfg is then twice as strong per value at half the "
+                                       "width and height."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
-    def execute(cls, model, a, b, gamma, normalize_peak):
-        return io.NodeOutput(add_method(model, "beta_cfg", BetaCFG(a, b, gamma, normalize_peak, cls.LABEL),
+    def _build(cls, a, b, gamma, normalize_peak, normalization) -> BetaCFG:
+        if normalization not in BETA_NORMALIZATIONS:
+            raise node_error(f"{cls.LABEL}: normalization must be one of {', '.join(BETA_NORMALIZATIONS)}; "
+                             f"got {normalization!r}")
+        return BetaCFG(a, b, gamma, normalize_peak, cls.LABEL, normalization=BETA_NORMALIZATIONS[normalization])
+
+    @classmethod
+    def validate_inputs(cls, normalization=next(iter(BETA_NORMALIZATIONS)), **kwargs):
+        if normalization not in BETA_NORMALIZATIONS:
+            return f"{cls.LABEL}: normalization must be one of {', '.join(BETA_NORMALIZATIONS)}; got {normalization!r}"
+        return True
+
+    @classmethod
+    def execute(cls, model, a, b, gamma, normalize_peak, normalization=next(iter(BETA_NORMALIZATIONS))):
+        return io.NodeOutput(add_method(model, "beta_cfg", cls._build(a, b, gamma, normalize_peak, normalization),
                                         cls.LABEL))
+
+
+APG_FDG_MODES = {"projection only (diffusers FDG)": "projection",
+                 "momentum, clip and projection per band (pack extension)": "full"}
 
 
 class APGNode(io.ComfyNode):
     LABEL = "APG"
+    STATE_ACROSS_SAMPLER_CALLS = ("its momentum buffer belongs to one sampler call: a run split over two samplers "
+                                  "(KSamplerAdvanced 0–k, k–N) starts the momentum again in the second (momentum 0 "
+                                  "or APG on FDG bands: a split run equals one call)")
 
     @classmethod
     def define_schema(cls):
@@ -138,7 +174,10 @@ class APGNode(io.ComfyNode):
                 "prediction: Δ = C − U with momentum and a norm clip, split into the part parallel to C (which "
                 "causes oversaturation) and the orthogonal part; D = C + (cfg − 1)·(Δ⊥ + η·Δ∥). At η = 1, "
                 "threshold 0, momentum 0 it equals plain CFG at the same cfg (ComfyUI core's APG node equals CFG "
-                "at cfg + 1 there). Use it at high cfg (e.g. 10–15) for saturated, artifact-free images."),
+                "at cfg + 1 there). Use it at high cfg (e.g. 10–15) for saturated, artifact-free images. The "
+                "momentum restarts with every sampler call (a run split over two KSamplerAdvanced nodes starts it "
+                "twice). With FDG in the chain, by default only the projection (η) acts per frequency band, as "
+                "diffusers' FDG parallel weights (see fdg_bands)."),
             inputs=[
                 model_input(),
                 io.Float.Input("eta", default=0.0, min=-1.0, max=2.0, step=0.01,
@@ -147,17 +186,36 @@ class APGNode(io.ComfyNode):
                 io.Float.Input("norm_threshold", default=15.0, min=0.0, max=200.0, step=0.5,
                                tooltip="Clip the guidance vector's L2 norm (per sample, over the whole latent) to "
                                        "this value; 0 disables. Model-dependent: sweep it (≈5–15 for SD1.5/SDXL "
-                                       "latents; larger latents and 16-channel flow latents need more)."),
+                                       "latents; larger latents and 16-channel flow latents need more). Not used per "
+                                       "FDG band unless fdg_bands says so."),
                 io.Float.Input("momentum", default=-0.5, min=-0.99, max=0.99, step=0.01,
                                tooltip="Momentum β of the running guidance average Δ̄ = Δ + β·Δ̄_prev. The paper "
-                                       "uses negative values (−0.5, sometimes −0.75); 0 disables. Reset every run."),
+                                       "uses negative values (−0.5, sometimes −0.75); 0 disables. Restarts with every "
+                                       "sampler call. Not used per FDG band unless fdg_bands says so."),
+                io.Combo.Input("fdg_bands", options=list(APG_FDG_MODES), default=next(iter(APG_FDG_MODES)),
+                               optional=True,
+                               tooltip="Only with FDG in the chain: what APG does on each frequency band. 'projection "
+                                       "only' (default): Δ⊥ + η·Δ∥ per band, as diffusers' FrequencyDecoupledGuidance "
+                                       "parallel_weights; momentum and norm_threshold are not applied (neither the "
+                                       "FDG nor the APG paper applies them per band). 'momentum + clip + projection "
+                                       "per band': the whole APG rule on every band, each with its own momentum and "
+                                       "the absolute clip (the pack's earlier behaviour)."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
-    def execute(cls, model, eta, norm_threshold, momentum):
-        return io.NodeOutput(add_method(model, "apg", APG(eta, norm_threshold, momentum, cls.LABEL), cls.LABEL))
+    def validate_inputs(cls, fdg_bands=next(iter(APG_FDG_MODES)), **kwargs):
+        if fdg_bands not in APG_FDG_MODES:
+            return f"{cls.LABEL}: fdg_bands must be one of {', '.join(APG_FDG_MODES)}; got {fdg_bands!r}"
+        return True
+
+    @classmethod
+    def execute(cls, model, eta, norm_threshold, momentum, fdg_bands=next(iter(APG_FDG_MODES))):
+        if fdg_bands not in APG_FDG_MODES:
+            raise node_error(f"{cls.LABEL}: fdg_bands must be one of {', '.join(APG_FDG_MODES)}; got {fdg_bands!r}")
+        return io.NodeOutput(add_method(model, "apg", APG(eta, norm_threshold, momentum, cls.LABEL,
+                                                          APG_FDG_MODES[fdg_bands]), cls.LABEL))
 
 
 class TCFGNode(io.ComfyNode):
@@ -223,6 +281,9 @@ class CFGZeroStarNode(io.ComfyNode):
                                         cls.LABEL))
 
 
+FDG_SCALE_MODES = {"absolute (replace cfg)": False, "relative to cfg": True}
+
+
 class FDGNode(io.ComfyNode):
     LABEL = "FDG"
 
@@ -235,23 +296,36 @@ class FDGNode(io.ComfyNode):
             description=(
                 "FDG (Sadat et al., arXiv 2506.19713): splits C and U into a Laplacian pyramid (kornia) and applies "
                 "a separate CFG scale per frequency band, high → low: strong guidance on high frequencies for detail, "
-                "weak on low frequencies to keep colours and diversity. The scales replace the sampler's cfg "
-                "(which then only matters for other nodes); a schedule scales each band's increment. Works on image "
-                "(4-D) and video (5-D, per frame) latents. Add APG for the paper's projected variant (its η applies "
-                "per band)."),
+                "weak on low frequencies to keep colours and diversity. By default (as the paper and diffusers) the "
+                "scales ARE the band weights and the sampler's cfg has no effect on FDG: the same image at cfg 3 and "
+                "7 (a log line says so when cfg differs from the first scale). With scale_mode 'relative to cfg' the "
+                "sampler's cfg sets the strength: band weight = 1 + (cfg − 1)·scale. A schedule scales each band's "
+                "increment. Works on image (4-D) and video (5-D, per frame) latents. With APG in the chain, APG's "
+                "projection (η) acts per band (diffusers' parallel weights)."),
             inputs=[
                 model_input(),
                 io.String.Input("scales", default="10, 5",
-                                tooltip="One CFG scale per pyramid level, from the highest frequency to the lowest "
-                                        "(the count sets the number of levels, 2–6). Paper/diffusers SDXL value: "
-                                        "'10, 5'. Equal values everywhere = plain CFG at that value."),
+                                tooltip="One value per pyramid level, from the highest frequency to the lowest (the "
+                                        "count sets the number of levels, 2–6). Absolute mode: the CFG scale of each "
+                                        "band (paper/diffusers SDXL: '10, 5'; equal values = plain CFG at that "
+                                        "value). Relative mode: each band's share of the sampler's cfg ('1, 0.5' at "
+                                        "cfg 10 gives 10 and 5.5; '1, 1' = plain CFG at cfg)."),
+                io.Combo.Input("scale_mode", options=list(FDG_SCALE_MODES), default=next(iter(FDG_SCALE_MODES)),
+                               optional=True,
+                               tooltip="'absolute (replace cfg)' (paper, diffusers): the scales are the band weights; "
+                                       "the sampler's cfg does NOT change FDG's guidance (keep it at the first scale "
+                                       "so that bypassing FDG gives the matching plain CFG). 'relative to cfg': "
+                                       "band weight = 1 + (cfg − 1)·scale, so cfg acts as usual (cfg 1 = no "
+                                       "guidance)."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
-    def _build(cls, scales: str) -> FDG:
-        fdg = FDG(parse_float_list(scales, cls.LABEL, "scales"), cls.LABEL)
+    def _build(cls, scales: str, scale_mode: str = next(iter(FDG_SCALE_MODES))) -> FDG:
+        if scale_mode not in FDG_SCALE_MODES:
+            raise node_error(f"{cls.LABEL}: scale_mode must be one of {', '.join(FDG_SCALE_MODES)}; got {scale_mode!r}")
+        fdg = FDG(parse_float_list(scales, cls.LABEL, "scales"), cls.LABEL, relative=FDG_SCALE_MODES[scale_mode])
         try:
             fdg.validate()
         except PlanError as e:
@@ -259,12 +333,12 @@ class FDGNode(io.ComfyNode):
         return fdg
 
     @classmethod
-    def validate_inputs(cls, scales="10, 5", **kwargs):
-        return validation_message(cls._build, scales)
+    def validate_inputs(cls, scales="10, 5", scale_mode=next(iter(FDG_SCALE_MODES)), **kwargs):
+        return validation_message(cls._build, scales, scale_mode)
 
     @classmethod
-    def execute(cls, model, scales):
-        return io.NodeOutput(add_method(model, "fdg", cls._build(scales), cls.LABEL))
+    def execute(cls, model, scales, scale_mode=next(iter(FDG_SCALE_MODES))):
+        return io.NodeOutput(add_method(model, "fdg", cls._build(scales, scale_mode), cls.LABEL))
 
 
 class RescaleNode(io.ComfyNode):
@@ -280,8 +354,9 @@ class RescaleNode(io.ComfyNode):
                 "RescaleCFG (Lin et al., WACV 2024, arXiv 2305.08891 §3.4) applied to the whole guided prediction of "
                 "the plan (CFG and every stacked method): its standard deviation in v space is matched to the "
                 "conditional prediction's, then blended by 'multiplier'. Uses the VP v-prediction on SD1.5/SD2/SDXL "
-                "and the velocity on flow models (Flux, SD3, WAN), where ComfyUI core's RescaleCFG uses the wrong "
-                "space. Keeps high-scale stacks from overexposing."),
+                "and the velocity on flow models (Flux, SD3, WAN; ComfyUI core applied the VP formula there up to "
+                "0.3.x and rescales in x0 space since 2026, a different target). Keeps high-scale stacks from "
+                "overexposing."),
             inputs=[
                 model_input(),
                 io.Float.Input("multiplier", default=0.7, min=0.0, max=1.0, step=0.01,

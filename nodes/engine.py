@@ -140,6 +140,9 @@ def call_report(run: RunState, plan: GuidancePlan | None) -> str:
     if plan is not None and plan.adaptive is not None:
         adaptive = run.guidance.adaptive
         stops = ", ".join(f"{name} off after evaluation {index + 1}" for name, index in adaptive.switched.items())
+        stops += "".join(f"{', ' if stops else ''}{name} off for {int(rows.sum())} of {rows.numel()} samples (its pass "
+                         f"runs until all are)" for name, rows in adaptive.rows_off.items()
+                         if name not in adaptive.switched and bool(rows.any()))
         if plan.adaptive.starts_switched:
             stops = "off from the start (threshold −1)"
         line += f". {plan.adaptive.label}: {stops or 'nothing switched off'}"
@@ -479,6 +482,8 @@ def _check_cfg_scale(plan: GuidancePlan, run: RunState, cond_scale: float, uncon
     if run.cfg_checked:
         return
     run.cfg_checked = True
+    for key, note in plan.cfg_notes(cond_scale):
+        run.warn_once(key, note)
     if math.isclose(cond_scale, 1.0):
         inactive = plan.inactive_at_cfg_one(uncond_evaluated)
         if inactive:
@@ -501,7 +506,27 @@ def _guided(plan: GuidancePlan, run: RunState, stash: StepStash, x, sigma, cond_
     guided, uncond_rewritten = combine(plan, inp, run.guidance)
     if not bool(torch.isfinite(guided).all()):
         raise GuidanceRuntimeError(_nonfinite_message(plan, inp))
+    _check_beta_cfg_strength(plan, run, cond_scale)
     return guided, uncond_rewritten
+
+
+BETA_WEAK_SCALE = 1.0  # β-CFG at its peak acting below CFG 1: the result leans towards the unconditional prediction
+
+
+def _check_beta_cfg_strength(plan: GuidancePlan, run: RunState, cond_scale: float) -> None:
+    """β-CFG's cfg is a guidance length, not a CFG scale: say so when, at its peak (mid-run), it amounts to a CFG
+    scale below 1, i.e. the image is pulled towards the unconditional prediction instead of the prompt."""
+    seen = run.guidance.beta_effective
+    if plan.beta_cfg is None or seen is None or not 0.35 <= seen[0] <= 0.65:
+        return
+    effective = seen[1]
+    if effective >= BETA_WEAK_SCALE or effective <= 0.0:
+        return
+    run.warn_once("beta-cfg-weak", (
+        f"{plan.beta_cfg.label}: at cfg {cond_scale:g} its guidance at mid-run amounts to a CFG scale of only "
+        f"{effective:.2g} on this model and latent size (below 1, so the result leans towards the unconditional "
+        f"prediction, away from the prompt). β-CFG's cfg is a guidance length, not a CFG scale: to act like CFG ≈ 5 "
+        f"at mid-run, use cfg ≈ {cond_scale * 5.0 / effective:.3g} (or normalization 'L2 (paper)' on small latents)."))
 
 
 def _nonfinite_message(plan: GuidancePlan, inp: StepInputs) -> str:

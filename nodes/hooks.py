@@ -36,14 +36,39 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..guiders import attention_ops, region_guidance
-from ..guiders.branch_inputs import independent_embedding, perturbed_timesteps
+from ..guiders.branch_inputs import perturbed_timesteps
 from ..guiders.layers import BlockLayout
 from ..guiders.progress import sigma_key
 from ..guiders.schedules import Window
 from .engine import BRANCH_MAP_KEY, REGION_RECORDER_KEY, check_window_reachable, sigma_progress
+from .families import (  # noqa: F401  (re-exported: nodes use hooks.FamilySpec, hooks.family_of, ...)
+    ALTERNATIVES,
+    FAMILIES,
+    NAG_ONLY_FAMILIES,
+    UNSUPPORTED,
+    FamilyError,
+    FamilySpec,
+    check_blocks,
+    exact_spec,
+    family_of,
+    unserved_message,
+)
+from .families import describe as describe_family
+from .row_delta import (  # noqa: F401  (re-exported: the weight-delta layer patches, nodes/row_delta.py)
+    DELTA_LAYERS_KEY,
+    DELTA_WRAPPER_KEY,
+    DeltaEntry,
+    DeltaForward,
+    DeltaNotApplied,
+    RowDelta,
+    delta_bytes,
+    delta_layer_classes,
+    delta_wrapper,
+    install_delta,
+    row_groups,
+)
 
 OVERRIDE_KEY = "optimized_attention_override"
 BLOCK_CONTEXT_KEY = "guidance_kit_block"
@@ -63,82 +88,13 @@ BLOCK_OPERATORS = ("skip", "token_shuffle", "drop")
 ALL_OPERATORS = ATTENTION_OPERATORS + BLOCK_OPERATORS + ("timestep",)
 
 
-class FamilyError(ValueError):
-    """A method asked for on a model family it cannot serve."""
-
-
 # ------------------------------------------------------------------------------------------------
-# model families
+# model families (nodes/families.py: matched by the diffusion model's exact class)
 # ------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class FamilySpec:
-    """How a family's blocks are addressed and how tokens are laid out inside its attention."""
-
-    name: str
-    kind: str  # "unet" | "dit"
-    groups: tuple[tuple[str, str], ...] = ()  # (selection group, diffusion_model attribute) for DiTs
-    joint: bool = False  # text tokens share the self-attention call with image tokens
-    image_first: bool = False  # joint order: [image, text] instead of [text, image]
-    rope: bool = True  # positions applied inside every block (token shuffling needs this)
-    patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
-    transformer_options_in_blocks: bool = True
-    # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
-    # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
-    # block's self-attention); "" = no NAG hook for this family.
-    nag: str = ""
-    cross_attention: str = ""
-    text_pe_token_dim: int | None = None  # rotary table's token dim when text tokens have distinct positions
-    text_refiner: str = ""  # diffusion_model attribute that mixes text tokens before the blocks (HunyuanVideo)
-    text_mask: str = "padding"  # the model input 'attention_mask': "padding" (one entry per text token) | "regional"
-
-    @property
-    def is_unet(self) -> bool:
-        return self.kind == "unet"
-
-
-_FLUX_LIKE = dict(kind="dit", groups=(("double", "double_blocks"), ("single", "single_blocks")), joint=True,
-                  nag="joint", text_mask="regional")
-_WAN = dict(kind="dit", groups=(("double", "blocks"),), patch=(1, 2, 2), nag="cross", cross_attention="cross_attn")
-FAMILIES: dict[str, FamilySpec] = {
-    "UNetModel": FamilySpec("UNet (SD1.5/SDXL)", "unet", nag="attn2"),
-    "Flux": FamilySpec("Flux", **_FLUX_LIKE),
-    "Chroma": FamilySpec("Chroma", **_FLUX_LIKE),
-    "ChromaRadiance": FamilySpec("Chroma Radiance", **_FLUX_LIKE, patch=(16, 16)),
-    "MMDiT:comfy.ldm.modules.diffusionmodules.mmdit": FamilySpec(
-        "SD3/SD3.5", "dit", (("double", "joint_blocks"),), joint=True, rope=False, nag="joint"),
-    "MMDiT:comfy.ldm.aura.mmdit": FamilySpec(
-        "AuraFlow", "dit", (("double", "double_layers"), ("single", "single_layers")), joint=True, rope=False),
-    "WanModel": FamilySpec("WAN", **_WAN),
-    "VaceWanModel": FamilySpec("WAN VACE", **_WAN),
-    "CameraWanModel": FamilySpec("WAN camera", **_WAN),
-    "HumoWanModel": FamilySpec("WAN HuMo", **_WAN),
-    "AnimateWanModel": FamilySpec("WAN animate", **_WAN),
-    "WanModel_S2V": FamilySpec("WAN S2V", "dit", (("double", "blocks"),), patch=(1, 2, 2),
-                               transformer_options_in_blocks=False),
-    "HunyuanVideo": FamilySpec("HunyuanVideo", "dit", (("double", "double_blocks"), ("single", "single_blocks")),
-                               joint=True, image_first=True, patch=(1, 2, 2), nag="joint", text_refiner="txt_in"),
-    "QwenImageTransformer2DModel": FamilySpec("Qwen-Image", "dit", (("double", "transformer_blocks"),), joint=True,
-                                              patch=(1, 2, 2), nag="joint", text_pe_token_dim=1),
-    "LTXVModel": FamilySpec("LTXV", "dit", (("double", "transformer_blocks"),), patch=(1, 1, 1), nag="cross",
-                            cross_attention="attn2"),
-}
-# Families NAG serves without any block hook (it needs only their cross-attention modules)
-NAG_ONLY_FAMILIES: dict[str, FamilySpec] = {
-    "MiniTrainDIT": FamilySpec("Cosmos Predict2", "dit", (("double", "blocks"),), patch=(1, 2, 2), nag="cross",
-                               cross_attention="cross_attn"),
-}
-UNSUPPORTED = {
-    "NextDiT": "Lumina2", "HiDreamImageTransformer2DModel": "HiDream", "MiniTrainDIT": "Cosmos Predict2",
-    "GeneralDIT": "Cosmos", "PixArtMS": "PixArt", "HunYuanDiT": "HunyuanDiT", "StageC": "Stable Cascade",
-    "AsymmDiTJoint": "Mochi",
-}
 FAMILIES_BY_NAME = {spec.name: spec for spec in FAMILIES.values()}
 TIME_INPUT_FAMILY = FamilySpec("any model (time input)", "time")
 FAMILIES_BY_NAME[TIME_INPUT_FAMILY.name] = TIME_INPUT_FAMILY
-ALTERNATIVES = ("the CFG-space methods (APG, TCFG, CFG-Zero*, FDG, schedules) work on every family; "
-                "perturbation methods work on SD1.5/SDXL, Flux, Chroma, SD3, AuraFlow, WAN, HunyuanVideo, "
-                "Qwen-Image and LTXV")
 
 
 def diffusion_model_of(model_patcher):
@@ -146,31 +102,22 @@ def diffusion_model_of(model_patcher):
 
 
 def _spec_in(table: dict[str, FamilySpec], net) -> FamilySpec | None:
-    for cls in type(net).__mro__:  # e.g. SD3's OpenAISignatureMMDITWrapper is an MMDiT
-        spec = table.get(f"{cls.__name__}:{cls.__module__}") or table.get(cls.__name__)
-        if spec is not None:
-            return spec
-    return None
-
-
-def family_of(model_patcher, owner: str) -> FamilySpec:
-    net = diffusion_model_of(model_patcher)
-    name = type(net).__name__
-    spec = _spec_in(FAMILIES, net)
-    if spec is None:
-        family = UNSUPPORTED.get(name, name)
-        raise FamilyError(f"{owner}: this model family has no block hook we support: {family}. Use {ALTERNATIVES}.")
-    if not spec.transformer_options_in_blocks:
-        raise FamilyError(f"{owner}: {spec.name} blocks do not pass ComfyUI's transformer_options, so no "
-                          f"perturbation can be applied per branch. Use {ALTERNATIVES}.")
-    return spec
+    """The table's entry for the model's exact class (SD3 is listed as OpenAISignatureMMDITWrapper, the
+    class ComfyUI builds it with); a subclass of a listed class is not matched (``families``)."""
+    return exact_spec(table, net)
 
 
 def family_for_time_input(model_patcher) -> FamilySpec:
     """Time-input perturbations (TSG) need no block hooks: every ComfyUI model computes its time
-    input through ``BaseModel.process_timestep``."""
+    input through ``BaseModel.process_timestep``. LTX-2 (``LTXAVModel``) returns a (video, audio) pair
+    of time inputs there, which the time shift cannot perturb: refused with the reason."""
     if not hasattr(model_patcher.model, "process_timestep"):
         raise FamilyError("TSG: this ComfyUI version's model has no process_timestep; update ComfyUI.")
+    net = diffusion_model_of(model_patcher)
+    if type(net).__name__ == "LTXAVModel":
+        raise FamilyError(f"TSG: {describe_family(net)} computes a (video, audio) pair of time inputs, which the "
+                          f"time-input shift does not perturb. Use the CFG-space methods (APG, TCFG, CFG-Zero*, "
+                          f"FDG, CFG schedules) on it.")
     return TIME_INPUT_FAMILY
 
 
@@ -183,7 +130,14 @@ def nag_family_of(model_patcher, owner: str) -> FamilySpec:
     net = diffusion_model_of(model_patcher)
     spec = _spec_in(FAMILIES, net) or _spec_in(NAG_ONLY_FAMILIES, net)
     if spec is None or not spec.nag or not spec.transformer_options_in_blocks:
-        family = spec.name if spec is not None else UNSUPPORTED.get(type(net).__name__, type(net).__name__)
+        family = spec.name if spec is not None else describe_family(net)
+        if spec is None and (exact_spec(FAMILIES, net) or exact_spec(NAG_ONLY_FAMILIES, net)) is None:
+            served = {**FAMILIES, **NAG_ONLY_FAMILIES}
+            from .families import served_ancestor
+
+            if served_ancestor(served, net) is not None:  # a newer subclass of a served class (LTX-2, Anima ...)
+                raise FamilyError(unserved_message(owner, net, "NAG", served, f"the sampler's negative prompt with "
+                                                   f"cfg > 1 (and the CFG-space methods); NAG works on {NAG_FAMILIES}"))
         raise FamilyError(f"{owner}: NAG has no attention hook for {family}. NAG works on {NAG_FAMILIES}. On "
                           f"{family}, use the sampler's negative prompt with cfg > 1 (and the CFG-space methods).")
     return spec
@@ -209,6 +163,18 @@ def unet_layers(net) -> dict[tuple[str, int, int], object]:
     return out
 
 
+def unet_input_levels(net) -> dict[int, int]:
+    """Input block index → resolution level (number of downsampling blocks up to and including it)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
+
+    levels, level = {}, 0
+    for b, block in enumerate(net.input_blocks):
+        if any(isinstance(layer, Downsample) for layer in block):
+            level += 1
+        levels[b] = level
+    return levels
+
+
 def block_layout(model_patcher, spec: FamilySpec) -> BlockLayout:
     net = diffusion_model_of(model_patcher)
     if spec.is_unet:
@@ -216,7 +182,7 @@ def block_layout(model_patcher, spec: FamilySpec) -> BlockLayout:
         for group, b, _t in unet_layers(net):
             blocks.setdefault(group, {})
             blocks[group][b] = blocks[group].get(b, 0) + 1
-        return BlockLayout(spec.name, unet_blocks=blocks)
+        return BlockLayout(spec.name, unet_blocks=blocks, unet_input_levels=unet_input_levels(net))
     return BlockLayout(spec.name, dit_blocks={group: len(getattr(net, attr)) for group, attr in spec.groups})
 
 
@@ -256,13 +222,15 @@ def dropped_blocks(p: Perturbation, noise: int) -> tuple:
     """The blocks S²-Guidance drops at the noise level ``noise`` (``noise_key``): reproducible, seeded by the
     node's seed and σ, so a split run drops the same blocks at the same σ."""
     cache_key = (p.blocks, p.drop_ratio, p.seed, noise)
-    if cache_key not in _DROP_CACHE:
+    dropped = _DROP_CACHE.get(cache_key)  # a memo of a pure function: safe to share between threads
+    if dropped is None:
         chosen = attention_ops.drop_selection(len(p.blocks), p.drop_ratio,
                                               attention_ops.seeded_generator(p.seed, noise))
-        _DROP_CACHE[cache_key] = tuple(p.blocks[i] for i in chosen)
-        if len(_DROP_CACHE) > 4096:
+        dropped = tuple(p.blocks[i] for i in chosen)
+        if len(_DROP_CACHE) >= 4096:
             _DROP_CACHE.clear()
-    return _DROP_CACHE[cache_key]
+        _DROP_CACHE[cache_key] = dropped
+    return dropped
 
 
 def stable_key(key: tuple) -> int:
@@ -388,6 +356,33 @@ class BlockContext:
     nag: JointNagLayout | None = None  # NAG acts on this block's joint attention call
     calls: int = 0
     regions: object | None = None  # S-CFG: the RegionRecorder this block's joint attention feeds
+    tokens: int | None = None  # non-joint families: the block's token count (its self-attention's keys)
+    covered: int = 0  # non-joint families: self-attention queries seen so far in this block call
+
+    def self_attention_queries(self, args, kwargs) -> slice | None:
+        """Non-joint families (WAN, LTXV): the block's query tokens this attention call covers if it is
+        (part of) the block's self-attention, else None.
+
+        The self-attention comes first in the block and its keys are the block's tokens. ComfyUI may
+        run it as several calls over query slices (newer LTXV with guide strength ≠ 1 or a pixel
+        mask: ``_attention_with_guide_mask`` splits the queries into noisy and guide groups, each
+        against all keys); the calls are counted until their queries cover the block's tokens, and
+        later calls (the text cross-attention) are not self-attention.
+        """
+        if self.tokens is None or self.covered >= self.tokens:
+            return None
+        queries, keys = _tokens(args[0], kwargs), _tokens(args[1], kwargs)
+        if keys != self.tokens or self.covered + queries > self.tokens:
+            methods = ", ".join(sorted({p.method for p, _ in self.groups}))
+            raise RuntimeError(
+                f"{methods} ({self.spec.name}): block {self.key[1]}'s first attention call has {queries} queries "
+                f"against {keys} keys, not the self-attention over the block's {self.tokens} tokens this family "
+                f"starts with, so the perturbation would act on the wrong attention. Another node changed this "
+                f"block's attention (e.g. an STG option that skips its self-attention), or this ComfyUI version "
+                f"calls it differently; remove that node or choose other layers, and please report it.")
+        start = self.covered
+        self.covered += queries
+        return slice(start, start + queries)
 
 
 def _to_bhld(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -411,19 +406,42 @@ def _heads_of(args, kwargs) -> int:
 
 
 def perturbed_attention(p: Perturbation, q, k, v, heads: int, skip_reshape: bool, skip_output_reshape: bool,
-                        mask, image: slice | None, grid: tuple[int, ...] | None) -> torch.Tensor:
-    """Apply ``p``'s attention operator to rows already selected, in ComfyUI's layouts."""
+                        mask, image: slice | None, grid: tuple[int, ...] | None, query: slice | None = None
+                        ) -> torch.Tensor:
+    """Apply ``p``'s attention operator to rows already selected, in ComfyUI's layouts.
+
+    ``query``: a plain self-attention run as several calls over query slices (newer LTXV with guide
+    masks): the slice of the block's tokens this call's queries are. PAG's identity map is exact on a
+    slice (each query keeps its own value: ``v[query]``; the guide mask's bias on the diagonal is 0);
+    SEG's query blur needs a frame's queries together and refuses.
+    """
     qh, kh, vh = (_to_bhld(t, heads, skip_reshape) for t in (q, k, v))
     m = mask
     if m is not None and m.ndim == 2:
         m = m[None, None]
     elif m is not None and m.ndim == 3:
         m = m[:, None]
+    partial = query is not None and (query.start != 0 or query.stop != kh.shape[-2])
     if p.operator == "identity_attention":
-        out = attention_ops.identity_self_attention(qh, kh, vh, image=image, mask=m)
+        if partial:
+            out = vh[:, :, query].clone()
+        else:
+            out = attention_ops.identity_self_attention(qh, kh, vh, image=image, mask=m)
     elif p.operator == "smoothed_attention":
+        if partial:
+            raise RuntimeError(f"{p.method} ({p.family}): ComfyUI runs this block's self-attention as several calls "
+                               f"over query groups (LTXV guides with a strength other than 1 or a pixel mask), and "
+                               f"SEG's query blur needs all queries of a frame in one call. Use PAG (it handles the "
+                               f"split), or guides at strength 1 without a mask.")
         if grid is None:
             raise RuntimeError(f"{p.method}: the image token grid is unknown in this block")
+        length = qh.shape[-2] if image is None else (image.stop - image.start)
+        if math.prod(grid) != length:
+            raise RuntimeError(f"{p.method} ({p.family}): this block has {length} image tokens but the latent's token "
+                               f"grid {tuple(grid)} holds {math.prod(grid)}: the model appended reference or guide "
+                               f"tokens (e.g. Flux Kontext / Flux 2 reference images, LTXV keyframe guides, WAN "
+                               f"reference frames), and SEG's blur needs the latent's own grid. Use PAG on such a "
+                               f"model, or remove the reference inputs.")
         out = attention_ops.smoothed_energy_attention(qh, kh, vh, grid, p.sigma, image=image, mask=m)
     else:
         raise RuntimeError(f"{p.method}: {p.operator} is not an attention operator")
@@ -455,7 +473,7 @@ class AttentionDispatcher:
         transformer_options = kwargs.get("transformer_options") or {}
         groups: list = []
         ctx: BlockContext | None = transformer_options.get(BLOCK_CONTEXT_KEY)
-        image = grid = None
+        image = grid = query = None
         call = 0
         if ctx is not None:
             ctx.calls += 1
@@ -466,8 +484,9 @@ class AttentionDispatcher:
             if ctx.spec.joint:
                 image = ctx.image if call == 1 else None  # later calls: MMDiT-X image self-attention
                 is_self = True
-            else:
-                is_self = call == 1  # WAN / LTXV: self-attention first, then cross-attention
+            else:  # WAN / LTXV: the self-attention first (maybe as query slices), then cross-attention
+                query = ctx.self_attention_queries(args, kwargs)
+                is_self = query is not None
             if is_self:
                 groups = [(p, rows) for p, rows in ctx.groups]
                 grid = ctx.grid
@@ -477,9 +496,9 @@ class AttentionDispatcher:
                 return self._joint_with_nag(nag, ctx.nag, func, args, kwargs, groups, grid)
             if transformer_options.get(CROSS_ATTENTION_KEY) and _tokens(args[1], kwargs) == nag.context_tokens:
                 return self._cross_with_nag(nag, func, args, kwargs, groups, image, grid)
-        return self._dispatch(func, args, kwargs, groups, image, grid)
+        return self._dispatch(func, args, kwargs, groups, image, grid, query)
 
-    def _dispatch(self, func, args, kwargs, groups, image, grid):
+    def _dispatch(self, func, args, kwargs, groups, image, grid, query=None):
         """Perturbed attention for the branch rows in ``groups``, the plain attention for the rest."""
         transformer_options = kwargs.get("transformer_options") or {}
         batch_size = args[0].shape[0]
@@ -494,7 +513,8 @@ class AttentionDispatcher:
         mark_applied(transformer_options, groups)
         for p, rows in groups:
             part = perturbed_attention(p, *(_take(a, rows, batch_size) for a in args[:3]), heads, skip_reshape,
-                                       skip_output_reshape, _take(kwargs.get("mask"), rows, batch_size), image, grid)
+                                       skip_output_reshape, _take(kwargs.get("mask"), rows, batch_size), image, grid,
+                                       query)
             out = _place(out, part, rows, batch_size)
             taken[rows] = True
         for perturbation, rows in custom:
@@ -719,6 +739,14 @@ class DitBlockHook:
         to = args.get("transformer_options")
         if to is None:
             return self._run(args, extra)
+        if not torch.is_tensor(args.get("img")):
+            if not to.get(BRANCH_MAP_KEY) and to.get(NAG_KEY) is None and to.get(REGION_RECORDER_KEY) is None:
+                return self._run(args, extra)
+            raise FamilyError(f"Guidance Kit: {self.spec.name} block {self.key[1]} received "
+                              f"{type(args.get('img')).__name__} as its tokens instead of one tensor: this model is "
+                              f"built differently from {self.spec.name} (e.g. LTX-2's (video, audio) pair), so no "
+                              f"block perturbation can act on it. Remove the Guidance Kit perturbation/NAG/S-CFG node "
+                              f"from this model; TSG, ICG and the CFG-space methods work on every family.")
         if self.record_text_length and "txt" in args:
             to[TEXT_LENGTH_KEY] = args["txt"].shape[1]
         batch_size = args["img"].shape[0]
@@ -731,6 +759,8 @@ class DitBlockHook:
         skip_rows = [rows for p, rows in groups if p.operator in ("skip", "drop")]
         shuffles = [(p, rows) for p, rows in groups if p.operator == "token_shuffle"]
         attention_groups = [(p, rows) for p, rows in groups if p.operator in ATTENTION_OPERATORS]
+        if attention_groups and not self.spec.joint:
+            self._check_self_attention(args, to, attention_groups)
         args = dict(args)
         nag_layout = None
         if nag is not None:
@@ -747,7 +777,8 @@ class DitBlockHook:
             local = dict(to)
             local[BLOCK_CONTEXT_KEY] = BlockContext(self.spec, self.key, attention_groups,
                                                     self._attention_image(args, to), grid, nag=nag_layout,
-                                                    regions=recorder)
+                                                    regions=recorder,
+                                                    tokens=None if self.spec.joint else args["img"].shape[1])
             args["transformer_options"] = local
         if skip_rows:
             out = self._run_without(args, extra, torch.cat(skip_rows), batch_size)
@@ -756,6 +787,24 @@ class DitBlockHook:
         if undo is not None:
             out = undo(out)
         return out
+
+    def _check_self_attention(self, args, to, attention_groups) -> None:
+        """Attention operators on a non-joint block (WAN, LTXV): its self-attention must run as ours to
+        perturb. Newer ComfyUI's LTXV can skip a block's self-attention for every row (the STG option
+        ``stg_self_attn_blocks``: out = V, PAG's own operator on all rows, so the branch would equal the
+        cond) or split it into query groups (guide masks: PAG handles that, SEG cannot)."""
+        methods = ", ".join(sorted({p.method for p, _ in attention_groups}))
+        if to.get("stg_skip_self_attn"):
+            raise FamilyError(f"{methods} ({self.spec.name}): block {self.key[1]}'s self-attention is already "
+                              f"replaced by its values on every row (ComfyUI's LTXV STG option "
+                              f"'stg_self_attn_blocks', set by another node), so the branch would equal the "
+                              f"conditional prediction. Remove that STG node or choose other layers.")
+        if args.get("self_attention_mask") is not None and any(p.operator == "smoothed_attention"
+                                                                for p, _ in attention_groups):
+            raise FamilyError(f"SEG ({self.spec.name}): this LTXV call carries a guide attention mask (guides with a "
+                              f"strength other than 1 or a pixel mask), so ComfyUI splits block {self.key[1]}'s "
+                              f"self-attention into query groups, and SEG's query blur needs all queries of a frame in "
+                              f"one call. Use PAG (it handles the split), or guides at strength 1 without a mask.")
 
     def _nag_layout(self, args, to, nag: NagForward) -> JointNagLayout:
         """Where the prompt's text, the NAG negative's text and the image tokens sit in this block's
@@ -971,37 +1020,8 @@ class UNetLayerForward:
 
 
 # ------------------------------------------------------------------------------------------------
-# ICG: an independent condition for the unconditional branch
-# ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RandomCondition:
-    """ICG's independent condition: the prompt's cross-attention context replaced by random tokens
-    with the prompt embedding's per-channel statistics (``guiders.branch_inputs``), fixed per seed.
-
-    Conditioning entries without a cross-attention context (e.g. class-label models) are rejected
-    with a message; pooled vectors and other model conditions (size, guidance) are kept.
-    """
-
-    method: str
-    seed: int = 0
-
-    def rewrite_cond(self, cond: dict) -> dict:
-        model_conds = cond.get("model_conds")
-        cross = model_conds.get("c_crossattn") if isinstance(model_conds, dict) else None
-        tensor = getattr(cross, "cond", None)
-        if not torch.is_tensor(tensor):
-            raise FamilyError(f"{self.method}: this model's conditioning has no cross-attention/text context to "
-                              f"replace by an independent one; ICG needs a text- or token-conditioned model.")
-        generator = attention_ops.seeded_generator(self.seed, tensor.shape[-2], tensor.shape[-1])
-        rewritten = dict(model_conds)
-        rewritten["c_crossattn"] = cross._copy_with(independent_embedding(tensor, generator))
-        cond["model_conds"] = rewritten
-        return cond
-
-
-# ------------------------------------------------------------------------------------------------
-# TSG: a perturbed time input for the branch rows
+# TSG, legacy mode: a perturbed time input for the branch rows. TSG's paper mode (the time embedding)
+# is nodes/time_embedding.py, ICG's independent condition nodes/independent_condition.py.
 # ------------------------------------------------------------------------------------------------
 
 _TIME_ROWS: contextvars.ContextVar = contextvars.ContextVar("guidance_kit_time_rows", default=None)
@@ -1048,7 +1068,7 @@ class ProcessTimestep:
         t = t.clone()
         for p, rows in groups:
             rows = rows[rows < t.shape[0]]
-            noise = torch.randn(rows.numel(), generator=attention_ops.seeded_generator(p.seed, step))
+            noise = torch.randn(1, generator=attention_ops.seeded_generator(p.seed, step)).expand(rows.numel())
             t[rows.to(t.device)] = perturbed_timesteps(t[rows.to(t.device)], noise, p.timestep_shift, low, high)
         return t
 
@@ -1063,7 +1083,9 @@ class NagSettings:
 
     ``context`` is the NAG negative CONDITIONING's token tensor [batch, tokens, channels] in the
     model's conditioning space (``c_crossattn``); ``mask`` its per-token attention mask, when the
-    text encoder gives one. Pooled vectors are not used: NAG acts on the attention to the text tokens.
+    text encoder gives one. ``modulation``: on DiTs whose block modulation carries the pooled text
+    vector (Flux, SD3, HunyuanVideo), the helper that modulates the negative's text tokens with the
+    negative's own pooled vector (``nodes/nag_modulation.py``); None elsewhere.
     """
 
     owner: str
@@ -1074,6 +1096,7 @@ class NagSettings:
     window: Window
     context: torch.Tensor
     mask: torch.Tensor | None = None
+    modulation: object | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -1112,6 +1135,8 @@ class NagForward:
     applied: int = 0
     aligned_positions: dict = field(default_factory=dict)
     layouts: dict = field(default_factory=dict)
+    modulation: object | None = None  # nag_modulation.NegativeModulation of this call (own pooled vector)
+    current: JointNagLayout | None = None  # the layout of the joint block running now
 
     @property
     def context_tokens(self) -> int:
@@ -1131,7 +1156,8 @@ class NagForward:
         cache_key = (block[0], text, image)
         if cache_key not in self.layouts:
             self.layouts[cache_key] = self._joint_layout(block, text, image, image_first)
-        return self.layouts[cache_key]
+        self.current = self.layouts[cache_key]
+        return self.current
 
     def _joint_layout(self, block: tuple, text: int, image: int, image_first: bool) -> JointNagLayout:
         prefix = text - self.negative_tokens - self.positive_tokens
@@ -1163,6 +1189,14 @@ class NagForward:
 
 class NagNotApplied(RuntimeError):
     """NAG's negative tokens were added but no NAG attention ran: its hooks were replaced or bypassed."""
+
+
+_NAG_CURRENT: contextvars.ContextVar = contextvars.ContextVar("guidance_kit_nag_forward", default=None)
+
+
+def current_nag() -> NagForward | None:
+    """The NagForward of the model call running now (for patches that see no transformer_options)."""
+    return _NAG_CURRENT.get()
 
 
 def prompt_rows(transformer_options: dict, batch_size: int) -> torch.Tensor | None:
@@ -1213,12 +1247,20 @@ class NagInput:
         negative = self._negative_context(c_crossattn, x.shape[0], chunks)
         kwargs = self._with_text_mask(kwargs, c_crossattn.shape[1], negative.shape[1], x.shape[0], chunks)
         nag = NagForward(self.settings, rows, x.shape[0], c_crossattn.shape[1], negative.shape[1])
+        if self.settings.modulation is not None:
+            nag.modulation = self.settings.modulation.prepare(executor.class_obj, x, kwargs, nag, x.shape[0] // chunks)
         to[NAG_KEY] = nag
+        token = _NAG_CURRENT.set(nag)
         try:
             out = executor(x, t, c_concat, torch.cat([c_crossattn, negative], dim=1), control, transformer_options,
                            **kwargs)
         finally:
+            _NAG_CURRENT.reset(token)
             to.pop(NAG_KEY, None)
+        if nag.modulation is not None and nag.modulation.applied + nag.modulation.skipped == 0:
+            raise NagNotApplied(f"{owner}: the NAG negative's own modulation never reached a {spec.name} block in "
+                                f"this model call. Another node replaced Guidance Kit's modulation patches after the "
+                                f"NAG node; put the NAG node after it, or remove one of them.")
         if nag.applied == 0:
             raise NagNotApplied(
                 f"{owner}: the NAG attention never ran in this model call ({spec.name}), so NAG would do nothing. "
@@ -1652,219 +1694,5 @@ def install_region_hooks(model_patcher, spec: FamilySpec, dit_blocks: int) -> tu
 
 
 # ------------------------------------------------------------------------------------------------
-# weight deltas: a LoRA / patch difference on one branch's rows (Personalization, NPO, LoRA clones)
+# weight deltas (a LoRA / patch difference on one branch's rows): nodes/row_delta.py, re-exported above
 # ------------------------------------------------------------------------------------------------
-# Weight deltas on the rows of one branch: a second set of weights without a second copy of them.
-#
-# Personalization guidance (θ_λ = θ_pre + λ·(θ_ft − θ_pre) for a LoRA fine-tune), Diffusion-NPO with
-# a LoRA, and a second MODEL that is a LoRA-patched clone of the sampled one all need predictions of
-# ``W + ΔW`` with ``ΔW`` a (low-rank) patch, in the same step as predictions of ``W``. Patching the
-# weights would need a second copy of every patched layer (ComfyUI's weight hooks keep a backup and a
-# cached patched copy of each touched weight, and run each hook group as its own forward). Instead the
-# patched layers get an object patch of their ``forward`` (``DeltaForward``) that computes
-#
-#     y = layer(x)                        (every row: the model's own weights, LoRAs already merged)
-#     y[rows] += s·up(down(x[rows]))·α/r  (the branch's rows only; low-rank, no dense ΔW)
-#
-# so cond, uncond and the branch share one forward and one set of weights; the only memory is the
-# LoRA factors. Patches that are not plain low-rank LoRAs (LoHa, LoKr, full diffs, bias diffs) fall
-# back to a dense ΔW per patched layer (the layer's size, never the model's). Non-additive patches
-# (DoRA, 'set', weight-merge strengths) are refused: their effect is not a sum of deltas.
-#
-# Which rows: the engine puts each branch in its own entry of the batched call and records entry
-# index → Branch in ``transformer_options["guidance_kit_branches"]``; ComfyUI records the entry of
-# each batch chunk in ``cond_or_uncond``. An APPLY_MODEL wrapper turns that into ``{delta id: (rows,
-# strength)}`` for the duration of the forward; the layer patches read it. A forward whose rows
-# carry a delta but where no patched layer ran raises ``DeltaNotApplied`` (never a silent no-op).
-
-DELTA_WRAPPER_KEY = "guidance_kit_weight_delta"
-
-
-class DeltaNotApplied(RuntimeError):
-    """A branch with a weight delta ran, but no patched layer was reached."""
-
-
-@dataclass(frozen=True)
-class RowDelta:
-    """A Branch perturbation: this branch's rows get ``strength ×`` the delta ``delta_id``.
-
-    Frozen and tensor-free like the rest of the plan; the tensors live on the layer patches.
-    """
-
-    label: str
-    delta_id: str
-    strength: float = 1.0
-    layers: int = 0  # number of patched layers (for messages)
-
-
-@dataclass(eq=False)
-class DeltaEntry:
-    """One patch of one layer (built by ``weight_delta.py``): low-rank (``up``, ``down``, ``scale``) or dense
-    (``dense``)."""
-
-    target: str  # "weight" | "bias"
-    scale: float = 1.0
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
-    out_slice: tuple[int, int] | None = None  # (start, size) on the output features (fused qkv patches)
-    _cache: dict = field(default_factory=dict)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.up, self.down, self.dense) if t is not None]
-
-    def _on(self, name: str, ref: torch.Tensor) -> torch.Tensor:
-        key = (name, ref.device, ref.dtype)
-        t = self._cache.get(key)
-        if t is None:
-            t = getattr(self, name).to(device=ref.device, dtype=ref.dtype)
-            self._cache.clear() if len(self._cache) > 6 else None
-            self._cache[key] = t
-        return t
-
-    def output(self, module, x: torch.Tensor) -> torch.Tensor:
-        """The delta of the layer's output for input rows ``x`` (unscaled by the branch strength)."""
-        conv = isinstance(module, torch.nn.modules.conv._ConvNd)
-        if self.target == "bias":
-            b = self._on("dense", x)
-            shape = [1] * x.ndim
-            if conv:
-                shape[1] = -1
-            else:
-                shape[-1] = -1
-            return b.reshape(shape) * self.scale
-        if self.dense is not None:
-            w = self._on("dense", x)
-            out = module._conv_forward(x, w, None) if conv else F.linear(x, w)
-            return out * self.scale
-        down, up = self._on("down", x), self._on("up", x)
-        if conv:
-            h = module._conv_forward(x, down, None)
-            conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[up.ndim]
-            return conv_fn(h, up) * self.scale
-        return F.linear(F.linear(x, down), up) * self.scale
-
-
-_STACK: list[dict] = []  # the row groups of the forward in progress (ComfyUI runs one prompt at a time)
-
-
-class DeltaForward:
-    """Object patch of one Linear/Conv layer's ``forward``: adds the deltas to their branches' rows."""
-
-    is_guidance_kit = True
-
-    def __init__(self, module, entries: dict[str, list[DeltaEntry]], previous=None):
-        self.module = module
-        self.entries = entries
-        self.previous = previous
-
-    def with_entries(self, delta_id: str, entries: list[DeltaEntry]) -> DeltaForward:
-        merged = dict(self.entries)
-        merged[delta_id] = list(merged.get(delta_id, [])) + entries
-        return DeltaForward(self.module, merged, self.previous)
-
-    def _original(self, *args, **kwargs):
-        if self.previous is not None:
-            return self.previous(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
-
-    def __call__(self, x, *args, **kwargs):
-        y = self._original(x, *args, **kwargs)
-        if not _STACK:
-            return y
-        context = _STACK[-1]
-        conv = isinstance(self.module, torch.nn.modules.conv._ConvNd)
-        cloned = False
-        for delta_id, (rows, strength) in context["groups"].items():
-            entries = self.entries.get(delta_id)
-            if not entries or strength == 0.0:
-                continue
-            idx = _expand_rows(rows, context["batch"], x.shape[0]).to(x.device)
-            xr = x[idx]
-            yr = y[idx]
-            for e in entries:
-                d = e.output(self.module, xr).to(yr.dtype) * strength
-                if e.out_slice is None:
-                    yr = yr + d
-                else:
-                    start, size = e.out_slice
-                    yr = yr.clone()
-                    if conv:
-                        yr[:, start:start + size] += d
-                    else:
-                        yr[..., start:start + size] += d
-            if not cloned:
-                y, cloned = y.clone(), True
-            y[idx] = yr
-            context["applied"].add(delta_id)
-        return y
-
-
-def _expand_rows(rows: torch.Tensor, batch: int, n: int) -> torch.Tensor:
-    if n == batch:
-        return rows
-    if n % batch == 0:  # batch folded with frames/groups, batch-major (b, k) → b·k
-        k = n // batch
-        return (rows[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
-    raise DeltaNotApplied(f"Guidance Kit: a patched layer saw {n} rows in a forward of {batch} samples; the row "
-                          f"delta cannot tell the branches apart here.")
-
-
-def row_groups(transformer_options: dict, batch_size: int) -> dict[str, tuple[torch.Tensor, float]]:
-    """``{delta id: (row indices, strength)}`` for the branches of this forward that carry a RowDelta."""
-    return {p.delta_id: (rows, p.strength) for p, rows in
-            branch_rows(transformer_options, batch_size, lambda p: isinstance(p, RowDelta), group=lambda p: p.delta_id)}
-
-
-def delta_wrapper(executor, x, t, *args, **kwargs):
-    """APPLY_MODEL wrapper: publishes this forward's delta rows to the layer patches."""
-    to = args[3] if len(args) > 3 else kwargs.get("transformer_options")
-    groups = row_groups(to, x.shape[0]) if isinstance(to, dict) else {}
-    if not groups:
-        return executor(x, t, *args, **kwargs)
-    context = {"groups": groups, "batch": int(x.shape[0]), "applied": set()}
-    _STACK.append(context)
-    try:
-        out = executor(x, t, *args, **kwargs)
-    finally:
-        _STACK.pop()
-    missing = [d for d, (_, s) in groups.items() if s != 0.0 and d not in context["applied"]]
-    if missing:
-        raise DeltaNotApplied(
-            "Guidance Kit: a branch with a LoRA/weight delta ran but none of its patched layers was reached (another "
-            "node replaced the layers' forward after this node, or the model calls these weights directly). Put the "
-            "Guidance Kit node last, after other model patches.")
-    return out
-
-
-def install_delta(model_patcher, delta_id: str, entries: dict[str, list[DeltaEntry]]) -> None:
-    """Install the layer patches of delta ``delta_id`` on a (cloned) ModelPatcher."""
-    import comfy.patcher_extension
-    import comfy.utils
-
-    for module_path, items in entries.items():
-        path = module_path + ".forward"
-        current = model_patcher.object_patches.get(path)
-        if isinstance(current, DeltaForward):
-            patch = current.with_entries(delta_id, items)
-        else:
-            patch = DeltaForward(comfy.utils.get_attr(model_patcher.model, module_path), {delta_id: items},
-                                 previous=current)
-        model_patcher.add_object_patch(path, patch)
-    if not model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, DELTA_WRAPPER_KEY):
-        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, DELTA_WRAPPER_KEY,
-                                           delta_wrapper)
-
-
-def delta_bytes(model_patcher) -> int:
-    """Bytes held by this patcher's delta patches (LoRA factors / dense layer deltas), counted once each."""
-    seen, total = set(), 0
-    for patch in model_patcher.object_patches.values():
-        if isinstance(patch, DeltaForward):
-            for items in patch.entries.values():
-                for e in items:
-                    for t in e.tensors():
-                        if t.data_ptr() not in seen:
-                            seen.add(t.data_ptr())
-                            total += t.numel() * t.element_size()
-    return total

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from ..guiders.schedules import ScheduleError
-from . import hooks
+from . import hooks, nag_modulation
 from .common import CATEGORY_ROOT, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, model_input, node_error
 
 CATEGORY_NAG = CATEGORY_ROOT + "/attention"
@@ -88,7 +88,8 @@ def resolve_settings(label: str, defaults: NagDefaults, scale: float, tau: float
 
 
 def negative_tokens(label: str, conditioning) -> tuple:
-    """(token tensor, per-token mask or None) of a NAG negative CONDITIONING with one entry."""
+    """(token tensor, per-token mask or None, pooled vector or None) of a NAG negative CONDITIONING with
+    one entry."""
     import torch
 
     if not isinstance(conditioning, list) or not conditioning:
@@ -104,7 +105,10 @@ def negative_tokens(label: str, conditioning) -> tuple:
     mask = extra.get("attention_mask") if isinstance(extra, dict) else None
     if mask is not None and not (torch.is_tensor(mask) and mask.ndim == 2 and mask.shape[1] == tokens.shape[1]):
         mask = None
-    return tokens, mask
+    pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+    if not (torch.is_tensor(pooled) and pooled.ndim == 2):
+        pooled = None
+    return tokens, mask, pooled
 
 
 class NAGNode(io.ComfyNode):
@@ -130,8 +134,9 @@ class NAGNode(io.ComfyNode):
                 io.Conditioning.Input(
                     "nag_negative",
                     tooltip="What to steer away from, encoded with the same text encoder as the prompt (e.g. "
-                            "'blurry, low quality, watermark'). Only its text tokens are used (pooled vectors are "
-                            "not). Independent of the sampler's negative prompt, which CFG keeps using."),
+                            "'blurry, low quality, watermark'). Its text tokens enter the attention; on Flux, SD3 and "
+                            "HunyuanVideo its pooled vector modulates those tokens (as the official ComfyUI-NAG). "
+                            "Independent of the sampler's negative prompt, which CFG keeps using."),
                 io.Float.Input(
                     "scale", default=AUTO, min=AUTO, max=100.0, step=0.1, round=0.01,
                     tooltip="Extrapolation scale s (Z̃ = s·Z⁺ − (s − 1)·Z⁻). -1 = the family default (Flux, Chroma, "
@@ -185,11 +190,14 @@ class NAGNode(io.ComfyNode):
                                     float(sigma_end)).window
         except ScheduleError as e:
             raise node_error(str(e)) from None
-        tokens, mask = negative_tokens(cls.LABEL, nag_negative)
-        settings = hooks.NagSettings(cls.LABEL, spec, scale, tau, alpha, window, tokens, mask)
+        tokens, mask, pooled = negative_tokens(cls.LABEL, nag_negative)
+        modulation = nag_modulation.for_family(spec, pooled, cls.LABEL)
+        settings = hooks.NagSettings(cls.LABEL, spec, scale, tau, alpha, window, tokens, mask, modulation)
         patched = model.clone()
         try:
             hooks.install_nag(patched, spec, settings)
+            if modulation is not None:
+                nag_modulation.install(patched, modulation)
         except hooks.FamilyError as e:
             raise node_error(str(e)) from None
         return io.NodeOutput(patched)

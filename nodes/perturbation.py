@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from ..guiders.attention_ops import drop_count
 from ..guiders.layers import LayerError, parse_layers, resolve
 from ..guiders.plan import Branch, ExtraGuidance, IndependentCondition
-from . import hooks
+from . import hooks, independent_condition, time_embedding
 from .common import (
     CATEGORY_ROOT,
     NODE_PREFIX,
@@ -50,13 +50,53 @@ def _middle(n: int) -> int:
     return n // 2
 
 
+# TPG's official SDXL default (TaatiTeam/Token-Perturbation-Guidance, pipeline_sdxl_tpg.py:
+# tpg_applied_layers_index = d6 … d23): indices into the UNet's down-path transformer layers, in order
+TPG_OFFICIAL_DOWN_LAYERS = range(6, 24)
+# LTX-Video's STG default (Lightricks/LTX-Video configs, stg_mode "attention_values" = PAG's operator):
+# ltxv-2b-0.9*.yaml skip_block_list [19] (28 blocks); ltxv-13b-0.9.8-dev.yaml first pass [28] from σ 0.985 on
+LTXV_STG_BLOCK = {28: 19, 48: 28}
+
+
+def _unet_layer_selection(layers: list[tuple[int, int]], counts: dict[int, int]) -> str:
+    """``input B`` for a whole block, ``input B.T-U`` for a contiguous part of one."""
+    items = []
+    for b in sorted({b for b, _ in layers}):
+        chosen = sorted(t for bb, t in layers if bb == b)
+        if len(chosen) == counts[b]:
+            items.append(f"input {b}")
+        else:
+            items.append(f"input {b}.{chosen[0]}-{chosen[-1]}" if len(chosen) > 1 else f"input {b}.{chosen[0]}")
+    return ", ".join(items)
+
+
+def tpg_unet_layers(layout) -> str:
+    """TPG's UNet default: the official index rule where it applies, else the lowest-resolution input level.
+
+    Official (SDXL): down-path transformer layers d6–d23 = ``input 7.2-9, input 8``. On UNets with fewer
+    than 24 down-path layers (SD1.5/SD2: 6, the embedded digits model: 2) the rule selects nothing;
+    the pack then takes every input block at the lowest resolution that has attention (SD1.5:
+    ``input 7, input 8``; a two-level UNet: its second level only). Shuffling tokens at a full-resolution
+    layer is a far stronger perturbation (measured in the TPG help page).
+    """
+    inputs = layout.unet_blocks.get("input", {})
+    if not inputs:
+        return "middle all"
+    ordered = [(b, t) for b in sorted(inputs) for t in range(inputs[b])]
+    if len(ordered) >= TPG_OFFICIAL_DOWN_LAYERS.stop:
+        return _unet_layer_selection([ordered[i] for i in TPG_OFFICIAL_DOWN_LAYERS], inputs)
+    levels = layout.unet_input_levels
+    deepest = max(levels.get(b, 0) for b in inputs)
+    return ", ".join(f"input {b}" for b in sorted(inputs) if levels.get(b, 0) == deepest)
+
+
 def auto_layers(method: str, spec: hooks.FamilySpec, layout) -> str:
-    """The family default for ``layers = auto`` (METHODS-perturb.md), fitted to the model's size."""
+    """The family default for ``layers = auto`` (each node's help page cites its source), fitted to the
+    model's size."""
     if spec.is_unet:
         groups = layout.unet_blocks
         if method == "TPG":
-            inputs = sorted(groups.get("input", {}))
-            return ", ".join(f"input {b}" for b in inputs[-2:]) if inputs else "middle all"
+            return tpg_unet_layers(layout)
         if method == "S²-Guidance":
             return "input all, middle all, output all"
         return "middle all" if groups.get("middle") else f"input {max(groups.get('input', {0: 0}))}"
@@ -64,11 +104,22 @@ def auto_layers(method: str, spec: hooks.FamilySpec, layout) -> str:
     single = layout.dit_blocks.get("single", 0)
     if method == "S²-Guidance":
         return "double all" + (", single all" if single else "")
+    if spec.name == "LTXV" and method in ("PAG", "SLG"):
+        block = LTXV_STG_BLOCK.get(double, 19)
+        if block < double:
+            return f"double {block}"
     if method == "SLG":
-        preferred = {"SD3/SD3.5": (7, 9), "WAN": (9, 9), "WAN VACE": (9, 9), "LTXV": (19, 19)}
-        first, last = preferred.get(spec.name, (7, 9))
+        if spec.name == "SD3/SD3.5":
+            first, last = 7, 9  # Stability's SD3.5 Medium SLG (ComfyUI SkipLayerGuidanceSD3: layers 7, 8, 9)
+        elif spec.name.startswith("WAN"):
+            first, last = 9, 9
+        else:
+            first, last = 7, 9  # ComfyUI core SkipLayerGuidanceDiT: double 7, 8, 9 and single 7, 8, 9
         if last < double:
-            return f"double {first}-{last}" if first != last else f"double {first}"
+            selection = f"double {first}-{last}" if first != last else f"double {first}"
+            if single > 9 and not spec.name.startswith("WAN") and spec.name != "SD3/SD3.5":
+                selection += ", single 7-9"
+            return selection
     if double:
         return f"double {_middle(double)}"
     return f"single {_middle(single)}"
@@ -102,6 +153,7 @@ def _layers_input(example: str):
 def _family(model, label: str):
     try:
         spec = hooks.family_of(model, label)
+        hooks.check_blocks(hooks.diffusion_model_of(model), spec, label)
     except hooks.FamilyError as e:
         raise node_error(str(e)) from None
     return spec, hooks.block_layout(model, spec)
@@ -196,8 +248,9 @@ class PAGNode(LayeredMethodNode):
                 model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the PAG term. Paper/diffusers: 3 with CFG 4–7 on SD1.5/SDXL; "
                                            "start lower (1–2) on DiTs. 0 = off (no extra model cost)."),
-                _layers_input("PAG default: the UNet middle block (all its transformer layers), the middle double "
-                              "block on DiTs."),
+                _layers_input("PAG default: the UNet middle block (all its transformer layers); LTXV 'blocks 19' "
+                              "(2B) / 'blocks 28' (13B), LTX-Video's own STG, which is PAG's operator; the middle "
+                              "double block on other DiTs."),
                 *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
@@ -221,16 +274,17 @@ class SEGNode(LayeredMethodNode):
             description=(
                 "Smoothed Energy Guidance (Hong, NeurIPS 2024): in an extra conditional branch the self-attention "
                 "queries of the chosen layers are blurred with a Gaussian over the image-token grid (smoothing the "
-                "attention energy); D = CFG + scale·(cond − cond_SEG). blur_sigma ≥ 9999 is the infinite blur "
-                "(every query the mean query: uniform attention), the official default. Same kernel and padding "
-                "as the official code."),
+                "attention energy); D = CFG + scale·(cond − cond_SEG). blur_sigma above 9999 is the infinite blur "
+                "(every query of a frame becomes the frame's mean query, so all share one attention row), the "
+                "official default. Same kernel, padding and thresholds as the official code."),
             inputs=[
                 model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the SEG term. Official default 3 (SDXL, with CFG). 0 = off."),
                 io.Float.Input("blur_sigma", default=INFINITE_BLUR, min=0.0, max=INFINITE_BLUR, step=0.5,
-                               tooltip="Std of the Gaussian blur of the queries, in tokens. ≥ 9999 = infinite "
-                                       "(uniform attention, official default; strongest). 10 = the paper's "
-                                       "milder setting. 0 = no perturbation."),
+                               tooltip="Std of the Gaussian blur of the queries, in tokens. Above 9999 = "
+                                       "infinite (each frame's queries replaced by their mean: one shared "
+                                       "attention row; official default, strongest). 10 = the paper's milder "
+                                       "setting. ≤ 1/6 = no blur (official kernel of width 1)."),
                 _layers_input("SEG default: the UNet middle block, the middle double block on DiTs."),
                 *_term_inputs(cls.DEFAULTS),
             ],
@@ -263,9 +317,12 @@ class TPGNode(LayeredMethodNode):
                 "unchanged there: use PAG, SEG or skip-layer guidance on them."),
             inputs=[
                 model_input(),
-                _scale_input(cls.DEFAULTS, "Strength of the TPG term. Official SDXL setting 3 with CFG. 0 = off."),
-                _layers_input("TPG default: the two deepest down-block transformers of the UNet (SDXL input 7, 8 = "
-                              "the official down_blocks.2), the middle double block on DiTs."),
+                _scale_input(cls.DEFAULTS, "Strength of the TPG term. Official 3 (SDXL; its README uses it at cfg 1, "
+                                           "instead of CFG); with CFG start at 1.5. 0 = off."),
+                _layers_input("TPG default: SDXL 'input 7.2-9, input 8' (the official down-path layers d6–d23); "
+                              "other UNets (fewer layers, where that rule selects nothing): the input blocks at "
+                              "the lowest resolution with attention (the pack's choice, e.g. SD1.5 'input 7, "
+                              "input 8'); the middle double block on DiTs."),
                 _seed_input(),
                 *_term_inputs(cls.DEFAULTS),
             ],
@@ -296,9 +353,10 @@ class SkipLayerNode(LayeredMethodNode):
             display_name="Skip-Layer Guidance · SLG / STG (UNet and DiT)",
             category=CATEGORY_PERTURB,
             description=(
-                "Skip-layer guidance (Stability AI, SD3.5) / spatiotemporal skip guidance (STG, Hyung et al. 2024, "
-                "used by LTX-Video): in an extra conditional branch the chosen blocks are skipped (each returns its "
-                "input); D = CFG + "
+                "Skip-layer guidance (Stability AI, SD3.5) / spatiotemporal skip guidance (STG, Hyung et al. 2024): "
+                "in an extra conditional branch the chosen blocks are skipped (each returns its input; LTX-Video's "
+                "'transformer_block' STG mode; its default mode replaces the self-attention by V, which is the PAG "
+                "node); D = CFG + "
                 "scale·(cond − cond_skip). Works on UNets too (ComfyUI core's skip-layer nodes silently do nothing "
                 "there): the chosen transformer layers are skipped. Pair with the Rescale node (0.7, STG's "
                 "rescale) at high scales."),
@@ -308,7 +366,9 @@ class SkipLayerNode(LayeredMethodNode):
                                            "uses 2.5–3) in 1–20% of the run; STG on LTXV/WAN: 1–2 over the whole "
                                            "run. 0 = off."),
                 _layers_input("SLG default: SD3/SD3.5 'double 7-9' (official), WAN 'blocks 9', LTXV 'blocks 19' "
-                              "(STG), other DiTs 'double 7-9' (the middle block on small models), UNet "
+                              "(the block of LTX's STG; LTX's default STG mode is PAG's operator, see help), Flux, "
+                              "Chroma, HunyuanVideo and AuraFlow 'double 7-9, single 7-9' (ComfyUI core's "
+                              "default), other DiTs 'double 7-9' (the middle block on small models), UNet "
                               "'middle all'."),
                 *_term_inputs(cls.DEFAULTS),
             ],
@@ -377,6 +437,9 @@ def _first_block(spec, layout) -> tuple:
     return ("double", 0) if layout.dit_blocks.get("double") else ("single", 0)
 
 
+TSG_PERTURB = ("time embedding (paper)", "time input shift (legacy)")
+
+
 class TSGNode(io.ComfyNode):
     LABEL = "TSG"
     DEFAULTS = Defaults(scale=1.5)
@@ -389,28 +452,63 @@ class TSGNode(io.ComfyNode):
             category=CATEGORY_PERTURB,
             description=(
                 "Time-step guidance (Sadat et al., ICLR 2025, 'No Training, No Problem'): an extra conditional "
-                "branch sees a perturbed time step, D = CFG + scale·(cond − cond_t̃) (at cfg 1: cond + "
-                "scale·(cond − cond_t̃)), so it also improves unconditional generation (empty prompt, cfg 1). The "
-                "model's time input is shifted by Gaussian noise of std time_noise × its time range (e.g. 0.1 × "
-                "1000 steps on SD1.5/SDXL) in the branch only; the input scaling and the denoised formula keep the "
-                "true sigma. Works on every family (no block hooks needed)."),
+                "branch runs with a perturbed time-step embedding, D = CFG + scale·(cond − cond_t̃) (at cfg 1: "
+                "cond + scale·(cond − cond_t̃)), so it also improves unconditional generation (empty prompt, cfg "
+                "1). Paper mode: the model's time embedding gets Gaussian noise of std s·t^α (t = diffusion time "
+                "in [0, 1]) in the branch only, redrawn every step. Legacy mode: the model's scalar time input is "
+                "shifted instead (the branch denoises at another noise level; works on every family)."),
             inputs=[
                 model_input(),
-                _scale_input(cls.DEFAULTS, "Strength of the TSG term. Start at 1–2; lower it with high cfg. 0 = off."),
+                _scale_input(cls.DEFAULTS, "Strength of the TSG term (the paper's w_TSG − 1). Start at 1–2; lower it "
+                                           "with high cfg. 0 = off (no extra model cost)."),
                 io.Float.Input("time_noise", default=0.1, min=0.0, max=1.0, step=0.01,
-                               tooltip="Std of the time perturbation as a fraction of the model's time range "
-                                       "(clamped to the range). 0 = no perturbation (the term vanishes)."),
+                               tooltip="Legacy mode: std of the time-input shift as a fraction of the model's time "
+                                       "range (clamped to the range). Ignored by the paper mode."),
                 _seed_input(),
                 *_term_inputs(cls.DEFAULTS),
+                # added after the first release: last and optional, so saved workflows keep loading
+                io.Combo.Input("perturb", options=list(TSG_PERTURB), default=TSG_PERTURB[0], optional=True,
+                               tooltip="What the branch perturbs. 'time embedding (paper)': the time-step embedding "
+                                       "vector gets + s·t^α·n (UNets, Flux, SD3, AuraFlow, WAN, HunyuanVideo, "
+                                       "Qwen-Image, LTXV, Lumina2, HiDream, PixArt, HunyuanDiT, Mochi, Cosmos; not "
+                                       "Chroma or Stable Cascade). 'time input shift (legacy)': the scalar time input "
+                                       "is shifted by time_noise × its range (every family; a different signal)."),
+                io.Float.Input("s", default=2.0, min=0.0, max=50.0, step=0.05, round=0.01, optional=True,
+                               tooltip="Paper mode: noise scale s of the embedding perturbation s·t^α·n (paper: 2). "
+                                       "0 = no perturbation (the term vanishes). Ignored by the legacy mode."),
+                io.Float.Input("alpha", default=1.0, min=0.0, max=8.0, step=0.05, round=0.01, optional=True,
+                               tooltip="Paper mode: exponent α of the diffusion time t ∈ [0, 1] in s·t^α (paper: 1; "
+                                       "0 = the same noise at every step, larger = weaker late in the run). Ignored "
+                                       "by the legacy mode."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
-    def execute(cls, model, scale, time_noise, seed, schedule, start_percent, end_percent):
-        spec = hooks.family_for_time_input(model)
-        p = hooks.Perturbation(cls.LABEL, "timestep", spec.name, seed=int(seed), timestep_shift=float(time_noise))
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+    def validate_inputs(cls, perturb=TSG_PERTURB[0], **kwargs):
+        if perturb not in TSG_PERTURB:
+            return f"{cls.LABEL}: perturb must be one of {', '.join(TSG_PERTURB)} (got {perturb!r})"
+        return True
+
+    @classmethod
+    def execute(cls, model, scale, time_noise, seed, schedule, start_percent, end_percent, perturb=TSG_PERTURB[0],
+                s=2.0, alpha=1.0):
+        if perturb == TSG_PERTURB[1]:
+            spec = hooks.family_for_time_input(model)
+            p = hooks.Perturbation(cls.LABEL, "timestep", spec.name, seed=int(seed), timestep_shift=float(time_noise))
+            return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent,
+                                                       end_percent))
+        try:
+            site = time_embedding.site_of(model, cls.LABEL)
+        except hooks.FamilyError as e:
+            raise node_error(str(e)) from None
+        p = time_embedding.TimeEmbeddingNoise(cls.LABEL, site.family, seed=int(seed), s=float(s), alpha=float(alpha))
+        built = build_schedule(cls.LABEL, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
+        term = ExtraGuidance(Branch(cls.LABEL, source="cond", perturbation=p), scale=scale, schedule=built,
+                             label=cls.LABEL)
+        patched = add_extra_term(model, term, cls.LABEL)
+        time_embedding.install(patched, site)
+        return io.NodeOutput(patched)
 
 
 class ICGNode(io.ComfyNode):
@@ -426,10 +524,12 @@ class ICGNode(io.ComfyNode):
                 "Independent Condition Guidance (Sadat et al., ICLR 2025, 'No Training, No Problem'): the "
                 "unconditional branch of CFG is evaluated under a condition independent of the prompt instead of "
                 "the negative/empty prompt: D = C_ind + cfg·(C − C_ind). For models trained without a null "
-                "condition, or to replace the empty prompt's prediction. The independent condition is a random "
-                "token embedding with the prompt embedding's per-channel statistics, fixed by the seed. The "
-                "negative prompt connected to the sampler is not used. Uses the sampler's cfg; no extra model "
-                "call (it replaces the unconditional one)."),
+                "condition, or to replace the empty prompt's prediction. The independent condition is random "
+                "text tokens with the prompt embedding's per-channel statistics plus, on SDXL, Flux, SD3, "
+                "HunyuanVideo and HiDream, a random pooled text vector with the prompt's statistics; redrawn every "
+                "step (the paper's algorithm) from the seed and the noise level. The negative prompt connected to "
+                "the sampler is not used. Uses the sampler's cfg; no extra model call (it replaces the "
+                "unconditional one)."),
             inputs=[
                 model_input(),
                 _seed_input(),
@@ -439,10 +539,11 @@ class ICGNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed):
-        term = IndependentCondition(Branch("ICG", source="cond", perturbation=hooks.RandomCondition(cls.LABEL,
-                                                                                                    int(seed))),
-                                    label=cls.LABEL)
-        return io.NodeOutput(add_method(model, "icg", term, cls.LABEL))
+        condition = independent_condition.RandomCondition(cls.LABEL, int(seed))
+        term = IndependentCondition(Branch("ICG", source="cond", perturbation=condition), label=cls.LABEL)
+        patched = add_method(model, "icg", term, cls.LABEL)
+        independent_condition.install(patched)
+        return io.NodeOutput(patched)
 
 
 NODES = [PAGNode, SEGNode, TPGNode, SkipLayerNode, S2GuidanceNode, TSGNode, ICGNode]

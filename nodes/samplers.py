@@ -58,6 +58,13 @@ def model_sampling_of(model):
     return model.inner_model.model_patcher.get_model_object("model_sampling")
 
 
+def model_noise_scale(model_sampling) -> float:
+    """The model's noise scale, as current ComfyUI's SDE samplers multiply ``s_noise`` by it (upstream 8e53f001:
+    ``s_noise * getattr(model_sampling, "noise_scale", 1.0)``; set by ModelSamplingDiscreteFlow for HiDream-O1 and
+    by the ModelNoiseScale node). 1 where the model_sampling has none (every model in ComfyUI 0.3.64)."""
+    return float(getattr(model_sampling, "noise_scale", 1.0))
+
+
 def half_log_snr_of(model_sampling):
     return partial(k_sampling.sigma_to_half_log_snr, model_sampling=model_sampling)
 
@@ -177,7 +184,8 @@ def sample_dpmpp_2m_sde_cfg_pp(model, x, sigmas, extra_args=None, callback=None,
     model_sampling = model_sampling_of(model)
     return guided_samplers.sample_dpmpp_2m_sde_cfg_pp(
         cfg_pp_denoiser(model, extra_args, LABEL_2M), x, k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling),
-        half_log_snr=half_log_snr_of(model_sampling), noise_sampler=noise_sampler, eta=eta, s_noise=s_noise,
+        half_log_snr=half_log_snr_of(model_sampling), noise_sampler=noise_sampler, eta=eta,
+        s_noise=s_noise * model_noise_scale(model_sampling),
         solver_type=solver_type, callback=callback, step_range=progress_range(disable))
 
 
@@ -192,7 +200,8 @@ def sample_dpmpp_3m_sde_cfg_pp(model, x, sigmas, extra_args=None, callback=None,
     model_sampling = model_sampling_of(model)
     return guided_samplers.sample_dpmpp_3m_sde_cfg_pp(
         cfg_pp_denoiser(model, extra_args, LABEL_3M), x, k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling),
-        half_log_snr=half_log_snr_of(model_sampling), noise_sampler=noise_sampler, eta=eta, s_noise=s_noise,
+        half_log_snr=half_log_snr_of(model_sampling), noise_sampler=noise_sampler, eta=eta,
+        s_noise=s_noise * model_noise_scale(model_sampling),
         callback=callback, step_range=progress_range(disable))
 
 
@@ -201,11 +210,13 @@ def sample_pcg(model, x, sigmas, extra_args=None, callback=None, disable=None, c
     if len(sigmas) <= 1:
         return x
     extra_args = {} if extra_args is None else extra_args
+    model_sampling = model_sampling_of(model)
     return guided_samplers.sample_pcg(
         cond_only_denoiser(model, extra_args, LABEL_PCG), guided_denoiser(model, extra_args), x, sigmas,
-        half_log_snr=half_log_snr_of(model_sampling_of(model)),
+        half_log_snr=half_log_snr_of(model_sampling),
         langevin_noise=langevin_noise_stream(extra_args.get("seed")), corrector_steps=corrector_steps,
-        step_scale=step_scale, callback=callback, step_range=progress_range(disable))
+        step_scale=step_scale, callback=callback, step_range=progress_range(disable),
+        noise_scale=model_noise_scale(model_sampling))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,6 +257,11 @@ def _sampler_output(text: str):
 
 class SamplerDPMPP2MSDECFGPP(io.ComfyNode):
     LABEL = LABEL_2M
+    STATE_ACROSS_SAMPLER_CALLS = ("the multistep history and the Brownian-tree noise belong to one sampler call, as in "
+                                  "ComfyUI's own DPM++ SDE samplers: a run split over two calls restarts them")
+    BATCH_COUPLED = ("the SDE noise is one Brownian tree over the whole batch latent, as in ComfyUI's own SDE "
+                     "samplers, so a sample's noise depends on the batch it is in")
+    TYPICAL_CFG = 0.6  # the guider's cfg is CFG++'s λ in [0, 1]
 
     @classmethod
     def define_schema(cls):
@@ -279,6 +295,11 @@ class SamplerDPMPP2MSDECFGPP(io.ComfyNode):
 
 class SamplerDPMPP3MSDECFGPP(io.ComfyNode):
     LABEL = LABEL_3M
+    STATE_ACROSS_SAMPLER_CALLS = ("the multistep history and the Brownian-tree noise belong to one sampler call, as in "
+                                  "ComfyUI's own DPM++ SDE samplers: a run split over two calls restarts them")
+    BATCH_COUPLED = ("the SDE noise is one Brownian tree over the whole batch latent, as in ComfyUI's own SDE "
+                     "samplers, so a sample's noise depends on the batch it is in")
+    TYPICAL_CFG = 0.6  # the guider's cfg is CFG++'s λ in [0, 1]
 
     @classmethod
     def define_schema(cls):
@@ -304,6 +325,11 @@ class SamplerDPMPP3MSDECFGPP(io.ComfyNode):
 
 class SamplerPCG(io.ComfyNode):
     LABEL = LABEL_PCG
+    STATE_ACROSS_SAMPLER_CALLS = ("the Langevin corrector's noise stream is seeded per sampler call (from the run's "
+                                  "seed), so a run split over two calls draws other corrector noise")
+    BATCH_COUPLED = ("the corrector's Langevin noise is drawn for the whole batch latent from one seeded "
+                     "stream, so a sample's noise depends on the batch it is in")
+    TYPICAL_CFG = 2.0  # the guider's cfg is PCG's γ (γ = 2w − 1 ≈ CFG at w)
 
     @classmethod
     def define_schema(cls):

@@ -39,6 +39,22 @@ REFERENCE_OPTIONS = [AUTO, *REFERENCES]
 SHOW_OPTIONS = ["regions", "scale"]
 
 
+ONE_TOKEN_MESSAGE = ("S-CFG: the prompt's conditioning has a single token (a class-conditional model such as the "
+                     "embedded digits model), so the whole image is one semantic region, every region factor is 1 "
+                     "and S-CFG is exactly CFG in this run. S-CFG needs a text prompt of several tokens (SD1.5/SDXL, "
+                     "SD3/3.5, Flux, Chroma).")
+
+
+class SCFGMapStore(RegionMapStore):
+    """The S-CFG node's map store: records the maps (for 'S-CFG Map') and warns once per run when the
+    conditioning has one token, where S-CFG cannot differ from CFG."""
+
+    def record(self, run: object, regions) -> None:
+        super().record(run, regions)
+        if regions.tokens < 2 and hasattr(run, "warn_once"):
+            run.warn_once("scfg-one-token", ONE_TOKEN_MESSAGE)
+
+
 def resolve_reference(reference: str, spec: hooks.FamilySpec) -> str:
     """``auto``: the official foreground split where the text starts with CLIP's [SOT] token (UNet,
     SD3), the whole image for T5-only families (Flux, Chroma), whose first token is a word."""
@@ -169,7 +185,7 @@ class SCFGNode(io.ComfyNode):
             hooks.install_region_hooks(patched, spec, settings.dit_blocks)
         except hooks.FamilyError as e:
             raise node_error(str(e)) from None
-        patched.model_options[REGION_STORE_KEY] = RegionMapStore()
+        patched.model_options[REGION_STORE_KEY] = SCFGMapStore()
         return io.NodeOutput(patched)
 
 

@@ -16,7 +16,7 @@ import uuid
 
 import torch
 
-from .hooks import DeltaEntry
+from .row_delta import DeltaEntry, delta_layer_classes
 
 
 class DeltaError(ValueError):
@@ -60,7 +60,14 @@ def _entry(label: str, key: str, module, weight: torch.Tensor, strength: float, 
     # dense fallback: ΔW of this layer only (LoHa, LoKr, full diffs, bias diffs)
     zero = torch.zeros(shape, dtype=torch.float32)
     delta = comfy.lora.calculate_weight([(strength, v, 1.0, None, None)], zero, key)
-    return DeltaEntry(target, scale=1.0, dense=delta.to(weight.dtype), out_slice=out_slice)
+    return DeltaEntry(target, scale=1.0, dense=delta.to(_delta_dtype(weight)), out_slice=out_slice)
+
+
+def _delta_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a dense delta is kept in: the weight's when it is a compute dtype, else float32 (quantized
+    storage such as fp8 or int8 would lose the delta; it is cast to the activations' dtype when applied)."""
+    dtype = getattr(weight, "dtype", torch.float32)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
 
 
 def entries_from_patches(model_patcher, patches: list[tuple[str, float, object, tuple | None]], label: str
@@ -77,16 +84,35 @@ def entries_from_patches(model_patcher, patches: list[tuple[str, float, object, 
             module = comfy.utils.get_attr(model_patcher.model, module_path)
         except AttributeError:
             raise DeltaError(f"{label}: the patch key {key} does not exist in this model") from None
-        if not isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
-            raise DeltaError(f"{label}: the patch of {key} targets a {type(module).__name__} layer; only Linear and "
-                             f"convolution layers can carry a per-branch delta (LoRAs that also train norm layers "
-                             f"are not supported here).")
+        check_layer(label, key, module)
         weight = comfy.utils.get_attr(model_patcher.model, key)
         out.setdefault(module_path, []).append(_entry(label, key, module, weight, strength, v, offset))
     if not out:
         raise DeltaError(f"{label}: the LoRA patches none of this model's diffusion-model layers (wrong model family "
                          f"for this LoRA, or a text-encoder-only LoRA).")
     return out
+
+
+def check_layer(label: str, key: str, module) -> None:
+    """Refuse a layer whose class is not one known to compute its output in its own ``forward``.
+
+    The per-branch delta is added by an object patch of the layer's ``forward``: a layer class that does
+    not compute its output there (a custom quantized layer of another pack, an expert bank, a norm
+    layer) would let ComfyUI use its weight without the delta. Known: ``torch.nn.Linear`` and
+    convolutions (every ``comfy.ops`` Linear/Conv in ComfyUI 0.3.x subclasses them) and newer ComfyUI's
+    ``comfy.ops.MixedPrecisionOp`` layers (quantized checkpoints), which still run through ``forward``.
+    """
+    if isinstance(module, delta_layer_classes()):
+        return
+    cls = type(module)
+    kind = ("a normalisation layer (LoRAs that also train norm layers are not supported per branch)"
+            if "norm" in cls.__name__.lower() else
+            "a layer class Guidance Kit does not know to compute its output through its forward(), so the delta "
+            "could be skipped silently")
+    raise DeltaError(f"{label}: the patch of {key} targets a {cls.__name__} layer ({cls.__module__}), {kind}. Only "
+                     f"Linear and convolution layers (and ComfyUI's own quantized layers) can carry a per-branch "
+                     f"delta. Use a checkpoint loaded with ComfyUI's own loaders, or load the LoRA-patched model as a "
+                     f"second checkpoint (Autoguidance / Unconditional Priors take any MODEL).")
 
 
 def lora_patches(model_patcher, lora_sd: dict, label: str) -> dict:

@@ -113,16 +113,19 @@ CATALOG: dict[str, NodeDef] = {
     # Guidance Kit (nodes/cfg_methods.py, nodes/guider.py)
     "GuidanceKit_CFGSchedule": _patch("CFG Schedule · Weight Schedulers & Guidance Interval", "schedule", "power",
                                       "step_values", "start_percent", "end_percent", "sigma_high", "sigma_low",
-                                      schedule="constant", power=2.0, step_values="1, 1, 0.5, 0", start_percent=0.0,
-                                      end_percent=1.0, sigma_high=1000.0, sigma_low=0.0),
+                                      schedule="linear_increasing", power=2.0, step_values="1, 1, 0.5, 0",
+                                      start_percent=0.0, end_percent=1.0, sigma_high=1000.0, sigma_low=0.0),
     "GuidanceKit_BetaCFG": _patch("β-CFG · Classifier-free Guidance with Adaptive Scaling", "a", "b", "gamma",
-                                  "normalize_peak", a=2.0, b=2.0, gamma=1.0, normalize_peak=False),
-    "GuidanceKit_APG": _patch("APG · Adaptive Projected Guidance", "eta", "norm_threshold", "momentum", eta=0.0,
-                              norm_threshold=15.0, momentum=-0.5),
+                                  "normalize_peak", "normalization", a=2.0, b=2.0, gamma=1.0, normalize_peak=False,
+                                  normalization="per-element RMS (resolution-independent)"),
+    "GuidanceKit_APG": _patch("APG · Adaptive Projected Guidance", "eta", "norm_threshold", "momentum", "fdg_bands",
+                              eta=0.0, norm_threshold=15.0, momentum=-0.5,
+                              fdg_bands="projection only (diffusers FDG)"),
     "GuidanceKit_TCFG": _patch("TCFG · Tangential Damping CFG"),
     "GuidanceKit_CFGZeroStar": _patch("CFG-Zero* · Optimized Scale and Zero-Init", "optimized_scale",
-                                      "zero_init_steps", optimized_scale=True, zero_init_steps=1),
-    "GuidanceKit_FDG": _patch("FDG · Frequency-Decoupled Guidance", "scales", scales="10, 5"),
+                                      "zero_init_steps", optimized_scale=True, zero_init_steps=-1),
+    "GuidanceKit_FDG": _patch("FDG · Frequency-Decoupled Guidance", "scales", "scale_mode", scales="10, 5",
+                              scale_mode="absolute (replace cfg)"),
     "GuidanceKit_Rescale": _patch("Rescale Guidance · std match (RescaleCFG, flow-aware)", "multiplier",
                                   multiplier=0.7),
     "GuidanceKit_GuidanceGuider": NodeDef("Guidance Guider (for SamplerCustomAdvanced)",
@@ -146,15 +149,16 @@ CATALOG: dict[str, NodeDef] = {
                                      "drop_ratio", "layers", "seed", "schedule", "start_percent", "end_percent",
                                      scale=0.25, drop_ratio=0.1, layers="auto", seed=0, schedule="constant",
                                      start_percent=0.1, end_percent=0.9),
-    "GuidanceKit_TSG": _patch("TSG · Time-step Guidance", "scale", "time_noise", "seed", "schedule",
-                              "start_percent", "end_percent", scale=1.5, time_noise=0.1, seed=0,
-                              schedule="constant", start_percent=0.0, end_percent=1.0),
+    "GuidanceKit_TSG": _patch("TSG · Time-step Guidance", "scale", "time_noise", "seed", "schedule", "start_percent",
+                              "end_percent", "perturb", "s", "alpha", scale=1.5, time_noise=0.1, seed=0,
+                              schedule="constant", start_percent=0.0, end_percent=1.0,
+                              perturb="time embedding (paper)", s=2.0, alpha=1.0),
     "GuidanceKit_ICG": _patch("ICG · Independent Condition Guidance", "seed", seed=0),
     # Guidance Kit efficiency nodes (nodes/adaptive.py)
     "GuidanceKit_AdaptiveGuidance": _patch("Adaptive Guidance · AG / LinearAG (fewer model calls)", "threshold",
                                            "start_percent", "scope", "linear_ag", "calibration_steps",
-                                           "refresh_every", threshold=0.99, start_percent=0.5,
-                                           scope="uncond and branches", linear_ag=False, calibration_steps=3,
+                                           "refresh_every", threshold=1.01, start_percent=0.5,
+                                           scope="uncond and branches", linear_ag=True, calibration_steps=3,
                                            refresh_every=2),
     # Guidance Kit attention-space nodes (nodes/nag.py)
     "GuidanceKit_NAG": NodeDef("NAG · Normalized Attention Guidance", inputs=(("model", MODEL), ("nag_negative", COND)),
@@ -335,14 +339,17 @@ curve over the run: no guidance on the first and last steps, a peak in between. 
 "Classifier-free Guidance with Adaptive Scaling", arXiv 2502.10574 (code: gmum/beta-CFG). Better FID than CFG at \
 similar prompt adherence.
 
-THESE VALUES: the official README example: a = 2, b = 3, gamma = 1, cfg 7.5. With gamma = 1 the KSampler cfg is \
-the LENGTH of the guidance vector, not a CFG scale: retune it instead of copying your usual value.
+THESE VALUES: the official README example (a = 2, b = 3, gamma = 1, cfg 7.5 on SD1.5 at 512 px) at its own \
+strength: cfg 15 with the default per-element RMS normalisation, which measures the guidance per latent value as the \
+paper does at SDXL's 1024 px (cfg 7.5 there), so one cfg means the same at every resolution. normalization "L2 \
+(paper)" with cfg 7.5 is the official code exactly (then the same cfg is twice as strong at half the size). With \
+gamma = 1 the KSampler cfg is the LENGTH of the guidance vector, not a CFG scale: retune it.
 
-CHANGE FIRST: cfg (sweep 4–12). Then the curve: larger a moves the peak later (detail), larger b earlier \
-(composition). gamma 0 = no normalisation (a time-curved plain CFG); normalize_peak makes the curve top out at 1.
+CHANGE FIRST: cfg (SD1.5 10–20, SDXL 5–10). Then the curve: larger a moves the peak later (detail), larger b \
+earlier (composition). gamma 0 = no normalisation (a time-curved plain CFG); normalize_peak tops the curve at 1.
 
-OTHER MODELS: the paper tests SD1.5, SD2.1 and SDXL (same values). On flow models (Flux, SD3, WAN) the rule acts on \
-the velocity (not tested by the authors): start with a = b = 2 and sweep cfg.
+OTHER MODELS: the paper tests SD1.5, SD2.1 and SDXL. SDXL: cfg 7.5 = the paper's SDXL setting. On flow models (Flux, \
+SD3, WAN) the rule acts on the velocity (not tested by the authors): start with a = b = 2, cfg 5–10.
 
 COMPARE: fixed seed; bypass the node (Ctrl+B) for plain CFG."""
 
@@ -398,7 +405,9 @@ CHANGE FIRST: zero_init_steps (0–2); much more than ~5% of the steps softens t
 
 OTHER MODELS: real-CFG flow models (SD3/SD3.5, WAN, HunyuanVideo, Flux at cfg > 1): optimized_scale on, \
 zero_init_steps ≈ 4% of the steps (WAN T2V official: 2; see the SD3.5 and WAN workflows). SD1.5/SDXL: the \
-optimised scale works on ε too; zero-init is not what the paper targets there.
+optimised scale works on ε too; leave zero_init_steps at −1 (automatic: off on eps/v models, where a zeroed first \
+step leaves dark noise blobs; the paper's code is flow-only). Zero-init acts only in a sampler call that starts from \
+pure noise (never a refiner or second pass).
 
 COMPARE: fixed seed; bypass the node (Ctrl+B)."""
 
@@ -410,8 +419,10 @@ guidance on high frequencies (detail, sharpness), weak on low frequencies (colou
 over-saturation and lost diversity of high cfg. Paper: Sadat et al., "Guidance in the Frequency Domain Enables \
 High-Fidelity Sampling at Low CFG Scales", arXiv 2506.19713.
 
-THESE VALUES: scales "10, 5" = high band 10, low band 5 (paper / diffusers SDXL value). The scales REPLACE the \
-KSampler cfg; cfg is 10 only so that bypassing FDG (Ctrl+B) gives plain CFG 10 to compare with.
+THESE VALUES: scales "10, 5" = high band 10, low band 5 (paper / diffusers SDXL value). With scale_mode "absolute \
+(replace cfg)" the scales REPLACE the KSampler cfg: changing cfg does NOT change the image (the console says so); \
+cfg is 10 only so that bypassing FDG (Ctrl+B) gives plain CFG 10 to compare with. scale_mode "relative to cfg" \
+makes cfg act: band weight = 1 + (cfg − 1)·scale ("1, 0.45" at cfg 10 ≈ "10, 5").
 
 CHANGE FIRST: the low-band scale (3–7): lower = more natural colours and variety, higher = stronger layout \
 adherence. Then the high band for detail.
@@ -521,9 +532,11 @@ def wf_cfg_schedule_sdxl() -> Workflow:
 
 def wf_beta_cfg_sd15() -> Workflow:
     return checkpoint_workflow(
-        "beta_cfg_sd15", "β-CFG with the official example values (a 2, b 3, γ 1, cfg 7.5)", "SD1.5", SD15,
-        [("GuidanceKit_BetaCFG", {"a": 2.0, "b": 3.0, "gamma": 1.0, "normalize_peak": False})],
-        "a portrait of a dog, studio lighting, sharp focus, detailed fur", NEG_SD, NOTE_BETA_CFG)
+        "beta_cfg_sd15", "β-CFG, the official example (a 2, b 3, γ 1) at its SD1.5 strength (cfg 15 per element)",
+        "SD1.5", SD15,
+        [("GuidanceKit_BetaCFG", {"a": 2.0, "b": 3.0, "gamma": 1.0, "normalize_peak": False,
+                                  "normalization": "per-element RMS (resolution-independent)"})],
+        "a portrait of a dog, studio lighting, sharp focus, detailed fur", NEG_SD, NOTE_BETA_CFG, cfg=15.0)
 
 
 def wf_apg_sdxl() -> Workflow:
@@ -717,16 +730,18 @@ models drop_ratio must drop at least one block (the node says the minimum)."""
 NOTE_TSG = """\
 TSG · Time-step Guidance (Guidance Kit)
 
-WHAT: an extra conditional branch sees a perturbed time step; D = CFG + scale·(cond − cond_t̃), at cfg 1: cond + \
-scale·(cond − cond_t̃). It needs no condition at all, so it improves unconditional generation (empty prompt, \
-cfg 1, as here). Paper: Sadat et al., "No Training, No Problem", ICLR 2025 (arXiv 2407.02687). We perturb the \
-model's time input by Gaussian noise of std time_noise × its time range.
+WHAT: an extra conditional branch runs with a perturbed time-step embedding; D = CFG + scale·(cond − cond_t̃), at \
+cfg 1: cond + scale·(cond − cond_t̃). It needs no condition at all, so it improves unconditional generation \
+(empty prompt, cfg 1, as here). Paper: Sadat et al., "No Training, No Problem", ICLR 2025 (arXiv 2407.02687): \
+the embedding gets Gaussian noise of std s·t^α (t = diffusion time in [0, 1]), redrawn every step.
 
-THESE VALUES: scale 2, time_noise 0.1, empty prompts, cfg 1.
+THESE VALUES: scale 2, perturb "time embedding (paper)", s 2, alpha 1, empty prompts, cfg 1.
 
-CHANGE FIRST: scale (1–3), then time_noise (0.05–0.2).
+CHANGE FIRST: scale (1–3), then s (1–3); alpha > 1 weakens the perturbation late in the run.
 
-OTHER MODELS: every family (no block hooks). With a prompt and CFG, use scale 1–1.5 on top of the usual cfg."""
+OTHER MODELS: UNets, Flux, SD3.5, WAN, HunyuanVideo, Qwen-Image, LTXV and more. Chroma has no time embedding \
+of its own: use perturb "time input shift (legacy)" there. With a prompt and CFG, use scale 1–1.5 on top of the \
+usual cfg."""
 
 NOTE_ICG = """\
 ICG · Independent Condition Guidance (Guidance Kit)
@@ -741,24 +756,27 @@ THESE VALUES: cfg 6 (use the cfg you would use for CFG), seed 0.
 CHANGE FIRST: cfg; the seed draws another independent condition.
 
 OTHER MODELS: any family with a text/token cross-attention conditioning (SD1.5, SDXL, SD3.5, Flux at cfg > 1, \
-WAN). Pooled vectors and size conditions are kept from the prompt."""
+WAN). The independent condition is redrawn every step; on SDXL, SD3.5 and Flux the pooled text vector is \
+replaced too (size conditions are kept)."""
 
 NOTE_ADAPTIVE = """\
-Adaptive Guidance / LinearAG + PAG (Guidance Kit)
+Adaptive Guidance: LinearAG with PAG (Guidance Kit)
 
-WHAT: fewer model calls. Once the conditional and unconditional noise predictions point the same way \
-(cos ≥ threshold, after start_percent of the run) the unconditional pass is switched off for the rest of the run; \
-the same test stops PAG's extra pass. LinearAG also replaces every other unconditional pass before that with an \
-estimate from the previous step. The console shows the passes made vs plain CFG after each run. Paper: Castillo \
-et al., "Adaptive Guidance", AAAI 2025 (arXiv 2312.12487).
+WHAT: fewer model calls at CFG quality. After 3 calibration steps every other unconditional pass is replaced by an \
+affine estimate from the previous step (LinearAG), fitted on this run's own trajectory, per image. The console shows \
+the passes made vs plain CFG after each run (here about −22% of the CFG passes; PAG's extra pass still runs every \
+step). Paper: Castillo et al., "Adaptive Guidance", AAAI 2025 (arXiv 2312.12487).
 
-THESE VALUES: 30 steps, cfg 6, PAG 2, threshold 0.99 from 50% of the run, LinearAG on (refresh every 2nd step).
+THESE VALUES: the node's defaults: LinearAG on (a true uncond every 2nd step), threshold 1.01 = the paper's switch \
+off. 30 steps, cfg 6, PAG 2.
 
-CHANGE FIRST: threshold (0.995–0.999 stops later and saves less; > 1 never stops); start_percent (lower saves \
-more, the switch is one-way); linear_ag off if fine details change.
+CHANGE FIRST: refresh_every 3 saves more (−30%) with a slightly larger estimate error. threshold 0.99–0.999 turns on \
+the paper's switch: once cond and uncond noise predictions align (after start_percent) an image continues with the \
+conditional prediction only, and the uncond and PAG passes stop when every image has switched. It saves more but \
+lost quality on every model measured (digits at cfg 7: Fréchet distance +29%, diversity −18%).
 
-OTHER MODELS: every family and sampler; on flow models (Flux, SD3.5, WAN) the cosine converges later, so expect \
-fewer savings from the switch and most from LinearAG."""
+OTHER MODELS: every family and sampler; on flow models LinearAG regresses the velocity. A run split over two \
+samplers calibrates again in the second one."""
 
 NOTE_STACK_PAG = """\
 Stack: APG + PAG + cosine CFG schedule (Guidance Kit)
@@ -814,7 +832,8 @@ def wf_s2_guidance_sd35() -> Workflow:
 def wf_tsg_sd15_unconditional() -> Workflow:
     return checkpoint_workflow(
         "tsg_sd15_unconditional", "TSG: guidance for unconditional generation (empty prompt, cfg 1)", "SD1.5",
-        SD15, [("GuidanceKit_TSG", {"scale": 2.0, "time_noise": 0.1, "seed": 0})], "", "", NOTE_TSG, cfg=1.0)
+        SD15, [("GuidanceKit_TSG", {"scale": 2.0, "perturb": "time embedding (paper)", "s": 2.0, "alpha": 1.0,
+                                    "seed": 0})], "", "", NOTE_TSG, cfg=1.0)
 
 
 def wf_icg_sdxl() -> Workflow:
@@ -836,9 +855,8 @@ def wf_stack_apg_pag_schedule_sdxl() -> Workflow:
 
 def wf_adaptive_guidance_pag_sdxl() -> Workflow:
     return checkpoint_workflow(
-        "adaptive_guidance_pag_sdxl", "Adaptive Guidance + LinearAG stopping CFG and PAG passes (30 steps)", "SDXL",
-        SDXL, [("GuidanceKit_PAG", {"scale": 2.0}),
-               ("GuidanceKit_AdaptiveGuidance", {"threshold": 0.99, "start_percent": 0.5, "linear_ag": True})],
+        "adaptive_guidance_pag_sdxl", "Adaptive Guidance defaults (LinearAG) with PAG: −22% passes at CFG quality",
+        "SDXL", SDXL, [("GuidanceKit_PAG", {"scale": 2.0}), ("GuidanceKit_AdaptiveGuidance", {})],
         "a detailed botanical illustration of a fern and mushrooms on a forest floor, soft light", NEG_SD,
         NOTE_ADAPTIVE, cfg=6.0, steps=30)
 

@@ -130,3 +130,65 @@ def test_node_rejects_bad_settings_with_its_name():
     assert isinstance(message, str) and "Adaptive Guidance" in message
     with pytest.raises(ValueError, match="Adaptive Guidance"):
         ag.AdaptiveGuidanceNode.execute(tiny_model("sd15"), 0.99, 0.5, "branches only", True, 3, 2)
+
+
+def node_defaults() -> dict:
+    schema = ag.AdaptiveGuidanceNode.GET_SCHEMA()
+    return {i.id: i.default for i in schema.inputs if i.id != "model"}
+
+
+def test_defaults_are_linear_ag_alone_at_cfg_quality():
+    """The node's defaults: no switch, LinearAG with 3 calibration evaluations, then every other uncond estimated."""
+    defaults = node_defaults()
+    assert defaults["threshold"] > 1 and defaults["linear_ag"] is True
+    family = "sd15"
+    base = tiny_model(family)
+    model, counter = counted(out(ag.AdaptiveGuidanceNode.execute(base, **defaults)))
+    guided = ksample(model, family, CFG, STEPS)
+    assert counter.batches == [2, 2, 2, 1, 2, 1]
+    assert 0 < rel_diff(guided, ksample(base, family, CFG, STEPS)) < 0.05
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_each_sample_switches_on_its_own(family):
+    """A batch of two whose first sample's negative equals its prompt (converged from the start) and whose second is
+    not: the first sample switches at once, the second never; each equals its own single run, and the uncond pass
+    (one chunk for the batch) keeps running for the second."""
+    import comfy.sample
+
+    base = tiny_model(family)
+    a, other = conditioning(family, 1), conditioning(family, 2)
+    b = [[other[0][0], a[0][1]]]  # another prompt, the same pooled vector / guidance (Flux) as a
+    positive = [[torch.cat([a[0][0], a[0][0]]), a[0][1]]]
+    negative = [[torch.cat([a[0][0], b[0][0]]), a[0][1]]]
+    lat = harness.latent(family, 2)
+    noise = comfy.sample.prepare_noise(lat, 3)
+    model, counter = counted(adaptive(base, threshold=0.999999, start=0.0))
+
+    def run(pos, neg, rows):
+        return comfy.sample.sample(model, noise[rows], STEPS, CFG, "euler", "normal", pos, neg, lat[rows],
+                                   disable_pbar=True, seed=3)
+
+    batch = run(positive, negative, slice(0, 2))
+    assert counter.batches == [4] * STEPS  # cond and uncond chunks of 2 rows: the second sample still needs it
+    first, second = run(a, a, slice(0, 1)), run(a, b, slice(1, 2))
+    assert rel_diff(batch[:1], first) <= 1e-5 and rel_diff(batch[1:], second) <= 1e-5
+    plain_second = comfy.sample.sample(base, noise[1:], STEPS, CFG, "euler", "normal", a, b, lat[1:],
+                                       disable_pbar=True, seed=3)
+    assert rel_diff(second, plain_second) <= 1e-5  # never converged: plain CFG
+
+
+def test_the_run_log_counts_samples_that_switched(caplog):
+    import comfy.sample
+
+    family = "sd15"
+    base = tiny_model(family)
+    a, other = conditioning(family, 1), conditioning(family, 2)
+    positive = [[torch.cat([a[0][0], a[0][0]]), a[0][1]]]
+    negative = [[torch.cat([a[0][0], other[0][0]]), a[0][1]]]
+    lat = harness.latent(family, 2)
+    with caplog.at_level(logging.INFO, logger="guidance_kit"):
+        comfy.sample.sample(adaptive(base, threshold=0.999999, start=0.0), comfy.sample.prepare_noise(lat, 3), STEPS,
+                            CFG, "euler", "normal", positive, negative, lat, disable_pbar=True, seed=3)
+    line = next(r.getMessage() for r in caplog.records if "model passes" in r.getMessage())
+    assert "uncond off for 1 of 2 samples" in line

@@ -371,3 +371,76 @@ def test_unsupported_families_are_a_clear_error_naming_the_family_and_the_altern
     with pytest.raises(ValueError, match=rf"^NAG: NAG has no attention hook for {family}\. .*negative prompt with "
                                          rf"cfg > 1"):
         nag(Fake, nag_negative("sd15"))
+
+
+# --- the NAG negative's own pooled vector (Flux, SD3, HunyuanVideo; nodes/nag_modulation.py) ---------------
+
+def same_text_other_pooled(family, seed=11):
+    """The prompt's tokens with another pooled vector: Z⁻ differs from Z⁺ only through the modulation."""
+    negative = conditioning(family, 1)
+    pooled = torch.randn(1, 32, generator=torch.Generator().manual_seed(seed))
+    negative[0][1] = dict(negative[0][1], pooled_output=pooled)
+    return negative
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "hunyuan_video"])
+def test_the_negatives_text_is_modulated_with_its_own_pooled_vector(family, monkeypatch):
+    base = tiny_model(family)
+    plain = ksample(base, family, 1.0, STEPS)
+    own = ksample(nag(base, same_text_other_pooled(family)), family, 1.0, STEPS)
+    assert rel_diff(own, plain) > 1e-3  # only the pooled vector differs, and it acts
+    monkeypatch.setattr(N.nag_modulation, "for_family", lambda spec, pooled, owner: None)  # the prompt's pooled
+    assert rel_diff(ksample(nag(base, same_text_other_pooled(family)), family, 1.0, STEPS), plain) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["chroma", "qwen_image", "sd15", "wan21"])
+def test_families_without_pooled_modulation_ignore_the_negatives_pooled_vector(family):
+    base = tiny_model(family)
+    negative = conditioning(family, 1)
+    negative[0][1] = dict(negative[0][1], pooled_output=torch.randn(1, 32))
+    assert rel_diff(ksample(nag(base, negative), family, 1.0, STEPS), ksample(base, family, 1.0, STEPS)) <= 1e-5
+
+
+def test_flux_negative_tokens_get_exactly_the_negatives_own_modulation_vector():
+    """txt_mod of a double block and modulation of a single block: at the NAG negative's text positions of the
+    prompt's rows, the modulation of vec⁻ = time + guidance + vector_in(pooled⁻) computed from the model's own
+    embedders; every other token the prompt's modulation (cfg 1: one row, the prompt's)."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    family = "flux"
+    negative = nag_negative(family, tokens=5)
+    model = nag(tiny_model(family), negative)
+    net = model.model.diffusion_model
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, []).append((inputs[0].clone(), output[0]))
+        return hook
+
+    handles = [net.double_blocks[0].txt_mod.register_forward_hook(record("double")),
+               net.single_blocks[0].modulation.register_forward_hook(record("single"))]
+    try:
+        ksample(model, family, 1.0, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    (vec, double), = seen["double"]
+    (_, single), = seen["single"]
+    sigma = float(model.get_model_object("model_sampling").sigmas[-1])  # the first step: σ_max
+    t = torch.tensor([sigma])
+    own = net.time_in(timestep_embedding(t, 256)) + net.guidance_in(timestep_embedding(torch.tensor([3.5]), 256)) + \
+        net.vector_in(negative[0][1]["pooled_output"])
+    expected_double = type(net.double_blocks[0].txt_mod).forward(net.double_blocks[0].txt_mod, own)[0]
+    expected_single = type(net.single_blocks[0].modulation).forward(net.single_blocks[0].modulation, own)[0]
+    prompt_double = type(net.double_blocks[0].txt_mod).forward(net.double_blocks[0].txt_mod, vec)[0]
+    text = double.shift.shape[1]
+    assert vec.shape[0] == 1
+    for name in ("shift", "scale", "gate"):
+        got = getattr(double, name)
+        assert torch.allclose(got[0, text - 5:], getattr(expected_double, name)[0, 0].expand(5, -1), atol=1e-5)
+        assert torch.equal(got[0, :text - 5], getattr(prompt_double, name)[0, 0].expand(text - 5, -1))
+        got_single = getattr(single, name)
+        negative_positions = slice(text - 5, text)  # Flux single stream: [text, image]
+        assert torch.allclose(got_single[0, negative_positions], getattr(expected_single, name)[0, 0].expand(5, -1),
+                              atol=1e-5)

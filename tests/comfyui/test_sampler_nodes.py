@@ -279,3 +279,38 @@ def test_sampler_nodes_are_well_formed_with_help_pages(node):
     page = REPO / "web" / "docs" / f"{schema.node_id}.md"
     assert page.is_file(), f"missing {page.relative_to(REPO)}"
     assert page.read_text(encoding="utf-8").startswith("# ")
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's noise scale (ComfyUI upstream 8e53f001: SDE samplers multiply s_noise by it)
+# ------------------------------------------------------------------------------------------------
+
+def with_noise_scale(model, scale: float):
+    """A clone whose model_sampling carries ``noise_scale`` (an object patch on a copy, as the ModelNoiseScale
+    node of current ComfyUI would set it; ComfyUI 0.3.64's model_sampling has no such attribute)."""
+    import copy
+
+    patched = model.clone()
+    sampling = copy.copy(patched.get_model_object("model_sampling"))
+    sampling.noise_scale = scale
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("make", [lambda s: ours_2m(s_noise=s), lambda s: ours_3m(s_noise=s)], ids=["2m", "3m"])
+def test_cfg_pp_sde_noise_follows_the_models_noise_scale(family, make):
+    base = tiny_model(family)
+    scaled = sample(cfg_guider(with_noise_scale(base, 2.0), family, LAMBDA), family, make(1.0))
+    assert rel_diff(scaled, sample(cfg_guider(base, family, LAMBDA), family, make(2.0))) <= 1e-6
+    assert rel_diff(scaled, sample(cfg_guider(base, family, LAMBDA), family, make(1.0))) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_pcg_corrector_noise_follows_the_models_noise_scale(family, monkeypatch):
+    base = tiny_model(family)
+    scaled = sample(cfg_guider(with_noise_scale(base, 2.0), family, GAMMA), family, pcg(1))
+    assert rel_diff(scaled, sample(cfg_guider(base, family, GAMMA), family, pcg(1))) > 1e-3
+    stream = S.langevin_noise_stream
+    monkeypatch.setattr(S, "langevin_noise_stream", lambda seed: (lambda like, n=stream(seed): 2.0 * n(like)))
+    assert rel_diff(scaled, sample(cfg_guider(base, family, GAMMA), family, pcg(1))) <= 1e-6

@@ -164,3 +164,19 @@ def test_stacks_with_nag_in_the_same_call(family):
     assert regions.tokens == 6  # the prompt's 6 tokens, not 6 + 5
     nag_only = ksample(nagged, family, CFG, steps=STEPS)
     assert rel_diff(guided, nag_only) > 1e-4
+
+
+def test_single_token_conditioning_is_cfg_and_says_so_once(caplog):
+    """The embedded digits model's one-token class context: one region, r = 1, exactly CFG, one warning."""
+    import logging
+
+    from guidance_kit.digits import sampling
+    from guidance_kit.digits.model import cached_digits_model
+
+    digits = cached_digits_model()
+    caplog.set_level(logging.INFO, logger="guidance_kit")
+    plain = sampling.sample(digits.patcher.clone(), digits, [3, 7], 0, CFG, steps=4)
+    got = sampling.sample(scfg(digits.patcher.clone()), digits, [3, 7], 0, CFG, steps=4)
+    assert rel_diff(got, plain) <= 1e-5
+    warnings = [r for r in caplog.records if "single token" in r.getMessage()]
+    assert len(warnings) == 1 and "exactly CFG" in warnings[0].getMessage()

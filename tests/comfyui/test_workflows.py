@@ -378,7 +378,7 @@ def _ui_node(ui: dict, node_id: int) -> dict:
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda ui: _ui_node(ui, 10)["widgets_values"].append(1.0), "more than the node's widgets"),
-    (lambda ui: _ui_node(ui, 10)["widgets_values"].pop(), "has no value for 'momentum'"),
+    (lambda ui: _ui_node(ui, 10)["widgets_values"].pop(), "has no value for 'fdg_bands'"),
     (lambda ui: _ui_node(ui, 3)["widgets_values"].remove("fixed"), "control_after_generate"),
     (lambda ui: _ui_node(ui, 3)["widgets_values"].__setitem__(4, "euler_but_faster"), "is not one of"),
     (lambda ui: _ui_node(ui, 10)["widgets_values"].__setitem__(1, 500.0), "outside"),

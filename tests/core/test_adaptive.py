@@ -7,17 +7,19 @@ from guidance_kit.guiders.adaptive import (
     AdaptiveState,
     LinearFit,
     cosine_per_sample,
+    denoised_from_noise,
     estimate_uncond,
     guidance_cosine,
+    model_output,
     noise_prediction,
     record_uncond,
 )
-from guidance_kit.guiders.combine import GuidanceState, after_evaluation, needs
+from guidance_kit.guiders.combine import GuidanceState, after_evaluation, combine, needs
 from guidance_kit.guiders.plan import AdaptiveGuidance, Branch, ExtraGuidance, GuidancePlan, PlanError
 from guidance_kit.guiders.progress import percent_of_sigma
 
 from .gmm import GaussianMixture, flow_sigmas, karras_sigmas
-from .helpers import PlanDenoiser, percent_convention, position_at, sample_plan
+from .helpers import PlanDenoiser, percent_convention, position_at, sample_plan, step_inputs
 
 SHAPE = (2, 8, 8)
 
@@ -75,8 +77,8 @@ def test_settings_are_validated():
 @pytest.mark.parametrize("parameterization,sigmas", [("ve", karras_sigmas(20)), ("flow", flow_sigmas(20))])
 def test_threshold_above_one_is_cfg_exactly(mixture, parameterization, sigmas):
     ref, ref_den = sample_plan(GuidancePlan(), mixture, 1, 4.0, sigmas, n=64, parameterization=parameterization)
-    out, den = sample_plan(adaptive_plan(threshold=1.01, start_percent=0.0), mixture, 1, 4.0, sigmas, n=64,
-                           parameterization=parameterization)
+    out, den = sample_plan(adaptive_plan(threshold=1.01, start_percent=0.0, linear=False), mixture, 1, 4.0, sigmas,
+                           n=64, parameterization=parameterization)
     assert torch.equal(out, ref)
     assert den.calls == ref_den.calls == {"cond": 20, "uncond": 20, "branches": 0}
 
@@ -92,7 +94,7 @@ def test_threshold_minus_one_is_conditional_only_from_the_first_step(mixture):
 def test_switch_is_one_way_and_the_uncond_count_is_the_switch_step(mixture):
     """A denoiser whose guidance direction vanishes after step 5 and comes back at step 9."""
     sigmas = karras_sigmas(14)
-    plan = adaptive_plan(threshold=0.999999, start_percent=0.0)
+    plan = adaptive_plan(threshold=0.999999, start_percent=0.0, linear=False)
     den = PlanDenoiser(plan, mixture, 0, 5.0, sigmas)
     base_uncond = den.gmm.denoise_uncond
 
@@ -118,7 +120,7 @@ def test_switch_is_one_way_and_the_uncond_count_is_the_switch_step(mixture):
 def test_switch_point_on_the_mixture_follows_the_cosine(mixture):
     """The switch happens at the first evaluation past start_percent whose ε-cosine reaches γ̄."""
     sigmas = karras_sigmas(30)
-    plan = adaptive_plan(threshold=0.999, start_percent=0.3)
+    plan = adaptive_plan(threshold=0.999, start_percent=0.3, linear=False)
     out, den = sample_plan(plan, mixture, 1, 4.0, sigmas, n=128)
     switched_at = den.state.adaptive.switched["uncond"]
     assert den.calls["uncond"] == switched_at + 1
@@ -134,9 +136,9 @@ def test_switch_point_on_the_mixture_follows_the_cosine(mixture):
         x = x + (sigmas[i + 1] - sigmas[i]) * (x - (uncond + 4.0 * (cond - uncond))) / sigmas[i]
 
 
-@pytest.mark.parametrize("parameterization,sigmas,saving", [("ve", karras_sigmas(30), 0.3),
+@pytest.mark.parametrize("parameterization,sigmas,saving", [("ve", karras_sigmas(30), 0.2),
                                                              ("flow", flow_sigmas(30), 0.2)])
-def test_fewer_calls_at_quality_within_noise_of_cfg(mixture, parameterization, sigmas, saving):
+def test_defaults_make_fewer_calls_at_quality_within_noise_of_cfg(mixture, parameterization, sigmas, saving):
     def quality(samples):
         accuracy = (mixture.classify(samples) == 1).double().mean().item()
         return accuracy, samples.flatten(1).norm(dim=1).mean().item()
@@ -145,7 +147,7 @@ def test_fewer_calls_at_quality_within_noise_of_cfg(mixture, parameterization, s
     other_seed, _ = sample_plan(GuidancePlan(), mixture, 1, 4.0, sigmas, n=512, seed=1,
                                 parameterization=parameterization)
     noise = abs(quality(ref)[1] - quality(other_seed)[1])
-    plan = adaptive_plan(threshold=0.99, start_percent=0.5, linear=True, refresh_every=2)
+    plan = adaptive_plan()  # the defaults: LinearAG alone, a true uncond every other evaluation
     out, den = sample_plan(plan, mixture, 1, 4.0, sigmas, n=512, parameterization=parameterization)
     calls = den.calls["cond"] + den.calls["uncond"]
     assert calls <= (1 - saving) * 60  # fewer model passes than CFG's 60
@@ -167,8 +169,9 @@ def test_linear_ag_estimate_error_is_small_after_calibration(mixture, parameteri
         uncond = mixture.denoise_uncond(x, sig, parameterization)
         if i >= 3:
             estimate = estimate_uncond(state, x, sig, cond)
-            direction = noise_prediction(x, cond, sig) - noise_prediction(x, uncond, sig)
-            error = noise_prediction(x, estimate, sig) - noise_prediction(x, uncond, sig)
+            f_u = model_output(x, uncond, sig)  # the regression's space: ε on eps models, the velocity on flow
+            direction = model_output(x, cond, sig) - f_u
+            error = model_output(x, estimate, sig) - f_u
             errors.append(float(error.norm() / direction.norm()))
         record_uncond(state, x, sig, cond, uncond, true_evaluation=True, fit=True)
         x = x + (sigmas[i + 1] - sigmas[i]) * (x - (uncond + 4.0 * (cond - uncond))) / sigmas[i]
@@ -178,13 +181,15 @@ def test_linear_ag_estimate_error_is_small_after_calibration(mixture, parameteri
     assert max(errors) < 0.4, errors
 
 
-def test_linear_fit_recovers_exact_affine_coefficients():
+def test_linear_fit_recovers_exact_affine_coefficients_per_sample():
     g = torch.Generator().manual_seed(0)
     fit = LinearFit()
+    truth = torch.tensor([[0.9, 0.7, -0.6], [1.1, 0.2, -0.3]], dtype=torch.float64)
     for _ in range(3):
         c, pu, pc = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
-        fit.add(c, pu, pc, 0.9 * c + 0.7 * pu - 0.6 * pc)
-    assert torch.allclose(fit.coefficients(), torch.tensor([0.9, 0.7, -0.6], dtype=torch.float64), atol=1e-5)
+        coefficients = truth.float().reshape(2, 3, 1, 1, 1)
+        fit.add(c, pu, pc, coefficients[:, 0] * c + coefficients[:, 1] * pu + coefficients[:, 2] * pc)
+    assert torch.allclose(fit.coefficients(), truth, atol=1e-5)
 
 
 def test_linear_ag_schedule_of_estimates(mixture):
@@ -199,7 +204,7 @@ def test_linear_ag_schedule_of_estimates(mixture):
 def test_extra_branches_stop_on_their_own_criterion():
     """A branch identical to the cond stops at once; the uncond (different) keeps running."""
     branch = Branch("same-as-cond")
-    plan = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0)).with_extra(
+    plan = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0, linear=False)).with_extra(
         ExtraGuidance(branch, 2.0, label="test term"))
     state = GuidanceState()
     x = torch.randn(2, 4, 8, 8) * 3
@@ -211,7 +216,8 @@ def test_extra_branches_stop_on_their_own_criterion():
     after_evaluation(plan, state, need, position, x, torch.full((2,), 3.0), cond, uncond, {branch.name: cond})
     need = needs(plan, position_at(1.0, 10), 2.0, state)
     assert need.uncond and need.branches == ()
-    scoped = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0, scope="uncond only"))
+    scoped = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0, scope="uncond only",
+                                                    linear=False))
     scoped = scoped.with_extra(ExtraGuidance(branch, 2.0, label="test term"))
     state = GuidanceState()
     need = needs(scoped, position, 3.0, state)
@@ -219,17 +225,90 @@ def test_extra_branches_stop_on_their_own_criterion():
     assert needs(scoped, position_at(1.0, 10), 2.0, state).branches == (branch,)
 
 
-def test_batch_switches_on_the_worst_sample():
-    plan = adaptive_plan(threshold=0.99, start_percent=0.0)
+def test_each_sample_switches_on_its_own_and_the_pass_stops_when_all_have():
+    """Sample 0 converges at evaluation 0, sample 1 at evaluation 1: sample 0 is conditional-only from
+    evaluation 1 on (its uncond row still computed), and the uncond pass stops after evaluation 1."""
+    plan = adaptive_plan(threshold=0.99, start_percent=0.0, linear=False)
     state = GuidanceState()
     x = torch.randn(2, 4, 8, 8) * 3
+    sigma = torch.full((2,), 3.0)
     cond = torch.randn(2, 4, 8, 8)
     uncond = cond.clone()
     uncond[1] += 3 * torch.randn(4, 8, 8)  # sample 1 still far from converged
     position = position_at(0.0, 10)
     need = needs(plan, position, 3.0, state)
-    after_evaluation(plan, state, need, position, x, torch.full((2,), 3.0), cond, uncond, {})
-    assert needs(plan, position_at(1.0, 10), 2.0, state).uncond
-    uncond[1] = cond[1]
-    after_evaluation(plan, state, need, position_at(1.0, 10), x, torch.full((2,), 3.0), cond, uncond, {})
+    after_evaluation(plan, state, need, position, x, sigma, cond, uncond, {})
+    assert state.adaptive.rows_off["uncond"].tolist() == [True, False]
+    need = needs(plan, position_at(1.0, 10), 2.0, state)
+    assert need.uncond  # sample 1 still needs it
+    far = cond - 2 * torch.randn(2, 4, 8, 8)  # both far apart at evaluation 1 ...
+    far[1] = cond[1]  # ... but sample 1 converges now
+    after_evaluation(plan, state, need, position_at(1.0, 10), x, sigma, cond, far, {})
+    guided, _ = combine(plan, step_inputs(x, cond, far, sigma=3.0, cond_scale=5.0, step=1), state)
+    assert torch.allclose(guided[0], cond[0], atol=1e-6)  # sample 0: stopped at evaluation 0 → D̂ = C
+    assert torch.allclose(guided[1], cond[1], atol=1e-6)  # sample 1: C = U here anyway
+    assert state.adaptive.switched == {"uncond": 1}
     assert not needs(plan, position_at(2.0, 10), 2.0, state).uncond
+
+
+@pytest.mark.parametrize("parameterization,sigmas", [("ve", karras_sigmas(24)), ("flow", flow_sigmas(24))])
+@pytest.mark.parametrize("linear", [False, True])
+def test_a_samples_result_does_not_depend_on_its_batch(mixture, parameterization, sigmas, linear):
+    """Batch invariance: 16 samples in one batch equal the same noise sampled as batches of 4, 8 and 4."""
+    plan = adaptive_plan(threshold=0.995, start_percent=0.3, linear=linear)
+    noise = torch.randn((16,) + SHAPE, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+
+    def sample(rows):
+        den = PlanDenoiser(plan, mixture, 1, 4.0, sigmas, parameterization)
+        x = noise[rows] * sigmas[0] if parameterization == "ve" else noise[rows].clone()
+        return euler_sample_from(den, x, sigmas), den
+
+    whole, den = sample(slice(0, 16))
+    parts = torch.cat([sample(slice(a, b))[0] for a, b in ((0, 4), (4, 12), (12, 16))])
+    assert torch.allclose(whole, parts, atol=1e-9)
+    rows_off = den.state.adaptive.rows_off["uncond"]
+    assert bool(rows_off.any())  # some samples switched (so the check means something)
+
+
+def euler_sample_from(den, x, sigmas):
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        guided = den(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        x = x + (s_next - s) * (x - guided) / s
+    return x
+
+
+def test_flow_noise_prediction_is_the_noise_of_x():
+    """ComfyUI's flow convention x = (1 − σ)·x0 + σ·n: with D = x0, ε̂ = (x − (1 − σ)·D)/σ is n exactly (the
+    velocity (x − D)/σ = n − x0 is not); on eps models x = x0 + σ·n and ε̂ = (x − D)/σ."""
+    g = torch.Generator().manual_seed(2)
+    x0, n = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    s = sigma.reshape(-1, 1, 1, 1)
+    assert torch.allclose(noise_prediction((1 - s) * x0 + s * n, x0, sigma, "flow"), n, atol=1e-5)
+    assert torch.allclose(noise_prediction(x0 + s * n, x0, sigma, "ve"), n, atol=1e-5)
+    assert torch.allclose(denoised_from_noise((1 - s) * x0 + s * n, n, sigma, "flow"), x0, atol=1e-5)
+
+
+def test_defaults_are_linear_ag_alone():
+    settings = AdaptiveGuidance()
+    assert settings.linear and settings.threshold > 1 and settings.threshold == AdaptiveGuidance.NO_SWITCH
+    AdaptiveGuidance(scope="branches only", linear=False, threshold=0.99).validate()
+
+
+def test_the_plan_reads_noise_predictions_for_the_sampled_model():
+    plan = adaptive_plan()
+    assert plan.adaptive.parameterization is None
+    assert plan.for_model("flow").adaptive.parameterization == "flow"
+    assert plan.for_model("ve").adaptive.parameterization == "ve"
+
+
+def test_no_check_at_sigma_one_on_flow_models():
+    """At σ = 1 a flow model's noise prediction is x for every D (cosine exactly 1): not a convergence signal."""
+    plan = adaptive_plan(threshold=0.99, start_percent=0.0, linear=False).for_model("flow")
+    state = GuidanceState()
+    x, cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(guidance_cosine(x, cond, uncond, 1.0, "flow"), torch.ones(2))
+    need = needs(plan, position_at(0.0, 10), 1.0, state)
+    after_evaluation(plan, state, need, position_at(0.0, 10), x, torch.ones(2), cond, uncond, {})
+    assert state.adaptive.rows_off == {} and needs(plan, position_at(1.0, 10), 0.9, state).uncond

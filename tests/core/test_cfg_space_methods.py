@@ -199,10 +199,10 @@ def test_beta_cfg_reduces_to_cfg_with_uniform_curve_and_no_normalisation(shape):
 
 @pytest.mark.parametrize("parameterization", ["ve", "flow"])
 def test_beta_cfg_gamma1_guidance_length_is_s_beta_sigma(parameterization):
-    """‖D̂ − U‖ = s·β(τ)·σ exactly (fixed-length guidance in ε/v space)."""
+    """L2 (paper): ‖D̂ − U‖ = s·β(τ)·σ exactly (fixed-length guidance in ε/v space)."""
     x, c, u = random_triplet()
     sigma, s, step, n = 0.7, 5.0, 3, 10
-    got = run(with_("beta_cfg", BetaCFG(a=2.0, b=3.0, gamma=1.0)),
+    got = run(with_("beta_cfg", BetaCFG(a=2.0, b=3.0, gamma=1.0, normalization="l2")),
               step_inputs(x, c, u, sigma=sigma, cond_scale=s, step=step, n_steps=n, parameterization=parameterization))
     expected = s * beta_pdf(step / (n - 1), 2.0, 3.0) * sigma
     assert torch.allclose(batch_norm(got - u).flatten(), torch.full((2,), expected), rtol=1e-5)

@@ -491,3 +491,23 @@ def test_pcg_bad_input_is_a_clear_error(kwargs, match):
         gs.sample_pcg(lambda x, s: x, lambda x, s: x, torch.zeros(1), torch.tensor([2.0, 1.0, 0.0]),
                       half_log_snr=gs.ve_half_log_snr, langevin_noise=torch.randn_like, **args)
     assert "PCG" in str(info.value)
+
+
+@pytest.mark.parametrize("parameterization", ["ve", "flow"])
+def test_pcg_noise_scale_scales_only_the_langevin_noise(mixture, parameterization):
+    """A model's noise scale s multiplies the corrector's noise (x = α·x0 + σ·s·n), as ComfyUI's SDE samplers
+    multiply s_noise by it; the predictor and the drift are unchanged."""
+    sigmas = sigmas_for(parameterization)
+    x0 = start(parameterization, sigmas)
+    cond, guided = pcg_denoisers(mixture, parameterization, 3.0)
+    scaled = run_pcg(cond, guided, x0, sigmas, parameterization, corrector_steps=2, noise_scale=2.5)
+
+    class Doubled(SeededNoise):
+        def __call__(self, *args):
+            return 2.5 * super().__call__(*args)
+
+    reference = gs.sample_pcg(cond, guided, x0, sigmas, half_log_snr=HALF_LOG_SNR[parameterization],
+                              langevin_noise=Doubled(x0.shape, seed=4), corrector_steps=2, step_scale=0.5)
+    assert torch.allclose(scaled, reference, atol=1e-10)
+    unscaled = run_pcg(cond, guided, x0, sigmas, parameterization, corrector_steps=2)
+    assert not torch.allclose(scaled, unscaled, atol=1e-3)
