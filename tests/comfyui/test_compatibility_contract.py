@@ -488,6 +488,69 @@ def _():
     assert "c_crossattn" in conds
 
 
+# ------------------------------------------------------------------------------------------------
+# TSG's time-embedding modules, NAG's pooled modulation, ICG's pooled inputs (nodes/time_embedding.py,
+# nodes/nag_modulation.py, nodes/independent_condition.py)
+# ------------------------------------------------------------------------------------------------
+
+def _time_embedding_case(family: str):
+    def check():
+        from guidance_kit.nodes import time_embedding
+
+        net = tiny_model(family).model.diffusion_model
+        site = time_embedding.SITES.get(families.qualified_name(type(net)))
+        assert site is not None, f"no time-embedding site for {families.qualified_name(type(net))}"
+        module = time_embedding._module_at(net, site.path)
+        assert isinstance(module, torch.nn.Module), site.path
+        seen = []
+        handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            ksample(tiny_model(family), family, 4.0, 1)
+        finally:
+            handle.remove()
+        assert seen, f"{site.path} is not called in a forward of {family}"
+        out = seen[0][0] if site.tuple_output else seen[0]
+        assert torch.is_tensor(out) and out.ndim >= 2, f"{site.path} returns {type(out)}"
+    return check
+
+
+for _family in ALL_FAMILIES:
+    if _family != "chroma":  # no time embedding of its own: TSG refuses paper mode there (test_tsg_icg.py)
+        internal(f"TSG time-embedding module called in a forward: {_family}")(_time_embedding_case(_family))
+
+
+@internal("NAG pooled modulation: Flux/HunyuanVideo vector_in, txt_mod, modulation; SD3 y_embedder, context_block")
+def _():
+    from guidance_kit.nodes import nag_modulation
+
+    for family, name in (("flux", "Flux"), ("hunyuan_video", "HunyuanVideo")):
+        net = tiny_model(family).model.diffusion_model
+        site = nag_modulation.SITES[name]
+        assert isinstance(getattr(net, site.embedder), torch.nn.Module)
+        assert isinstance(getattr(net.params, site.width), int)
+        assert all(hasattr(b, "txt_mod") for b in net.double_blocks)
+        assert all(hasattr(b, "modulation") for b in net.single_blocks)
+    net = tiny_model("sd3").model.diffusion_model
+    assert isinstance(getattr(net, nag_modulation.SITES["SD3/SD3.5"].embedder), torch.nn.Module)
+    for block in net.joint_blocks:
+        positional(type(block.context_block).pre_attention, "x", "c")
+        assert callable(block.context_block.post_attention)
+
+
+@internal("ICG pooled inputs: SDXL-style 'y' (ADM) and 'pooled_output' conditioning reach the model as 'y'")
+def _():
+    seen = {}
+
+    def spy(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        seen.setdefault("keys", set()).update(kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    model = tiny_model("flux")
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "contract", spy)
+    ksample(model, "flux", 4.0, 1)
+    assert "y" in seen["keys"], sorted(seen["keys"])
+
+
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
 def test_internal(name):
     CONTRACT[name]()
