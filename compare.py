@@ -10,6 +10,7 @@ this pack sits in, or ~/ComfyUI):
     python compare.py --checkpoint sd_v1-5.safetensors --prompt "a red fox in snow" --rows cfg apg fdg
     python compare.py --server http://127.0.0.1:8188 --workflow workflows/api/apg_sdxl.api.json \\
         --row-set "label=CFG 10.eta=1 10.momentum=0" --row-set "label=APG" --scales 4 8 12
+    python compare.py --servers http://gpu1:8188,http://gpu2:8188         # the digits grid, drawn by 2 servers
     python compare.py metrics                             # every method × scales × 3 seeds, mean ± spread
     python compare.py methods                             # the row syntax and every method's inputs
 
@@ -18,7 +19,8 @@ Rows are method stacks applied through the pack's own nodes: ``apg``, ``apg:eta=
 ``cfg=`` sets a row's own sampler cfg (``pag:scale={scale},cfg=1``); the sampler methods (``cfgpp_2m``,
 ``cfgpp_3m``, ``pcg``) replace the row's sampler, with the column's cfg mapped to their λ / γ.
 Columns are the sampler's cfg (``--scales``) or seeds (``--seeds``). Server mode rows and columns are
-lists of workflow overrides (``NODE.INPUT=VALUE``, as workflows/queue_workflow.py).
+lists of workflow overrides (``NODE.INPUT=VALUE``, as workflows/queue_workflow.py). Several ``--server``
+share the cells through one work queue (comparison/fanout.py).
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
 PACKAGE = "guidance_kit"
 COMMANDS = ("compare", "metrics", "methods")
 DEFAULT_ROWS = ("cfg", "cfg_schedule", "apg", "cfg_zero_star", "fdg", "pag", "seg", "tsg")
 DEFAULT_SCALES = (1.0, 3.0, 5.0, 8.0)
 EXIT_USAGE, EXIT_UNREACHABLE = 2, 3
+EXIT_CELLS_FAILED, EXIT_CANCELLED = 1, 130  # several servers: some cells failed everywhere / Ctrl-C (grid written)
 ROW_SYNTAX = """Row syntax: a method, or a stack joined with '+', each with optional INPUT=VALUE settings:
     apg    apg:eta=1,momentum=0    tcfg+apg+pag:scale=2    fdg:scales={scale}, {scale/2}
 {scale} is the column's cfg (arithmetic, min() and max() allowed). Inputs not set keep the node's default
@@ -46,17 +49,23 @@ scale (CFG++: lambda = cfg/12.5; PCG: gamma = 2*cfg - 1), and 'compare.py metric
 """
 
 
+def _comfy_setup():
+    """``digits/comfy_setup.py``, the pack's one module for finding ComfyUI and importing this folder as the
+    package ``guidance_kit``, loaded by path (it imports nothing of the pack) under its name in the package."""
+    name = f"{PACKAGE}.digits.comfy_setup"
+    if name not in sys.modules:
+        # this file's own path, unresolved: a pack reached through a symlink in ComfyUI/custom_nodes finds that ComfyUI
+        spec = importlib.util.spec_from_file_location(name, Path(os.path.abspath(__file__)).parent / "digits" /
+                                                      "comfy_setup.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def import_pack():
     """This folder as the package ``guidance_kit`` (its name may have hyphens), without shadowing ComfyUI."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
     # the script's own folder on sys.path would make our nodes/ hide ComfyUI's nodes.py
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+    return _comfy_setup().import_pack(hide_folder=True)
 
 
 def parse_digits(text: str) -> tuple[int, ...]:
@@ -98,6 +107,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="show the pack's warnings (e.g. 'cfg 1: APG has no effect') and ComfyUI's log")
 
 
+def _server_options(group) -> None:
+    group.add_argument("--server", action="append", default=[], metavar="URL",
+                       help="ComfyUI address, e.g. http://127.0.0.1:8188; repeat it for several servers (each cell "
+                            "goes to a server whose queue is empty)")
+    group.add_argument("--servers", action="append", default=[], metavar="URL,URL",
+                       help="several servers at once, comma-separated (adds to --server)")
+    group.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds one cell may take on a server before that server is given up (default 600)")
+
+
+def _server_urls(args) -> list[str]:
+    """--server and --servers, in order, each once."""
+    urls = list(getattr(args, "server", None) or [])
+    for text in getattr(args, "servers", None) or []:
+        urls += [part.strip() for part in text.split(",") if part.strip()]
+    return list(dict.fromkeys(urls))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python compare.py", description=__doc__.split("\n\n")[0],
                                      epilog="Run 'python compare.py COMMAND --help' for a command's options. "
@@ -122,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--width", type=int, default=512)
     user.add_argument("--height", type=int, default=512)
     user.add_argument("--batch", type=int, default=1, help="images per cell (with --checkpoint)")
-    server = grid.add_argument_group("(c) a running ComfyUI server")
-    server.add_argument("--server", help="ComfyUI address, e.g. http://127.0.0.1:8188")
+    server = grid.add_argument_group("(c) running ComfyUI servers",
+                                     "--workflow: your workflow with --set/--row-set/--column-set overrides; without "
+                                     "it the --rows on the embedded digits model, drawn by the servers")
+    _server_options(server)
     server.add_argument("--workflow", help="API-format workflow (Workflow → Export (API))")
     server.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="override for every cell; repeatable")
@@ -131,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one row's overrides; repeatable (one row per use)")
     server.add_argument("--column-set", action="append", default=[], metavar="'[label=NAME] NODE.INPUT=VALUE ...'",
                         help="one column's overrides; repeatable (replaces the scale/seed columns)")
-    server.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one cell (default 600)")
 
     report = commands.add_parser("metrics", help="metrics of every method at several scales and seeds (embedded "
                                                  "model), with equal-strength and exact-mixture tables")
@@ -141,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-equal-strength", action="store_true", help="skip the equal-strength table")
     report.add_argument("--out", default=None, help="also write the report to this text file")
     _common(report)
+    _server_options(report.add_argument_group("running ComfyUI servers (the runs drawn there, measured here)"))
     report.set_defaults(scales=[1.0, 3.0, 5.0, 7.5], samples=10)
 
     commands.add_parser("methods", help="list the methods, their inputs and the row syntax")
@@ -178,8 +207,8 @@ def _columns(args, mode: str) -> list[tuple[str, float | None, int | None, list[
     if mode != "server":
         scales, seeds = scales or list(DEFAULT_SCALES), seeds or [0]
         if args.column_set or args.row_set or args.sets:
-            raise UsageError("--set, --row-set and --column-set are for the server mode (--server, --workflow); "
-                             "in this process, rows are --rows method stacks")
+            raise UsageError("--set, --row-set and --column-set are for the server mode (--server with --workflow); "
+                             "elsewhere, rows are --rows method stacks")
     if args.column_set:
         from guidance_kit.comparison.server import OverrideSet
 
@@ -207,12 +236,13 @@ def command_compare(args) -> int:
     from guidance_kit.comparison.grid import render_grid
     from guidance_kit.comparison.report import format_table, progress_bar
 
-    if args.server or args.workflow:
-        mode = "server"
-        if not (args.server and args.workflow):
+    servers = _server_urls(args)
+    if servers or args.workflow:
+        if args.workflow and not servers:
             raise UsageError("the server mode needs both --server URL and --workflow FILE (API format)")
         if args.checkpoint:
-            raise UsageError("choose one: --checkpoint (in this process) or --server (a running ComfyUI)")
+            raise UsageError("choose one: --checkpoint (in this process) or --server (running ComfyUI servers)")
+        mode = "server" if args.workflow else "remote"  # remote: the --rows on the digits model, drawn by servers
     elif args.checkpoint or args.prompt:
         mode = "checkpoint"
         if not (args.checkpoint and args.prompt):
@@ -224,22 +254,37 @@ def command_compare(args) -> int:
     columns = _columns(args, mode)
 
     if mode == "server":
-        from guidance_kit.comparison.server import OverrideSet, ServerRunner
+        from guidance_kit.comparison.server import OverrideSet, WorkflowCells
 
         row_sets = [OverrideSet.parse(text) for text in args.row_set] or [OverrideSet("as saved", ())]
-        runner = ServerRunner(args.server, args.workflow, args.sets, args.timeout)
+        source = WorkflowCells(args.workflow, args.sets)
         row_labels = [r.label for r in row_sets]
 
-        def run(i, column):
-            _, scale, seed, overrides = column
-            return runner.run(list(row_sets[i].assignments) + overrides, scale, seed)
-        description = f"{Path(args.workflow).name} on {args.server}"
+        def job(i, column):
+            label, scale, seed, overrides = column
+            return source.job(f"{row_labels[i]} × {label}", list(row_sets[i].assignments) + overrides, scale, seed)
+        finish = source.cell
+        # the picture names no server: the same grid drawn on other servers is the same picture
+        description = f"{Path(args.workflow).name} on ComfyUI"
     else:
         from guidance_kit.comparison.methods import parse_row
 
         rows = [parse_row(text) for text in args.rows]
         comfyui = _setup_comfyui(args)
-        if mode == "embedded":
+        if mode == "remote":
+            from guidance_kit.comparison.fanout import FanOut
+            from guidance_kit.comparison.remote_digits import RemoteDigitsRunner
+
+            fanout = FanOut(servers, args.timeout, progress=not args.no_progress)
+            runner = RemoteDigitsRunner(fanout, args.steps, args.sampler, args.scheduler, args.samples, args.digits,
+                                        args.upscale)
+
+            def job(i, column):
+                return runner.job(rows[i], column[1], column[2], f"{rows[i].label} × {column[0]}")
+            finish = runner.cell_run
+            description = (f"embedded digits model on ComfyUI (one sampler node per digit) · {args.steps} steps "
+                           f"{args.sampler}/{args.scheduler} · numbers from {args.samples} samples per digit")
+        elif mode == "embedded":
             from guidance_kit.comparison.runs import EmbeddedRunner
 
             runner = EmbeddedRunner(args.steps, args.sampler, args.scheduler, args.samples, args.digits, args.upscale)
@@ -256,13 +301,41 @@ def command_compare(args) -> int:
         def run(i, column):
             return runner.run(rows[i], column[1], column[2])
 
-    bar = progress_bar(len(row_labels) * len(columns), "compare", not args.no_progress)
     start = time.perf_counter()
+    outcome, bar = None, None
+    if mode in ("server", "remote"):  # every cell a prompt, over the servers' work queue (comparison/fanout.py)
+        from guidance_kit.comparison.fanout import FanOut, failure_text, missing_cell
+        from guidance_kit.workflows.queue_workflow import QueueError
+
+        if mode == "server":
+            fanout = FanOut(servers, args.timeout, progress=not args.no_progress)
+        outcome = fanout.run([job(i, column) for i in range(len(row_labels)) for column in columns])
+        drawn = {k: finish(value, seconds) for k, (value, seconds, _) in outcome.results.items()}
+        failures = [failure_text(f"{row_labels[k // len(columns)]} × {columns[k % len(columns)][0]}", errors)
+                    for k, errors in sorted(outcome.failures.items())]
+        if not drawn:
+            if outcome.cancelled:
+                print("compare: cancelled before any cell was done: no grid written", file=sys.stderr)
+                return EXIT_CANCELLED
+            raise QueueError(f"compare: every cell failed; the first: {failures[0]}")
+        for text in failures:
+            print(f"error: {text}", file=sys.stderr)
+        size = next(iter(drawn.values())).cell.image.size
+    else:
+        bar = progress_bar(len(row_labels) * len(columns), "compare", not args.no_progress)
     cells, table = [], []
     for i, row_label in enumerate(row_labels):
         line = []
-        for column in columns:
-            result = run(i, column)
+        for j, column in enumerate(columns):
+            if outcome is None:
+                result = run(i, column)
+            else:
+                result = drawn.get(i * len(columns) + j)
+                if result is None:  # the grid keeps its layout: a stand-in for a failed or cancelled cell
+                    status = "failed" if i * len(columns) + j in outcome.failures else "not run"
+                    line.append(missing_cell(size, status))
+                    table.append([row_label, column[0]] + ["—"] * len(_metric_keys(mode)) + [status])
+                    continue
             line.append(result.cell)
             table.append([row_label, column[0]] + [_number(result.metrics.get(key)) for key, _ in _metric_keys(mode)]
                          + [f"{result.seconds:.2f}"])
@@ -280,18 +353,23 @@ def command_compare(args) -> int:
     picture.save(out)
     print(format_table(["row", "column"] + [title for _, title in _metric_keys(mode)] + ["seconds"], table))
     print(f"\nsaved {out} ({len(row_labels)}×{len(columns)} cells in {seconds:.1f} s)")
+    if outcome is not None:
+        print(f"\nServers:\n{fanout.report()}")
+        if outcome.cancelled:
+            return EXIT_CANCELLED
+        return EXIT_CELLS_FAILED if outcome.failures else 0
     return 0
 
 
 def _metric_keys(mode: str) -> list[tuple[str, str]]:
-    if mode == "embedded":
+    if mode in ("embedded", "remote"):
         return [("adherence", "adherence"), ("margin", "margin"), ("frechet", "Fréchet"),
                 ("diversity", "diversity"), ("clipped_percent", "clipped %"), ("mean_abs", "mean |x|")]
     return [("saturated_percent", "saturated %"), ("brightness", "brightness"), ("contrast", "contrast")]
 
 
 def _legend(mode: str) -> list[tuple[str, str]]:
-    if mode == "embedded":
+    if mode in ("embedded", "remote"):
         return [("acc", "classifier adherence to the digit"), ("FD", "Fréchet distance to held-out digits"),
                 ("div", "mean distance within a digit"), ("clip%", "pixels beyond [-1, 1] by > half a grey level")]
     return [("sat%", "channels at 0 or 255"), ("std", "contrast"), ("mean", "brightness")]
@@ -309,15 +387,26 @@ def command_metrics(args) -> int:
     _setup_comfyui(args)
     if args.samples < 2:
         raise UsageError("metrics needs --samples 2 or more (diversity and Fréchet distance compare samples)")
-    runner = EmbeddedRunner(args.steps, args.sampler, args.scheduler, args.samples, args.digits)
+    servers = _server_urls(args)
+    if servers:
+        from guidance_kit.comparison.fanout import FanOut
+        from guidance_kit.comparison.remote_digits import RemoteDigitsRunner
+
+        fanout = FanOut(servers, args.timeout, progress=not args.no_progress, description="metrics")
+        runner = RemoteDigitsRunner(fanout, args.steps, args.sampler, args.scheduler, args.samples, args.digits)
+    else:
+        runner = EmbeddedRunner(args.steps, args.sampler, args.scheduler, args.samples, args.digits)
     report = metrics_report(runner, args.methods or ALL_METHODS, args.scales, args.seeds,
                             mixture=not args.no_mixture, equal_strength=not args.no_equal_strength,
                             progress=not args.no_progress)
-    print(report.text)
+    text = report.text + (f"\n\nServers:\n{fanout.report()}" if servers else "")
+    print(text)
     if args.out:
-        Path(args.out).write_text(report.text + "\n", encoding="utf-8")
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
         print(f"\nwrote {args.out}")
-    return 0
+    if servers and runner.cancelled:
+        return EXIT_CANCELLED
+    return 1 if servers and runner.failed else 0
 
 
 def command_methods(args) -> int:
@@ -392,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a node refused its inputs (the message names the node)
         print(f"error: compare: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outside a grid's queue (which cancels its cells and writes what is done)
+        print("compare: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ torch.set_num_threads(1)
 
 # isort: off
 import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit)
-from guidance_kit.guiders.plan import AdaptiveGuidance, GuidancePlan  # noqa: E402
+from guidance_kit.guiders.methods.adaptive_guidance import AdaptiveGuidance  # noqa: E402
+from guidance_kit.guiders.plan import GuidancePlan  # noqa: E402
 from tests.core.gmm import GaussianMixture, flow_sigmas, karras_sigmas  # noqa: E402
 from tests.core.helpers import sample_plan  # noqa: E402
 # isort: on
@@ -97,7 +98,7 @@ def run_gmm(steps: int, n: int, seeds: int) -> None:
                                           parameterization=kind)[0]) for s in range(seeds)]
         plain_passes = 2 * steps
         for name, settings in CASES.items():
-            plan = GuidancePlan(adaptive=settings)
+            plan = GuidancePlan.of(settings)
             fd_cfg, fd_true, acc, times, passes, errors = [], [], [], [], [], []
             for s in range(seeds):
                 start = time.perf_counter()

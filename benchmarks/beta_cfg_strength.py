@@ -125,7 +125,8 @@ def run_digits(steps: int, scales: list[float], seeds: int, extra_rms_scales: li
     from guidance_kit.digits.metrics import DigitsEvaluator
     from guidance_kit.digits.mixture import DiagonalGaussianMixture, sample_with_plan, summarize
     from guidance_kit.digits.model import cached_digits_model
-    from guidance_kit.guiders.plan import BetaCFG, GuidancePlan
+    from guidance_kit.guiders.methods.beta_cfg import BetaCFG
+    from guidance_kit.guiders.plan import GuidancePlan
 
     digits = cached_digits_model()
     evaluator = DigitsEvaluator(held_out_digits())
@@ -160,7 +161,7 @@ def run_digits(steps: int, scales: list[float], seeds: int, extra_rms_scales: li
     print("| cfg | method | W2² to p(x0|c) | Bayes adherence | spread |")
     print("|---|---|---|---|---|")
     for name, normalization, scale in cases:
-        plan = GuidancePlan() if normalization is None else GuidancePlan(beta_cfg=BetaCFG(normalization=normalization))
+        plan = GuidancePlan() if normalization is None else GuidancePlan.of(BetaCFG(normalization=normalization))
         samples = sample_with_plan(plan, mixture, mixture_labels, scale, sigmas, 0, sampling_.percent_to_sigma)
         result = summarize(mixture, samples, mixture_labels)
         spread = float(torch.stack([samples[mixture_labels == c].flatten(1).std(0).mean()

@@ -27,7 +27,9 @@ torch.set_num_threads(1)
 # isort: off
 import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit, finds ComfyUI)
 from tests.comfyui.harness import counted, ksample, out, rel_diff, tiny_model  # noqa: E402
-from guidance_kit.nodes import hooks, perturbation as P  # noqa: E402
+from guidance_kit.nodes import perturbation as P  # noqa: E402
+from guidance_kit.nodes.runtime.blocks import block_layout  # noqa: E402
+from guidance_kit.nodes.runtime.families import family_of  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance  # noqa: E402
 from comfy_extras.nodes_slg import SkipLayerGuidanceDiT  # noqa: E402
 # isort: on
@@ -38,8 +40,8 @@ WHOLE_RUN = dict(schedule="constant", start_percent=0.0, end_percent=1.0)
 
 def core_slg_layers(model) -> tuple[str, str]:
     """The same blocks as our skip-layer 'auto' selection, in core's double/single syntax."""
-    spec = hooks.family_of(model, "bench")
-    layout = hooks.block_layout(model, spec)
+    spec = family_of(model, "bench")
+    layout = block_layout(model, spec)
     blocks = P._blocks("bench", "SLG", "auto", spec, layout)
     double = ", ".join(str(i) for g, i in blocks if g == "double")
     single = ", ".join(str(i) for g, i in blocks if g == "single")

@@ -34,8 +34,9 @@ import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit
 from tests.comfyui import harness  # noqa: E402
 from tests.comfyui import test_tsg_icg as tsg_icg  # noqa: E402  (adds the tiny SDXL to the harness)
 from tests.comfyui.harness import ksample, out, rel_diff, tiny_model  # noqa: E402
-from guidance_kit.guiders.plan import Branch, IndependentCondition  # noqa: E402
-from guidance_kit.nodes import independent_condition as IC  # noqa: E402
+from guidance_kit.guiders.methods.icg import IndependentCondition  # noqa: E402
+from guidance_kit.guiders.plan import Branch  # noqa: E402
+from guidance_kit.nodes.contributors import condition as IC  # noqa: E402
 from guidance_kit.nodes import nag as N  # noqa: E402
 from guidance_kit.nodes.common import add_method  # noqa: E402
 # isort: on
@@ -45,7 +46,7 @@ CFG = 4.0
 
 def icg_model(base, pooled: bool, seed: int):
     condition = IC.RandomCondition("ICG", seed, pooled=pooled)
-    model = add_method(base, "icg", IndependentCondition(Branch("ICG", "cond", perturbation=condition)), "ICG")
+    model = add_method(base, IndependentCondition(Branch("ICG", "cond", perturbation=condition)))
     IC.install(model)
     return model
 

@@ -31,7 +31,7 @@ from tests.comfyui.harness import CallCounter, counted, ksample, out, rel_diff, 
 import comfy.patcher_extension  # noqa: E402
 from tests.comfyui.test_second_model import SMALLER, separate_model, with_lora, write_lora  # noqa: E402
 from guidance_kit.nodes import model_guidance as MG  # noqa: E402
-from guidance_kit.nodes import hooks  # noqa: E402
+from guidance_kit.nodes.contributors import row_delta  # noqa: E402
 # isort: on
 
 CFG = 4.0
@@ -48,7 +48,7 @@ def weight_bytes(*patchers) -> int:
             if ptr not in seen:
                 seen.add(ptr)
                 total += t.untyped_storage().nbytes()
-        total += hooks.delta_bytes(p)
+        total += row_delta.delta_bytes(p)
     return total
 
 

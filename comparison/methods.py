@@ -11,6 +11,11 @@ Every call also takes ``cfg=VALUE``: the sampler's cfg for the row instead of th
 row; their guidance scale lives on another axis (CFG++'s λ ∈ [0, 1], PCG's γ), so their compare
 default maps the column's CFG scale onto it (see ``Method.cfg``); the equal-strength table of
 ``compare.py metrics`` is the fair comparison.
+
+The method list comes from the nodes: a node class declares its row with a literal ``COMPARE`` dict
+(``key``; optional ``label`` (default: the class's ``LABEL``), ``overrides``, ``exact``, ``sampler``,
+``cfg``, ``aliases``, ``report`` (its rows in ``compare.py metrics``, default the key) or
+``not_in_report`` (why none)). It is read from the node modules' source, so row parsing needs no ComfyUI.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import ast
 import importlib
 import operator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..workflows.queue_workflow import QueueError, convert
 
@@ -38,56 +44,88 @@ class Method:
     cfg: str | None = None  # the sampler cfg for a column scale, e.g. '{min(1, scale / 12.5)}'; None = the scale
 
 
-METHODS: dict[str, Method] = {m.key: m for m in (
-    Method("cfg", "CFG", None, exact=True),
-    Method("cfg_schedule", "CFG Schedule", "cfg_methods:CFGSchedule", exact=True),
-    Method("beta_cfg", "β-CFG", "cfg_methods:BetaCFGNode", exact=True),
-    Method("apg", "APG", "cfg_methods:APGNode", exact=True),
-    Method("tcfg", "TCFG", "cfg_methods:TCFGNode", exact=True),
-    Method("cfg_zero_star", "CFG-Zero*", "cfg_methods:CFGZeroStarNode", exact=True),
-    Method("fdg", "FDG", "cfg_methods:FDGNode", {"scales": "{scale}, {1 + (scale - 1) / 2}"}, exact=True),
-    Method("rescale", "Rescale", "cfg_methods:RescaleNode", exact=True),
-    Method("pag", "PAG", "perturbation:PAGNode"),
-    Method("seg", "SEG", "perturbation:SEGNode"),
-    Method("tpg", "TPG", "perturbation:TPGNode"),
-    Method("skip_layer", "Skip-Layer", "perturbation:SkipLayerNode"),
-    Method("s2_guidance", "S²-Guidance", "perturbation:S2GuidanceNode"),
-    Method("tsg", "TSG", "perturbation:TSGNode"),
-    Method("icg", "ICG", "perturbation:ICGNode"),
-    Method("adaptive", "Adaptive Guidance", "adaptive:AdaptiveGuidanceNode", exact=True),
-    Method("nag", "NAG", "nag:NAGNode"),
-    # the weak model is the runner's: on the embedded model, the same UNet trained 1/12 as long
-    Method("autoguidance", "Autoguidance", "model_guidance:AutoguidanceNode"),
-    # on the digits model write scfg:downsample=2 (its attention is at 8×8 and 4×4 only)
-    Method("scfg", "S-CFG", "scfg:SCFGNode"),
-    # CFG++: λ = ω / 12.5 (the paper's correspondence λ 0.4 / 0.6 / 1.0 ~ CFG ω 5 / 7.5 / 12.5)
-    Method("cfgpp_2m", "DPM++ 2M SDE CFG++ (λ=cfg/12.5)", "samplers:SamplerDPMPP2MSDECFGPP", sampler=True,
-           cfg="{min(1, scale / 12.5)}"),
-    Method("cfgpp_3m", "DPM++ 3M SDE CFG++ (λ=cfg/12.5)", "samplers:SamplerDPMPP3MSDECFGPP", sampler=True,
-           cfg="{min(1, scale / 12.5)}"),
-    # PCG: γ = 2w − 1 with K = 1, step_scale 0.5 is DDPM with CFG scale w (the paper's equivalence)
-    Method("pcg", "PCG (γ=2·cfg−1)", "samplers:SamplerPCG", sampler=True, cfg="{2 * scale - 1}"),
-)}
-ALIASES = {"slg": "skip_layer", "skiplayer": "skip_layer", "s2": "s2_guidance", "cfgzero": "cfg_zero_star",
-           "cfg_zero": "cfg_zero_star", "cfg-zero*": "cfg_zero_star", "beta": "beta_cfg", "schedule": "cfg_schedule",
-           "ag": "adaptive", "linear_ag": "adaptive:linear_ag=true",
-           "ag_switch": "adaptive:threshold=0.99,linear_ag=false", "cfgpp": "cfgpp_2m", "cfg++": "cfgpp_2m",
-           "dpmpp_2m_sde_cfg_pp": "cfgpp_2m", "dpmpp_3m_sde_cfg_pp": "cfgpp_3m", "s-cfg": "scfg",
-           "s_cfg": "scfg", "ag_weak": "autoguidance", "autoguide": "autoguidance"}
-# The rows of `compare.py metrics`: every method of the pack at its compare defaults.
-# β-CFG's cfg is the length of its guidance, not a CFG scale: on the embedded model (class guidance per pixel ~10×
-# SDXL's) its default (per-element RMS) is near unconditional at CFG's values and needs ~16× them for the same
-# strength (β-CFG 48 ≈ CFG 3, benchmarks/beta_cfg_strength.py): both rows. Adaptive Guidance's default is LinearAG
-# alone; the second row is the paper's switch.
-ALL_METHODS = ("cfg", "cfg_schedule", "beta_cfg", "beta_cfg:cfg={16 * scale}", "apg", "tcfg", "cfg_zero_star", "fdg",
-               "rescale", "pag", "seg", "tpg", "skip_layer", "s2_guidance", "tsg", "icg", "adaptive",
-               "adaptive:threshold=0.99,linear_ag=false", "nag",
-               "autoguidance", "cfgpp_2m", "cfgpp_3m", "pcg")
+PLAIN_CFG = Method("cfg", "CFG", None, exact=True)
+NODES_DIR = Path(__file__).resolve().parent.parent / "nodes"
+# the order of the method list (``compare.py methods``, the metrics report); other node modules follow by name
+NODE_MODULE_ORDER = ("cfg_methods", "perturbation", "adaptive", "nag", "model_guidance", "scfg", "samplers")
+COMPARE_KEYS = {"key", "label", "overrides", "exact", "sampler", "cfg", "aliases", "report", "not_in_report"}
+
+
+@dataclass(frozen=True)
+class CompareDeclaration:
+    """A node class's ``COMPARE`` attribute, read from the node's source (this module runs without ComfyUI)."""
+
+    method: Method
+    aliases: dict[str, str]  # alias → row text, e.g. "linear_ag" → "adaptive:linear_ag=true"
+    report: tuple[str, ...]  # the node's rows in ``compare.py metrics``
+    not_in_report: str | None  # why it has none there
+
+
+def _literal(node: ast.AST, where: str):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError):
+        raise MethodSpecError(f"compare: {where} must be a literal (it is read without importing ComfyUI)") from None
+
+
+def _class_declaration(module: str, cls: ast.ClassDef) -> CompareDeclaration | None:
+    values = {}
+    for statement in cls.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and \
+                isinstance(statement.targets[0], ast.Name) and statement.targets[0].id in ("COMPARE", "LABEL"):
+            values[statement.targets[0].id] = statement.value
+    if "COMPARE" not in values:
+        return None
+    where = f"nodes/{module}.py {cls.name}.COMPARE"
+    spec = _literal(values["COMPARE"], where)
+    if not isinstance(spec, dict) or "key" not in spec or set(spec) - COMPARE_KEYS:
+        raise MethodSpecError(f"compare: {where} must be a dict with 'key' and only {sorted(COMPARE_KEYS)}")
+    label = spec.get("label")
+    if label is None and isinstance(values.get("LABEL"), ast.Constant):
+        label = values["LABEL"].value
+    if not label:
+        raise MethodSpecError(f"compare: {where} needs a 'label' (the class has no literal LABEL)")
+    key = spec["key"]
+    method = Method(key, label, f"{module}:{cls.name}", dict(spec.get("overrides", {})), bool(spec.get("exact")),
+                    bool(spec.get("sampler")), spec.get("cfg"))
+    not_in_report = spec.get("not_in_report")
+    report = () if not_in_report else tuple(spec.get("report", (key,)))
+    return CompareDeclaration(method, dict(spec.get("aliases", {})), report, not_in_report)
+
+
+def _module_rank(path: Path) -> tuple[int, str]:
+    name = path.stem
+    return (NODE_MODULE_ORDER.index(name) if name in NODE_MODULE_ORDER else len(NODE_MODULE_ORDER), name)
+
+
+def node_declarations() -> list[CompareDeclaration]:
+    """Every node class of the pack that declares ``COMPARE``, in the method list's order."""
+    found = []
+    for path in sorted(NODES_DIR.glob("*.py"), key=_module_rank):
+        text = path.read_text(encoding="utf-8")
+        if "COMPARE" not in text:
+            continue
+        for statement in ast.parse(text, filename=str(path)).body:
+            if isinstance(statement, ast.ClassDef):
+                declaration = _class_declaration(path.stem, statement)
+                if declaration is None:
+                    continue
+                key = declaration.method.key
+                taken = next((d.method.node for d in found if d.method.key == key), None)
+                if taken is not None or key == PLAIN_CFG.key:
+                    raise MethodSpecError(f"compare: {declaration.method.node} declares the key {key!r} of "
+                                          f"{taken or 'plain CFG'}")
+                found.append(declaration)
+    return found
+
+
+_DECLARATIONS = node_declarations()
+METHODS: dict[str, Method] = {m.key: m for m in (PLAIN_CFG, *(d.method for d in _DECLARATIONS))}
+ALIASES = {alias: target for d in _DECLARATIONS for alias, target in d.aliases.items()}
+# The rows of `compare.py metrics`: every method of the pack at its compare defaults (a node's ``report`` rows).
+ALL_METHODS = (PLAIN_CFG.key, *(row for d in _DECLARATIONS for row in d.report))
 # Rows that `compare.py metrics` leaves out, and why (every other method is in ALL_METHODS; a test checks both).
-NOT_IN_REPORT = {
-    "scfg": "equals CFG on the digits model: its one-token class context makes the whole image one semantic "
-            "region (r = 1 everywhere); a row for checkpoints with real prompts",
-}
+NOT_IN_REPORT = {d.method.key: d.not_in_report for d in _DECLARATIONS if d.not_in_report}
 CFG_SETTING = "cfg"  # the row's own sampler cfg, accepted by every call
 
 
@@ -363,6 +401,6 @@ def row_sampler(row: Row, scale: float):
 
 def plan_of_row(model, row: Row, scale: float):
     """The guidance plan the row's nodes put on ``model`` (for the exact mixture benchmark)."""
-    from ..nodes.engine import plan_of
+    from ..nodes.runtime.engine import plan_of
 
     return plan_of(apply_row(model, row, scale))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .methods import ALL_METHODS, Row, parse_row
-from .runs import EmbeddedRunner, mean_and_spread
+from .runs import CellFailed, EmbeddedRunner, mean_and_spread
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align_left: int = 1) -> str:
@@ -64,6 +64,7 @@ class Measurements:
 
     values: dict[tuple[str, float], dict[str, list[float]]] = field(default_factory=dict)
     seconds: dict[tuple[str, float], list[float]] = field(default_factory=dict)
+    failed: dict[tuple[str, float, int], str] = field(default_factory=dict)  # cells no server could draw
 
     def add(self, label: str, scale: float, metrics: dict[str, float], seconds: float) -> None:
         bucket = self.values.setdefault((label, scale), {})
@@ -82,9 +83,14 @@ def measure(runner: EmbeddedRunner, rows: Sequence[Row], scales: Sequence[float]
         for scale in scales:
             for seed in seeds:
                 start = time.perf_counter()
-                samples = runner.samples(row, scale, seed)
-                seconds = time.perf_counter() - start
-                results.add(row.label, scale, runner.measure(samples), seconds)
+                try:
+                    samples = runner.samples(row, scale, seed)
+                except CellFailed as e:  # drawn on servers: a cell that failed on every one
+                    results.failed[(row.label, scale, seed)] = str(e)
+                else:
+                    # a runner that drew the samples elsewhere (ComfyUI servers) says how long that took
+                    seconds = getattr(runner, "last_seconds", None) or time.perf_counter() - start
+                    results.add(row.label, scale, runner.measure(samples), seconds)
                 if bar is not None:
                     bar.update(1)
     return results
@@ -95,7 +101,10 @@ def method_table(results: Measurements, rows: Sequence[Row], scales: Sequence[fl
     lines = []
     for row in rows:
         for scale in scales:
-            values = results.values[(row.label, scale)]
+            values = results.values.get((row.label, scale))
+            if values is None:
+                lines.append([row.label, f"{scale:g}", "failed (see below)"] + [""] * len(METRIC_COLUMNS))
+                continue
             lines.append([row.label, f"{scale:g}"]
                          + [pm(values[key], fmt, factor) for key, _, fmt, factor in METRIC_COLUMNS]
                          + [f"{np.mean(results.seconds[(row.label, scale)]):.2f}"])
@@ -139,6 +148,8 @@ def equal_strength_table(results: Measurements, rows: Sequence[Row], scales: Seq
                          cfg_label: str = "CFG") -> str:
     """Each method beside CFG at the cfg of equal mean classifier margin."""
     curve_scales = sorted(s for (label, s) in results.values if label == cfg_label)
+    if not curve_scales:
+        return "(no CFG cell was drawn: no equal-strength table)"
     strength = np.array([results.mean(cfg_label, s, "margin") for s in curve_scales])
     monotone = np.maximum.accumulate(strength)  # guidance strength should not fall with cfg; ties resolved low
     compared = (("frechet", ".2f", 1.0), ("diversity", ".2f", 1.0), ("clipped", ".1f", 100.0),
@@ -150,6 +161,9 @@ def equal_strength_table(results: Measurements, rows: Sequence[Row], scales: Seq
         if row.label == cfg_label:
             continue
         for scale in scales:
+            if (row.label, scale) not in results.values:
+                lines.append([f"{row.label} @ {scale:g}", "failed"] + [""] * (len(compared) + 1))
+                continue
             target = results.mean(row.label, scale, "margin")
             if target > monotone[-1] + 1e-9:
                 lines.append([f"{row.label} @ {scale:g}", f"{target:.2f}", f"above CFG {curve_scales[-1]:g}"]
@@ -220,12 +234,17 @@ def metrics_report(runner: EmbeddedRunner, methods: Sequence[str] = ALL_METHODS,
     extra_cfg = sorted(set(CFG_CURVE_SCALES) - set(scales)) if equal_strength and cfg_row else []
     exact_rows = [r for r in rows if r.exact] if mixture else []
     total = len(rows) * len(scales) * len(seeds) + len(extra_cfg) * len(seeds) + len(exact_rows) * len(scales)
+    prefetch = getattr(runner, "prefetch", None)
+    if prefetch is not None:  # samples drawn on ComfyUI servers: every run queued at once, over all servers
+        prefetch([(row, scale, seed) for row in rows for scale in scales for seed in seeds]
+                 + [(cfg_row, scale, seed) for scale in extra_cfg for seed in seeds])
     bar = progress_bar(total, "metrics", progress)
     results = measure(runner, rows, scales, seeds, bar)
     if extra_cfg:
         measure(runner, [cfg_row], extra_cfg, seeds, bar, results)
     sections = [
-        f"Embedded digits model: {runner.samples_per_class} samples per digit × {len(runner.digits)} digits per run, "
+        f"Embedded digits model{getattr(runner, 'where', '')}: {runner.samples_per_class} samples per digit × "
+        f"{len(runner.digits)} digits per run, "
         f"{runner.steps} steps {runner.sampler}/{runner.scheduler}, seeds {', '.join(map(str, seeds))} "
         f"(mean ± standard deviation over seeds).",
         reference_table(runner, seeds),
@@ -243,6 +262,9 @@ def metrics_report(runner: EmbeddedRunner, methods: Sequence[str] = ALL_METHODS,
         sections.append(mixture_table(runner, exact_rows, scales, seeds, bar=bar))
     if bar is not None:
         bar.close()
+    if results.failed:
+        sections.append("Cells that no server could draw (left out of the tables above):\n"
+                        + "\n".join(results.failed.values()))
     seconds = time.perf_counter() - start
     sections.append(f"Report took {seconds:.0f} s.")
     return MetricsReport("\n\n".join(sections), seconds, results)

@@ -2,7 +2,7 @@
 
 Both sample through ComfyUI's own path (``comfy.sample.sample``, as the KSampler node) with the
 methods applied by the pack's node classes (``methods.apply_row``). The server mode is in
-``server.py``.
+``server.py``; the digits rows drawn on ComfyUI servers in ``remote_digits.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from .methods import Row, apply_row, row_sampler
 
 class CompareError(RuntimeError):
     """A problem the user can fix (missing checkpoint, bad option); the message says how."""
+
+
+class CellFailed(CompareError):
+    """A cell no server could draw (the message has each server's error); reports show it as failed."""
 
 
 @dataclass
@@ -104,11 +108,14 @@ class EmbeddedRunner:
         return values
 
     def run(self, row: Row, scale: float, seed: int) -> CellRun:
-        from ..digits.sampling import latents_to_images
-
         start = time.perf_counter()
         samples = self.samples(row, scale, seed)
-        seconds = time.perf_counter() - start
+        return self.cell_run(samples, time.perf_counter() - start)
+
+    def cell_run(self, samples: torch.Tensor, seconds: float) -> CellRun:
+        """The grid cell of ``samples`` (the first sample of each digit) with its metrics."""
+        from ..digits.sampling import latents_to_images
+
         metrics = self.measure(samples)
         shown = latents_to_images(samples[:len(self.digits)], self.upscale)
         picture = tile(list(shown), columns=min(5, len(self.digits)), gap=1)

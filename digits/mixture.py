@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..guiders.combine import GuidanceState, StepInputs, after_evaluation, combine, needs
+from ..guiders.methods.icg import IndependentCondition
 from ..guiders.plan import GuidancePlan
 from ..guiders.progress import PercentToSigma, log_linear_percent_to_sigma, step_position
 from .metrics import frechet_distance_from_statistics, gaussian_statistics
@@ -103,7 +104,7 @@ def check_exact(plan: GuidancePlan) -> None:
         names = ", ".join(t.label for t in plan.extra)
         raise MixtureBenchmarkError(f"Guidance Kit mixture benchmark: {names} perturb(s) a network; the exact "
                                     f"mixture has none, so only CFG-space methods can run here")
-    if plan.icg is not None:
+    if plan.get(IndependentCondition.KEY) is not None:
         raise MixtureBenchmarkError("Guidance Kit mixture benchmark: ICG needs a network's embedding; the exact "
                                     "mixture has no condition embedding")
 

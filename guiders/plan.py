@@ -1,498 +1,450 @@
-"""The guidance plan: which methods act on a model, with their settings. Pure data, no tensors.
+"""The guidance plan: an ordered registry of the methods acting on a model. Pure data, no tensors.
 
-Method nodes add terms to the plan carried by a MODEL (each node clones the model first); the
-engine evaluates the whole plan at one point per model evaluation (``combine.py``). The combine
-order is fixed by *stage*, not by node order, because node order carries no meaning here:
+Method nodes add methods to the plan carried by a MODEL (each node clones the model first); the engine
+evaluates the whole plan at every model evaluation (``combine.py``). A method is one module under
+``guiders/methods/``: its settings (a frozen dataclass deriving from the *roles* below), the functions
+the combine calls for its role, and its declarations. The combine order is fixed by stage and, inside a
+stage, by the method's ``ORDER``, never by node order (node order carries no meaning; only the extra
+terms, which are additive, are summed in chain order):
 
-1. **uncond rewrites** — TCFG (tangential damping), then CFG-Zero*'s optimised scale α*.
-   Order-sensitive between the two; fixed as listed.
-2. **the CFG direction** g = C − U' and its transforms — FDG bands (per-level weights), the CFG
-   weight schedule, β-CFG's adaptive factor, APG's momentum/clip/projection (with FDG: its projection per band).
-   At most one of each; they commute as documented in ``combine.py``.
-3. **extra guidance terms**, each ``s_t·(C − B)`` for its own branch B. Additive, so their order
-   does not matter.
-4. **output corrections** — RescaleCFG (std match to the cond), then CFG-Zero*'s zero-init
-   (which overrides everything on its steps).
+0. **evaluations** (``EvaluationControl``): which model evaluations run at all (Adaptive Guidance).
+1. **the unconditional prediction**: where it comes from (``UncondSource``: ICG, a second model; one of
+   them at most) and its rewrites (``UncondRewrite``: the second-model blend, TCFG, CFG-Zero*'s α*),
+   applied in ``ORDER`` because they do not commute.
+2. **the CFG direction** g = C − U': the band split (``BandSplit``: FDG), the schedule of the weight's
+   increment (``IncrementMultiplier``: ``W = 1 + (w − 1)·f``), weight factors (``WeightFactor``: β-CFG,
+   S-CFG) and direction transforms (``DirectionTransform``: APG). The formula is in ``combine.py``.
+3. **extra terms** (``ExtraTerm``): ``s_t·(C − B)`` for each term's own branch B; additive, in chain order.
+4. **output corrections** (``Correction``: Rescale) and steps a method takes over (``StepOverride``:
+   CFG-Zero*'s zero-init, ``D̂ = x`` without a model call).
 
-A node that adds a method already in the plan raises ``PlanError``: the second setting would
-silently replace the first otherwise.
+A method declares, as class attributes and small methods of ``PlanMethod``: its ``KEY``, its stage (the
+role's) and ``ORDER``, ``SINGLETON`` and ``EXCLUSIVE_GROUP`` (enforced by ``with_method``: a method already
+in the plan, or a second one of a group, is a ``PlanError`` naming the node), what it does at cfg 1
+(``cfg_one``, ``cfg_one_label``), its windows, its model-dependent resolution (``for_model``) and the
+notes the engine logs (``cfg_notes``, ``model_notes``, ``step_notes``, ``run_report``). Every plan query
+below iterates the registered methods; none names a method.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, replace
+from enum import Enum, IntEnum
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from .progress import StepPosition
-from .schedules import Schedule, Window
+from .schedules import Schedule
+
+if TYPE_CHECKING:
+    import torch
+
+    from .step import DirectionInputs, GuidanceState, Needs, StepInputs
 
 
 class PlanError(ValueError):
     """A plan that cannot be built (duplicate method, bad settings); the message names the node."""
 
 
+BRANCH_SOURCES = ("cond", "uncond")
+
+
+class BranchEffect:
+    """What a branch changes in the model (``Branch.perturbation``): implemented on the ComfyUI side by a method's
+    contributor (``nodes/contributors``), frozen and tensor-free like the rest of the plan. The engine and the
+    hooks use only this protocol; the defaults mean "nothing special".
+    """
+
+    def rows_key(self) -> Hashable:
+        """The rows of branches whose effects have equal keys are gathered together (one group per key)."""
+        return self
+
+    def rewrite_cond(self, cond: dict) -> dict:
+        """The branch's copy of a conditioning entry, before the batched call (e.g. checked or rewritten)."""
+        return cond
+
+    def runner(self) -> object | None:
+        """None: the branch runs in the batched call. Else an object whose ``run(model, conds, x, sigma,
+        model_options)`` evaluates the branch's entries instead (a second model)."""
+        return None
+
+
 @dataclass(frozen=True)
 class Branch:
-    """An extra model evaluation a term needs, batched with cond and uncond.
+    """An extra model evaluation a method needs, batched with cond and uncond.
 
-    ``source`` names the conditioning it is evaluated with: "cond" (the positive prompt),
-    "uncond", or the name of an extra conditioning given to the Guidance Guider.
-    ``perturbation`` is applied by the engine's hooks to this branch's chunk only; it is opaque
-    here (``None`` = the unperturbed model).
+    ``source`` names the conditioning it is evaluated with: "cond" (the positive prompt) or "uncond" (the
+    negative/empty prompt). ``perturbation`` (a ``BranchEffect``) is applied by the engine's hooks to this
+    branch's chunk only; it is opaque here (``None`` = the unperturbed model).
     """
 
     name: str
     source: str = "cond"
-    perturbation: object | None = None
+    perturbation: BranchEffect | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in BRANCH_SOURCES:
+            raise PlanError(f"branch {self.name!r}: source must be one of {', '.join(BRANCH_SOURCES)} (the prompt's "
+                            f"or the negative's conditioning); got {self.source!r}")
+
+
+class Stage(IntEnum):
+    """Where a method acts in one evaluation (see the module docstring)."""
+
+    EVALUATIONS = 0
+    UNCOND = 1
+    DIRECTION = 2
+    EXTRA = 3
+    CORRECTION = 4
+
+
+class CfgOne(Enum):
+    """What a method does when the sampler's cfg is 1 (there is no CFG direction)."""
+
+    ACTS = "acts without the uncond"  # extra terms, zero-init
+    NEEDS_UNCOND = "acts and needs the uncond"  # ComfyUI must not skip the uncond call (disable_cfg1_optimization)
+    REWRITES_UNCOND = "acts where the uncond is evaluated anyway"  # uncond rewrites: CFG++ samplers re-noise with U'
+    INACTIVE = "no effect"
 
 
 @dataclass(frozen=True)
-class BetaCFG:
-    """β-CFG: weight × β(τ; a, b)·(σ/‖C − U‖)^γ, times (N/N_ref)^(γ/2) in the resolution-independent
-    ``normalization="rms"`` (default); ``"l2"`` is the paper's (see ``normalization.beta_cfg_factor``)."""
+class ExclusiveGroup:
+    """Methods of which a plan holds one at most; ``conflict`` is the message, ``{other}`` the method present."""
 
-    a: float = 2.0
-    b: float = 2.0
-    gamma: float = 1.0
-    normalize_peak: bool = False
-    label: str = "β-CFG"
-    normalization: str = "rms"
-    reference_elements: int = 4 * 128 * 128
-
-    def validate(self) -> None:
-        if self.a < 1 or self.b < 1:
-            raise PlanError(f"{self.label}: a and b must be ≥ 1 (the beta density is infinite at the ends "
-                            f"otherwise); got a={self.a}, b={self.b}")
-        if not (0 <= self.gamma <= 2):
-            raise PlanError(f"{self.label}: gamma must be in [0, 2] (got {self.gamma}); the paper uses 1")
-        if self.normalization not in ("rms", "l2"):
-            raise PlanError(f"{self.label}: normalization must be 'rms' (per-element, resolution-independent) or "
-                            f"'l2' (the paper's); got {self.normalization!r}")
-        if self.reference_elements < 1:
-            raise PlanError(f"{self.label}: reference_elements must be ≥ 1 (got {self.reference_elements})")
+    name: str
+    conflict: str
 
 
-APG_FDG_MODES = ("projection", "full")
+UNCOND_SOURCE = ExclusiveGroup("uncond source", "the unconditional branch already comes from {other} (an earlier "
+                                                "node in the chain); both replace it, so use one of the two.")
+FREQUENCY_BANDS = ExclusiveGroup("frequency bands", "the guidance is already split into frequency bands by {other} "
+                                                    "(an earlier node in the chain); use one band split.")
+
+Note = tuple[str, str]  # (key, message): the engine logs each key once per sampler call
 
 
-@dataclass(frozen=True)
-class APG:
-    """Adaptive Projected Guidance settings (see ``projection.apg_direction``).
+class PlanMethod:
+    """A method of the plan. Subclasses are frozen dataclasses with a ``label`` field (the node's name in
+    messages) that derive from one or more roles below; the defaults here declare "nothing special"."""
 
-    ``fdg_mode``: what APG does per band when FDG is in the plan. "projection" (default): only the
-    parallel/orthogonal split with η, as diffusers' FrequencyDecoupledGuidance ``parallel_weights`` (no
-    momentum, no norm clip: neither paper applies them per band). "full": the whole APG rule (momentum
-    buffer and absolute norm clip) on each band (the pack's earlier behaviour). Without FDG it is ignored.
-    """
+    KEY: ClassVar[str] = ""
+    STAGE: ClassVar[Stage]
+    ORDER: ClassVar[int] = 0  # inside the stage (and role): lower first
+    SINGLETON: ClassVar[bool] = True  # one per plan; otherwise ``instance_key`` tells the instances apart
+    EXCLUSIVE_GROUP: ClassVar[ExclusiveGroup | None] = None
+    AT_CFG_ONE: ClassVar[CfgOne] = CfgOne.INACTIVE
 
-    eta: float = 0.0
-    norm_threshold: float = 15.0
-    momentum: float = -0.5
-    label: str = "APG"
-    fdg_mode: str = "projection"
+    label: str
 
     def validate(self) -> None:
-        if self.fdg_mode not in APG_FDG_MODES:
-            raise PlanError(f"{self.label}: fdg_mode must be one of {', '.join(APG_FDG_MODES)}; got {self.fdg_mode!r}")
-        if self.norm_threshold < 0:
-            raise PlanError(f"{self.label}: norm_threshold must be ≥ 0 (0 disables the clip); "
-                            f"got {self.norm_threshold}")
-        if not (-1.0 < self.momentum < 1.0):
-            raise PlanError(f"{self.label}: momentum must be in (−1, 1) for the running sum to stay bounded; "
-                            f"the paper uses −0.5 (got {self.momentum})")
+        """Raise PlanError (or ScheduleError) for settings that cannot act."""
+
+    def instance_key(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} is not a singleton: it must say what tells two apart")
+
+    def identity(self) -> tuple[str, str]:
+        return (self.KEY, "" if self.SINGLETON else self.instance_key())
+
+    def cfg_one(self, plan: GuidancePlan) -> CfgOne:
+        """What this method does at cfg 1 in ``plan``."""
+        return self.AT_CFG_ONE
+
+    def cfg_one_label(self) -> str:
+        """How the cfg-1 warning names this method."""
+        return self.label
+
+    def windows(self) -> tuple[tuple[str, Schedule], ...]:
+        """(label, schedule) of every window a step of the run must reach (checked once per sampler call)."""
+        return ()
+
+    def for_model(self, parameterization: str) -> PlanMethod:
+        """This method with its model-dependent defaults resolved for a "ve" or "flow" model."""
+        return self
+
+    def cfg_notes(self, cond_scale: float) -> list[Note]:
+        """Messages about how the sampler's cfg is used (logged once per sampler call)."""
+        return []
+
+    def model_notes(self, parameterization: str) -> list[Note]:
+        """Messages about the sampled model, for the resolved method (logged once per sampler call)."""
+        return []
+
+    def step_notes(self, state: GuidanceState, cond_scale: float) -> list[Note]:
+        """Messages from what the method saw in the last evaluation (checked after every combine)."""
+        return []
+
+    def run_report(self, state: GuidanceState) -> str:
+        """Text appended to the engine's per-run line (model passes), e.g. what Adaptive Guidance stopped."""
+        return ""
 
 
-@dataclass(frozen=True)
-class FDG:
-    """Frequency-decoupled guidance: one CFG weight per Laplacian level, high → low frequency.
+# ------------------------------------------------------------------------------------------------
+# roles: what the combine calls, stage by stage
+# ------------------------------------------------------------------------------------------------
 
-    ``relative`` False (the paper's and diffusers' rule): the scales are the band weights and the sampler's
-    cfg is not used. True: band weight ``1 + (cfg − 1)·scale``, so the sampler's cfg sets the strength and
-    the scales its split over the bands ("1, 0.5" at cfg 10: 10 and 5.5; cfg 1: no guidance).
-    """
+class EvaluationControl(PlanMethod):
+    """Stage 0: decides which evaluations run (Adaptive Guidance)."""
 
-    scales: tuple[float, ...] = (10.0, 5.0)
-    label: str = "FDG"
-    relative: bool = False
+    STAGE = Stage.EVALUATIONS
 
-    def weights(self, cond_scale: float) -> tuple[float, ...]:
-        """The CFG weight of each band at the sampler's cfg ``cond_scale``."""
-        if self.relative:
-            return tuple(1.0 + (cond_scale - 1.0) * s for s in self.scales)
-        return self.scales
+    def limit_evaluations(self, uncond: bool, branches: tuple[Branch, ...],
+                          state: GuidanceState) -> tuple[bool, bool, tuple[Branch, ...]]:
+        """(uncond, estimate the uncond instead, branches) of this step, from the plan's own wish."""
+        return uncond, False, branches
 
-    def ignored_cfg_note(self, cond_scale: float) -> str | None:
-        """A message when the sampler's cfg has no effect on FDG's bands (absolute scales, cfg not 1 and not the
-        highest band's scale, i.e. not a value chosen to compare with plain CFG); None otherwise."""
-        if self.relative or math.isclose(cond_scale, 1.0) or math.isclose(cond_scale, self.scales[0]):
-            return None
-        scales = ", ".join(f"{s:g}" for s in self.scales)
-        return (f"{self.label}: the sampler's cfg ({cond_scale:g}) does not change the guidance: FDG's scales "
-                f"'{scales}' are the CFG weights of its bands and replace cfg (paper/diffusers rule). To make cfg act, "
-                f"set the FDG node's scale_mode to 'relative to cfg' (band weight = 1 + (cfg − 1)·scale).")
+    def stops_branch(self, state: GuidanceState, name: str) -> bool:
+        """Whether the branch ``name`` is no longer evaluated in this run (its term is done)."""
+        return False
 
-    def validate(self) -> None:
-        if len(self.scales) < 2:
-            raise PlanError(f"{self.label}: give one scale per frequency level, high → low, at least two "
-                            f"(e.g. '10, 5'); got {list(self.scales)}")
-        if len(self.scales) > 6:
-            raise PlanError(f"{self.label}: at most 6 levels (latents are small); got {len(self.scales)}")
-        if not all(math.isfinite(s) for s in self.scales):
-            raise PlanError(f"{self.label}: scales must be finite numbers")
+    def prepare_inputs(self, inp: StepInputs, state: GuidanceState) -> StepInputs:
+        """The predictions the combine works on (e.g. rows of stopped samples replaced by the cond)."""
+        return inp
+
+    def after_evaluation(self, state: GuidanceState, need: Needs, position: StepPosition, x: torch.Tensor, sigma,
+                         cond: torch.Tensor, uncond: torch.Tensor | None,
+                         branches: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Bookkeeping once the predictions are in; returns an estimated uncond or None."""
+        return None
 
 
-@dataclass(frozen=True)
-class TCFG:
-    label: str = "TCFG"
+class UncondSource(PlanMethod):
+    """Stage 1: the unconditional prediction comes from another evaluation (one source per plan)."""
 
-    def validate(self) -> None:
-        pass
+    STAGE = Stage.UNCOND
+    EXCLUSIVE_GROUP = UNCOND_SOURCE
 
+    def uncond_source(self, position: StepPosition, sigma: float,
+                      uncond: bool) -> tuple[Branch | None, tuple[Branch, ...]]:
+        """(the branch the uncond entry is evaluated as, or None; branches to evaluate besides it) at this step;
+        ``uncond``: whether the uncond is evaluated at all."""
+        raise NotImplementedError
 
-@dataclass(frozen=True)
-class CFGZeroStar:
-    """CFG-Zero*: optimised uncond scale α* and/or zero-init of the first ``zero_init_steps`` steps.
-
-    ``zero_init_steps`` counts zeroed steps of a sampler call that starts from pure noise: 0 = off, 1 = the
-    first step (the official code's ``zero_steps=0``), 2 = the first two (official ``zero_steps=1``, its Wan
-    T2V setting). ``None`` = automatic: ``AUTO_FLOW_STEPS`` on flow models, off on eps/v models, where
-    the official code never runs and a zeroed first step leaves its noise in the image (resolved by
-    ``GuidancePlan.for_model``).
-    """
-
-    AUTO_FLOW_STEPS = 1
-
-    optimized_scale: bool = True
-    zero_init_steps: int | None = None
-    label: str = "CFG-Zero*"
-
-    def validate(self) -> None:
-        if self.zero_init_steps is not None and self.zero_init_steps < 0:
-            raise PlanError(f"{self.label}: zero_init_steps must be ≥ 0, or automatic (got {self.zero_init_steps})")
-        if not self.optimized_scale and self.zero_init_steps == 0:
-            raise PlanError(f"{self.label}: both the optimised scale and zero-init are off, so the node would do "
-                            f"nothing; enable one of them or remove the node")
+    def uncond_branches(self) -> tuple[Branch, ...]:
+        """Every branch this source may use (they feed the uncond, they are not guidance terms)."""
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class Rescale:
-    """RescaleCFG-style std match to the cond prediction, in v space (velocity on flow models)."""
+class UncondRewrite(PlanMethod):
+    """Stage 1: rewrites the unconditional prediction U → U' before the CFG direction is formed."""
 
-    multiplier: float = 0.7
-    label: str = "Rescale"
+    STAGE = Stage.UNCOND
 
-    def validate(self) -> None:
-        if not (0.0 <= self.multiplier <= 1.0):
-            raise PlanError(f"{self.label}: multiplier is a blend in [0, 1] (got {self.multiplier})")
+    def rewrite_uncond(self, inp: StepInputs, uncond: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class ExtraGuidance:
-    """Stage-3 term: ``D̂ += s_t·(C − B)`` where B is the prediction of ``branch``."""
+class BandSplit(PlanMethod):
+    """Stage 2: the direction is guided per band, each with its own base weight (one split per plan)."""
 
-    branch: Branch
-    scale: float
-    schedule: Schedule = field(default_factory=Schedule)
-    label: str = "extra guidance"
+    STAGE = Stage.DIRECTION
+    EXCLUSIVE_GROUP = FREQUENCY_BANDS
 
-    def validate(self) -> None:
-        if not math.isfinite(self.scale):
-            raise PlanError(f"{self.label}: scale must be a finite number")
-        self.schedule.validate(self.label)
+    def band_weights(self, cond_scale: float) -> tuple[float, ...]:
+        raise NotImplementedError
 
-    def scale_at(self, position: StepPosition, sigma: float) -> float:
-        if self.scale == 0:
-            return 0.0
-        return self.scale * self.schedule.multiplier(position.progress, sigma)
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def merge(self, bands: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class IndependentCondition:
-    """Stage-1 uncond source (ICG): the unconditional branch is evaluated under ``branch`` instead.
+class IncrementMultiplier(PlanMethod):
+    """Stage 2: ``W = 1 + (w − 1)·f``; at f = 0 the step is conditional-only and the uncond call is skipped."""
 
-    ``branch.perturbation`` rewrites the conditioning (see ``nodes/hooks.py``); the CFG formula and
-    every later stage are unchanged, so ICG stacks with APG, TCFG, schedules and extra terms.
-    """
+    STAGE = Stage.DIRECTION
 
-    branch: Branch
-    label: str = "ICG"
-
-    def validate(self) -> None:
-        if self.branch.source != "cond":
-            raise PlanError(f"{self.label}: the independent condition is derived from the prompt's conditioning")
+    def cfg_multiplier(self, position: StepPosition, sigma: float) -> float:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class UncondModel:
-    """Stage-1 uncond source from another model (unconditional priors, Diffusion-NPO, personalization
-    guidance): ``U' = U + β_t·(U_other − U)`` with ``β_t = scale·f(p)`` inside the window, 0 outside.
+class WeightFactor(PlanMethod):
+    """Stage 2: multiplies every band's CFG weight (a number, a per-sample or a per-pixel tensor)."""
 
-    ``branch`` is evaluated with the uncond's conditioning on the other model (``branch.perturbation``
-    says which: a second checkpoint, or LoRA rows on the same weights; opaque here). At β_t = 1 (the
-    papers' setting) the other model's prediction *is* the uncond and the sampled model's own uncond
-    is not evaluated; at β_t = 0 only the sampled model's uncond runs; in between both run.
-    """
+    STAGE = Stage.DIRECTION
 
-    branch: Branch
-    scale: float = 1.0
-    schedule: Schedule = field(default_factory=Schedule)
-    label: str = "second-model uncond"
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.scale) and 0.0 <= self.scale <= 2.0):
-            raise PlanError(f"{self.label}: scale is the share of the other model's uncond in [0, 2] (1 = replace the "
-                            f"uncond, as the paper; 0 = off); got {self.scale}")
-        if self.branch.source != "uncond":
-            raise PlanError(f"{self.label}: the other model is evaluated with the negative/empty prompt (source "
-                            f"'uncond'); got {self.branch.source!r}")
-        self.schedule.validate(self.label)
-
-    def weight_at(self, position: StepPosition, sigma: float) -> float:
-        if self.scale == 0:
-            return 0.0
-        return self.scale * self.schedule.multiplier(position.progress, sigma)
+    def scale_weights(self, weights: list, direction: DirectionInputs) -> list:
+        raise NotImplementedError
 
 
-ADAPTIVE_SCOPES = ("uncond and branches", "uncond only", "branches only")
+class DirectionTransform(PlanMethod):
+    """Stage 2: transforms a band's direction Δ → Δ'; the band is then ``C + (W − 1)·Δ'``."""
+
+    STAGE = Stage.DIRECTION
+
+    def transform_direction(self, direction: torch.Tensor, cond: torch.Tensor, band: int, banded: bool,
+                            state: GuidanceState) -> torch.Tensor:
+        """``band``: the band's index (0 without a band split); ``banded``: a BandSplit is in the plan."""
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class AdaptiveGuidance:
-    """Adaptive Guidance / LinearAG settings (see ``adaptive.py``): which evaluations stop, and when.
+class ExtraTerm(PlanMethod):
+    """Stage 3: an additive term with its own branch evaluation. Not a singleton: one per branch."""
 
-    ``threshold`` γ̄: an evaluation stops for the rest of the run (per sample) once cos(ε_c, ε_other) ≥ γ̄
-    at a progress ≥ ``start_percent`` (γ̄ > 1 never stops; γ̄ = −1 stops from the first step, whatever
-    ``start_percent``). The guard exists because at high noise ε_c and ε_u are both ≈ the input noise, so
-    their cosine is ≈ 1 before guidance has done its work (measured on the exact mixture: 0.9999 at
-    σ = 14.6; on flow models ε = x exactly at σ = 1), and the switch is one-way. ``linear`` adds
-    LinearAG's estimated uncond on ``refresh_every − 1`` of every ``refresh_every`` evaluations
-    after ``calibration_steps`` evaluated ones.
+    STAGE = Stage.EXTRA
+    SINGLETON = False
+    AT_CFG_ONE = CfgOne.ACTS
 
-    Defaults (the node's): LinearAG alone, the switch off (``NO_SWITCH``): on the embedded digits model
-    (a real ε network, cfg 7) the switch from 50–80% of the run lost quality against CFG (Fréchet distance
-    +26…33%, diversity −9…−18%), from 90% it cost +5% and saved no more than LinearAG alone, which kept CFG's
-    quality at −22% passes (``benchmarks/adaptive_cost.py --digits``).
-    """
+    def branches_at(self, position: StepPosition, sigma: float) -> tuple[Branch, ...]:
+        raise NotImplementedError
 
-    NO_SWITCH = 1.01
-
-    threshold: float = NO_SWITCH
-    scope: str = "uncond and branches"
-    start_percent: float = 0.5
-    linear: bool = True
-    calibration_steps: int = 3
-    refresh_every: int = 2
-    label: str = "Adaptive Guidance"
-    parameterization: str | None = None  # "ve" / "flow": how ε is read from D (resolved by GuidancePlan.for_model)
-
-    def validate(self) -> None:
-        if not (-1.0 <= self.threshold <= 1.5):
-            raise PlanError(f"{self.label}: threshold is a cosine similarity in [−1, 1] (above 1 never switches); "
-                            f"got {self.threshold}. The paper's range is about 0.98–0.999")
-        if not (0.0 <= self.start_percent <= 1.0):
-            raise PlanError(f"{self.label}: start_percent is a fraction of the run in [0, 1]; got {self.start_percent}")
-        if self.scope not in ADAPTIVE_SCOPES:
-            raise PlanError(f"{self.label}: scope must be one of {', '.join(ADAPTIVE_SCOPES)}; got {self.scope!r}")
-        if self.linear:
-            if not self.watches_uncond:
-                raise PlanError(f"{self.label}: LinearAG estimates the unconditional prediction, so the scope must "
-                                f"include the uncond (got {self.scope!r}); turn linear_ag off to stop only the "
-                                f"extra branches")
-            if self.calibration_steps < 2:
-                raise PlanError(f"{self.label}: LinearAG needs at least 2 calibration steps (it regresses on the "
-                                f"previous step); got {self.calibration_steps}")
-            if self.refresh_every < 1:
-                raise PlanError(f"{self.label}: refresh_every must be ≥ 1 (1 = never estimate); "
-                                f"got {self.refresh_every}")
-
-    @property
-    def watches_uncond(self) -> bool:
-        return self.scope != "branches only"
-
-    @property
-    def watches_branches(self) -> bool:
-        return self.scope != "uncond only"
-
-    @property
-    def starts_switched(self) -> bool:
-        return self.threshold <= -1.0
+    def add_to(self, guided: torch.Tensor, inp: StepInputs, state: GuidanceState,
+               plan: GuidancePlan) -> torch.Tensor:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class SCFG:
-    """S-CFG (semantic-aware CFG) settings: the CFG weight becomes a per-region map ``W·r(x)``
-    built from the model's attention maps each step (``region_guidance.py``; maps read by the
-    engine's hooks). Outside ``window`` the step is plain CFG and no map is read."""
+class Correction(PlanMethod):
+    """Stage 4: corrects the guided prediction of the whole plan."""
 
-    downsample: int = 4
-    order: int = 4
-    reference: str = "foreground (uncond)"
-    rate_min: float = 0.8
-    rate_max: float = 3.0
-    max_weight: float = 15.0
-    smoothing: bool = True
-    dit_blocks: int = 3
-    window: Window = field(default_factory=Window)
-    label: str = "S-CFG"
+    STAGE = Stage.CORRECTION
 
-    def validate(self) -> None:
-        from .region_guidance import REFERENCES
-
-        if self.downsample < 1:
-            raise PlanError(f"{self.label}: downsample must be ≥ 1 (official 4); got {self.downsample}")
-        if not (0 <= self.order <= 8):
-            raise PlanError(f"{self.label}: self_attention_order must be in [0, 8] (official 4); got {self.order}")
-        if self.reference not in REFERENCES:
-            raise PlanError(f"{self.label}: reference must be one of {', '.join(REFERENCES)}; got {self.reference!r}")
-        if not (0 < self.rate_min <= self.rate_max):
-            raise PlanError(f"{self.label}: need 0 < rate_min ≤ rate_max (official 0.8 and 3.0); got "
-                            f"{self.rate_min} and {self.rate_max}")
-        if self.max_weight < 0 or self.dit_blocks < 1:
-            raise PlanError(f"{self.label}: max_weight must be ≥ 0 and dit_blocks ≥ 1")
-        try:
-            self.window.validate(self.label)
-        except ValueError as e:
-            raise PlanError(str(e)) from None
-
-    def active(self, progress: float, sigma: float) -> bool:
-        return self.window.contains(progress, sigma)
+    def correct(self, guided: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+        raise NotImplementedError
 
 
-SINGLETON_SLOTS = ("cfg_schedule", "tcfg", "cfg_zero_star", "apg", "fdg", "beta_cfg", "rescale", "icg", "adaptive",
-                   "scfg", "uncond_model")
-# the uncond sources: each replaces what the unconditional branch is evaluated with, so only one may act
-UNCOND_SOURCE_SLOTS = ("icg", "uncond_model")
+class StepOverride(PlanMethod):
+    """Stage 4: on its steps the sample is left where it is (``D̂ = x``) and no model call is made."""
 
+    STAGE = Stage.CORRECTION
+
+    def skips_step(self, position: StepPosition) -> bool:
+        raise NotImplementedError
+
+
+Role = TypeVar("Role", bound=PlanMethod)
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class GuidancePlan:
-    cfg_schedule: Schedule | None = None
-    cfg_schedule_label: str = "CFG Schedule"
-    tcfg: TCFG | None = None
-    cfg_zero_star: CFGZeroStar | None = None
-    apg: APG | None = None
-    fdg: FDG | None = None
-    beta_cfg: BetaCFG | None = None
-    rescale: Rescale | None = None
-    icg: IndependentCondition | None = None
-    adaptive: AdaptiveGuidance | None = None
-    scfg: SCFG | None = None
-    uncond_model: UncondModel | None = None
-    extra: tuple[ExtraGuidance, ...] = ()
+    """The methods on a model, ordered by (stage, ORDER, KEY); extra terms (one KEY) in chain order."""
+
+    methods: tuple[PlanMethod, ...] = ()
 
     # --- building -------------------------------------------------------------------------------
-    def with_method(self, slot: str, value, label: str) -> GuidancePlan:
-        """A copy with ``slot`` set; raises PlanError if the slot is taken (one of each method)."""
-        if slot not in SINGLETON_SLOTS:
-            raise PlanError(f"{label}: unknown plan slot {slot!r}")
-        if getattr(self, slot) is not None:
+    @classmethod
+    def of(cls, *methods: PlanMethod) -> GuidancePlan:
+        plan = cls()
+        for method in methods:
+            plan = plan.with_method(method)
+        return plan
+
+    def with_method(self, method: PlanMethod) -> GuidancePlan:
+        """A copy with ``method`` registered; PlanError if it is already there or its group is taken."""
+        if not isinstance(method, PlanMethod) or not method.KEY or not hasattr(method, "STAGE"):
+            raise PlanError(f"{getattr(method, 'label', method)!r} is not a guidance plan method (a KEY and a role)")
+        label = method.label
+        if any(m.identity() == method.identity() for m in self.methods):
             raise PlanError(f"{label}: this model already has {label} in its guidance plan (from an earlier node "
                             f"in the chain). Chain each method once; to change its settings, edit that node.")
-        if slot in UNCOND_SOURCE_SLOTS:
-            for other in UNCOND_SOURCE_SLOTS:
-                taken = getattr(self, other)
-                if other != slot and taken is not None:
-                    raise PlanError(f"{label}: the unconditional branch already comes from {taken.label} (an earlier "
-                                    f"node in the chain); both replace it, so use one of the two.")
-        if slot == "cfg_schedule":
-            value.validate(label)
-            return replace(self, cfg_schedule=value, cfg_schedule_label=label)
-        value.validate()
-        return replace(self, **{slot: value})
+        group = method.EXCLUSIVE_GROUP
+        taken = next((m for m in self.methods if group is not None and m.EXCLUSIVE_GROUP is group), None)
+        if taken is not None:
+            raise PlanError(f"{label}: " + group.conflict.format(other=taken.label))
+        method.validate()
+        # stage, ORDER, then KEY (so a plan does not depend on chain order); stable: extra terms keep chain order
+        ordered = sorted(self.methods + (method,), key=lambda m: (m.STAGE, m.ORDER, m.KEY))
+        return replace(self, methods=tuple(ordered))
 
-    def with_extra(self, term: ExtraGuidance) -> GuidancePlan:
-        term.validate()
-        if any(t.branch.name == term.branch.name for t in self.extra):
-            raise PlanError(f"{term.label}: this model already has {term.label} in its guidance plan (from an earlier "
-                            f"node in the chain). Chain each method once; to change its settings, edit that node.")
-        return replace(self, extra=self.extra + (term,))
+    def with_extra(self, term: ExtraTerm) -> GuidancePlan:
+        if not isinstance(term, ExtraTerm):
+            raise PlanError(f"{getattr(term, 'label', term)!r} is not an extra guidance term")
+        return self.with_method(term)
 
-    # --- queries --------------------------------------------------------------------------------
+    # --- lookups --------------------------------------------------------------------------------
+    def get(self, key: str) -> PlanMethod | None:
+        """The (first) method registered under ``key``, or None."""
+        return next((m for m in self.methods if m.KEY == key), None)
+
+    def methods_of(self, role: type[Role]) -> tuple[Role, ...]:
+        """The methods that play ``role``, in combine order."""
+        return tuple(m for m in self.methods if isinstance(m, role))
+
+    @property
+    def extra(self) -> tuple[ExtraTerm, ...]:
+        return self.methods_of(ExtraTerm)
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in self.methods]
+
     @property
     def is_empty(self) -> bool:
-        return all(getattr(self, s) is None for s in SINGLETON_SLOTS) and not self.extra
+        return not self.methods
+
+    @property
+    def band_split(self) -> BandSplit | None:
+        return next(iter(self.methods_of(BandSplit)), None)
+
+    @property
+    def uncond_branch_names(self) -> frozenset[str]:
+        """Branches that feed the unconditional prediction (not guidance terms of their own)."""
+        return frozenset(b.name for source in self.methods_of(UncondSource) for b in source.uncond_branches())
+
+    # --- per step -------------------------------------------------------------------------------
+    def cfg_multiplier(self, position: StepPosition, sigma: float) -> float:
+        """f(p) of the CFG increment at this evaluation (1 without a schedule)."""
+        multiplier = 1.0
+        for method in self.methods_of(IncrementMultiplier):
+            multiplier *= method.cfg_multiplier(position, sigma)
+        return multiplier
+
+    def skips_step(self, position: StepPosition) -> bool:
+        """A step some method takes over: ``D̂ = x`` and no model call (CFG-Zero*'s zero-init)."""
+        return any(m.skips_step(position) for m in self.methods_of(StepOverride))
+
+    def branch_stopped(self, state: GuidanceState, name: str) -> bool:
+        return any(m.stops_branch(state, name) for m in self.methods_of(EvaluationControl))
+
+    # --- per run --------------------------------------------------------------------------------
+    def for_model(self, parameterization: str) -> GuidancePlan:
+        """This plan with every method's model-dependent defaults resolved for a model of ``parameterization``
+        ("flow" or "ve"), e.g. CFG-Zero*'s automatic zero-init and how Adaptive Guidance reads ε from D."""
+        resolved = tuple(m.for_model(parameterization) for m in self.methods)
+        if all(a is b for a, b in zip(resolved, self.methods)):
+            return self
+        return replace(self, methods=resolved)
 
     @property
     def needs_uncond_at_cfg_one(self) -> bool:
         """Methods that act even at cfg 1 (so ComfyUI must not drop the uncond call there)."""
-        return (self.fdg is not None and not self.fdg.relative) or self.beta_cfg is not None
-
-    def cfg_notes(self, cond_scale: float) -> list[tuple[str, str]]:
-        """(key, message) pairs to log once per sampler call about how the sampler's cfg is used."""
-        notes = []
-        if self.fdg is not None:
-            note = self.fdg.ignored_cfg_note(cond_scale)
-            if note is not None:
-                notes.append(("fdg-ignores-cfg", note))
-        return notes
-
-    def cfg_multiplier(self, position: StepPosition, sigma: float) -> float:
-        """f(p) of the CFG increment at this evaluation (1 without a schedule)."""
-        if self.cfg_schedule is None:
-            return 1.0
-        return self.cfg_schedule.multiplier(position.progress, sigma)
-
-    def is_zero_init_step(self, position: StepPosition) -> bool:
-        """CFG-Zero*'s zero-init: the first steps of a sampler call that starts from pure noise (never a second
-        pass, a refiner or img2img). An unresolved 'auto' setting (see ``for_model``) zero-inits nothing."""
-        z = self.cfg_zero_star
-        return (z is not None and position.from_noise and z.zero_init_steps is not None
-                and position.step_index < z.zero_init_steps)
-
-    def for_model(self, parameterization: str) -> GuidancePlan:
-        """This plan with its model-dependent defaults resolved for a model of ``parameterization``
-        ("flow" or "ve"): CFG-Zero*'s automatic zero-init (the first step on flow models, off on eps/v) and how
-        Adaptive Guidance reads the noise prediction ε from a denoised one."""
-        plan = self
-        z = plan.cfg_zero_star
-        if z is not None and z.zero_init_steps is None:
-            steps = CFGZeroStar.AUTO_FLOW_STEPS if parameterization == "flow" else 0
-            plan = replace(plan, cfg_zero_star=replace(z, zero_init_steps=steps))
-        ag = plan.adaptive
-        if ag is not None and ag.parameterization != parameterization:
-            plan = replace(plan, adaptive=replace(ag, parameterization=parameterization))  # ε from D per model
-        return plan
+        return any(m.cfg_one(self) is CfgOne.NEEDS_UNCOND for m in self.methods)
 
     def inactive_at_cfg_one(self, uncond_evaluated: bool) -> list[str]:
         """Labels of methods that cannot act when the CFG scale is 1 (there is no CFG direction).
 
-        Uncond rewrites (TCFG, CFG-Zero*'s α*) still act at cfg 1 when the uncond is evaluated
-        anyway (CFG++ samplers re-noise with it).
+        Uncond rewrites (TCFG, CFG-Zero*'s α*) still act at cfg 1 when the uncond is evaluated anyway
+        (CFG++ samplers re-noise with it). With a method that needs the uncond at cfg 1 (FDG's absolute
+        scales, β-CFG) there is a direction, and every method acts.
         """
         if self.needs_uncond_at_cfg_one:
             return []
         labels = []
-        if self.fdg is not None:
-            labels.append(self.fdg.label + " (scales relative to cfg)")
-        if self.icg is not None:
-            labels.append(self.icg.label)
-        if self.cfg_schedule is not None:
-            labels.append(self.cfg_schedule_label)
-        if self.apg is not None:
-            labels.append(self.apg.label)
-        if self.scfg is not None:
-            labels.append(self.scfg.label)
-        if self.uncond_model is not None:
-            labels.append(self.uncond_model.label)
-        if not uncond_evaluated:
-            if self.tcfg is not None:
-                labels.append(self.tcfg.label)
-            if self.cfg_zero_star is not None and self.cfg_zero_star.optimized_scale:
-                labels.append(self.cfg_zero_star.label + (" (optimised scale; zero-init still acts)"
-                                                          if self.cfg_zero_star.zero_init_steps else ""))
-        if self.rescale is not None and not self.extra:
-            labels.append(self.rescale.label)
-        if self.adaptive is not None and not (self.extra and self.adaptive.watches_branches):
-            labels.append(self.adaptive.label)
+        for method in self.methods:
+            at_one = method.cfg_one(self)
+            if at_one is CfgOne.INACTIVE or (at_one is CfgOne.REWRITES_UNCOND and not uncond_evaluated):
+                labels.append(method.cfg_one_label())
         return labels
 
     def windows(self) -> list[tuple[str, Schedule]]:
-        out = []
-        if self.cfg_schedule is not None:
-            out.append((self.cfg_schedule_label, self.cfg_schedule))
-        out.extend((t.label, t.schedule) for t in self.extra)
-        if self.scfg is not None:
-            out.append((self.scfg.label, Schedule(window=self.scfg.window)))
-        if self.uncond_model is not None:
-            out.append((self.uncond_model.label, self.uncond_model.schedule))
-        return out
+        return [window for m in self.methods for window in m.windows()]
+
+    def cfg_notes(self, cond_scale: float) -> list[Note]:
+        """(key, message) pairs to log once per sampler call about how the sampler's cfg is used."""
+        return _notes(m.cfg_notes(cond_scale) for m in self.methods)
+
+    def model_notes(self, parameterization: str) -> list[Note]:
+        return _notes(m.model_notes(parameterization) for m in self.methods)
+
+    def step_notes(self, state: GuidanceState, cond_scale: float) -> list[Note]:
+        return _notes(m.step_notes(state, cond_scale) for m in self.methods)
+
+    def run_reports(self, state: GuidanceState) -> list[str]:
+        return [text for text in (m.run_report(state) for m in self.methods) if text]
+
+
+def _notes(groups: Iterable[list[Note]]) -> list[Note]:
+    return [note for group in groups for note in group]

@@ -4,7 +4,7 @@ Shen, Song, Xue, Wang, Liu, "Rethinking the Spatial Inconsistency in Classifier-
 Guidance", CVPR 2024 (arXiv 2404.05384); official code SmilesDZgk/S-CFG (``sd/sd.py``,
 ``sd/utils.py:get_mask``). Verified against that code; our deviations are marked **[ours]**.
 
-Per step, from the conditional forward's attention (read by ``nodes/hooks.py``):
+Per step, from the conditional forward's attention (read by ``nodes/contributors/regions.py``):
 
 1. Cross-attention map of every text token t over the image patches, head-averaged:
    ``A_ℓ = mean_h softmax(Q_h K_textᵀ/√d)``  (N patches × T tokens), layers ℓ at 1/R of the latent

@@ -55,9 +55,3 @@ def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     safe = torch.where(den.abs() > EPS, den, torch.ones_like(den))
     return torch.where(den.abs() > EPS, num / safe, torch.zeros_like(num))
 
-
-def check_same_shape(name: str, *tensors: torch.Tensor) -> None:
-    shape = tensors[0].shape
-    for t in tensors[1:]:
-        if t.shape != shape:
-            raise ValueError(f"{name}: tensors of different shapes {tuple(shape)} and {tuple(t.shape)}")

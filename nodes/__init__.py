@@ -1,4 +1,5 @@
-"""ComfyUI side of Guidance Kit: the engine, architecture hooks and the V3 node classes."""
+"""ComfyUI side of Guidance Kit: the V3 node classes, the runtime (``runtime/``) and the methods' contributors
+(``contributors/``)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.plan import ADAPTIVE_SCOPES, AdaptiveGuidance, PlanError
+from ..guiders.methods.adaptive_guidance import ADAPTIVE_SCOPES, AdaptiveGuidance
+from ..guiders.plan import PlanError
 from .common import CATEGORY_ROOT, NODE_PREFIX, add_method, model_input, model_output, validation_message
 
 CATEGORY_EFFICIENCY = CATEGORY_ROOT + "/efficiency"
@@ -22,6 +23,11 @@ def build_adaptive(label: str, threshold: float, start_percent: float, scope: st
 
 class AdaptiveGuidanceNode(io.ComfyNode):
     LABEL = "Adaptive Guidance"
+    # the default is LinearAG alone; the second report row is the paper's switch
+    COMPARE = {"key": "adaptive", "exact": True,
+               "aliases": {"ag": "adaptive", "linear_ag": "adaptive:linear_ag=true",
+                           "ag_switch": "adaptive:threshold=0.99,linear_ag=false"},
+               "report": ("adaptive", "adaptive:threshold=0.99,linear_ag=false")}
     STATE_ACROSS_SAMPLER_CALLS = ("its switches (which evaluations stopped) and LinearAG's regression restart at each "
                                   "sampler call: the second call of a split run evaluates the uncond again until its "
                                   "own check stops it")
@@ -93,7 +99,7 @@ class AdaptiveGuidanceNode(io.ComfyNode):
                                       refresh_every)
         except PlanError as e:
             raise ValueError(str(e)) from None
-        return io.NodeOutput(add_method(model, "adaptive", settings, cls.LABEL))
+        return io.NodeOutput(add_method(model, settings))
 
 
 NODES = [AdaptiveGuidanceNode]

@@ -1,15 +1,23 @@
 """Model-patch nodes for the methods that change how cond and uncond predictions are combined.
 
-Each node clones the MODEL and adds its method to the model's guidance plan; the plan is
-evaluated by the engine with the sampler's cfg (KSampler, KSamplerAdvanced, SamplerCustom,
-CFGGuider, Guidance Guider). The formulas live in ``guiders/``.
+Each node parses its inputs, builds its method's settings (``guiders/methods/``: one module per method,
+with its formula and paper) and adds them to a clone of the MODEL's guidance plan; the plan is evaluated
+by the engine with the sampler's cfg (KSampler, KSamplerAdvanced, SamplerCustom, CFGGuider, Guidance
+Guider). ``COMPARE`` declares the node's row in ``compare.py`` (``comparison/methods.py`` reads it).
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.plan import APG, FDG, TCFG, BetaCFG, CFGZeroStar, PlanError, Rescale
+from ..guiders.methods import cfg_schedule
+from ..guiders.methods.apg import APG
+from ..guiders.methods.beta_cfg import BetaCFG
+from ..guiders.methods.cfg_zero_star import CFGZeroStar
+from ..guiders.methods.fdg import FDG
+from ..guiders.methods.rescale import Rescale
+from ..guiders.methods.tcfg import TCFG
+from ..guiders.plan import PlanError
 from ..guiders.schedules import SHAPES
 from .common import (
     CATEGORY_CFG,
@@ -27,6 +35,7 @@ from .common import (
 
 class CFGSchedule(io.ComfyNode):
     LABEL = "CFG Schedule"
+    COMPARE = {"key": "cfg_schedule", "exact": True, "aliases": {"schedule": "cfg_schedule"}}
 
     @classmethod
     def define_schema(cls):
@@ -82,7 +91,7 @@ class CFGSchedule(io.ComfyNode):
     def execute(cls, model, schedule, power, step_values, start_percent, end_percent, sigma_high, sigma_low):
         built = build_schedule(cls.LABEL, schedule, power, step_values, start_percent, end_percent, sigma_high,
                                sigma_low)
-        return io.NodeOutput(add_method(model, "cfg_schedule", built, cls.LABEL))
+        return io.NodeOutput(add_method(model, cfg_schedule.CFGSchedule(built, cls.LABEL)))
 
 
 BETA_NORMALIZATIONS = {"per-element RMS (resolution-independent)": "rms", "L2 (paper)": "l2"}
@@ -90,6 +99,11 @@ BETA_NORMALIZATIONS = {"per-element RMS (resolution-independent)": "rms", "L2 (p
 
 class BetaCFGNode(io.ComfyNode):
     LABEL = "β-CFG"
+    # β-CFG's cfg is the length of its guidance, not a CFG scale: on the embedded model (class guidance per pixel
+    # ~10× SDXL's) its default (per-element RMS) is near unconditional at CFG's values and needs ~16× them for the
+    # same strength (β-CFG 48 ≈ CFG 3, benchmarks/beta_cfg_strength.py): both rows in the metrics report.
+    COMPARE = {"key": "beta_cfg", "exact": True, "aliases": {"beta": "beta_cfg"},
+               "report": ("beta_cfg", "beta_cfg:cfg={16 * scale}")}
 
     @classmethod
     def define_schema(cls):
@@ -149,8 +163,7 @@ class BetaCFGNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, a, b, gamma, normalize_peak, normalization=next(iter(BETA_NORMALIZATIONS))):
-        return io.NodeOutput(add_method(model, "beta_cfg", cls._build(a, b, gamma, normalize_peak, normalization),
-                                        cls.LABEL))
+        return io.NodeOutput(add_method(model, cls._build(a, b, gamma, normalize_peak, normalization)))
 
 
 APG_FDG_MODES = {"projection only (diffusers FDG)": "projection",
@@ -159,6 +172,7 @@ APG_FDG_MODES = {"projection only (diffusers FDG)": "projection",
 
 class APGNode(io.ComfyNode):
     LABEL = "APG"
+    COMPARE = {"key": "apg", "exact": True}
     STATE_ACROSS_SAMPLER_CALLS = ("its momentum buffer belongs to one sampler call: a run split over two samplers "
                                   "(KSamplerAdvanced 0–k, k–N) starts the momentum again in the second (momentum 0 "
                                   "or APG on FDG bands: a split run equals one call)")
@@ -214,12 +228,12 @@ class APGNode(io.ComfyNode):
     def execute(cls, model, eta, norm_threshold, momentum, fdg_bands=next(iter(APG_FDG_MODES))):
         if fdg_bands not in APG_FDG_MODES:
             raise node_error(f"{cls.LABEL}: fdg_bands must be one of {', '.join(APG_FDG_MODES)}; got {fdg_bands!r}")
-        return io.NodeOutput(add_method(model, "apg", APG(eta, norm_threshold, momentum, cls.LABEL,
-                                                          APG_FDG_MODES[fdg_bands]), cls.LABEL))
+        return io.NodeOutput(add_method(model, APG(eta, norm_threshold, momentum, cls.LABEL, APG_FDG_MODES[fdg_bands])))
 
 
 class TCFGNode(io.ComfyNode):
     LABEL = "TCFG"
+    COMPARE = {"key": "tcfg", "exact": True}
 
     @classmethod
     def define_schema(cls):
@@ -239,11 +253,13 @@ class TCFGNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model):
-        return io.NodeOutput(add_method(model, "tcfg", TCFG(cls.LABEL), cls.LABEL))
+        return io.NodeOutput(add_method(model, TCFG(cls.LABEL)))
 
 
 class CFGZeroStarNode(io.ComfyNode):
     LABEL = "CFG-Zero*"
+    COMPARE = {"key": "cfg_zero_star", "exact": True,
+               "aliases": {"cfgzero": "cfg_zero_star", "cfg_zero": "cfg_zero_star", "cfg-zero*": "cfg_zero_star"}}
 
     @classmethod
     def define_schema(cls):
@@ -277,8 +293,7 @@ class CFGZeroStarNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, optimized_scale, zero_init_steps):
         steps = None if zero_init_steps < 0 else zero_init_steps  # −1: automatic, resolved for the sampled model
-        return io.NodeOutput(add_method(model, "cfg_zero_star", CFGZeroStar(optimized_scale, steps, cls.LABEL),
-                                        cls.LABEL))
+        return io.NodeOutput(add_method(model, CFGZeroStar(optimized_scale, steps, cls.LABEL)))
 
 
 FDG_SCALE_MODES = {"absolute (replace cfg)": False, "relative to cfg": True}
@@ -286,6 +301,7 @@ FDG_SCALE_MODES = {"absolute (replace cfg)": False, "relative to cfg": True}
 
 class FDGNode(io.ComfyNode):
     LABEL = "FDG"
+    COMPARE = {"key": "fdg", "exact": True, "overrides": {"scales": "{scale}, {1 + (scale - 1) / 2}"}}
 
     @classmethod
     def define_schema(cls):
@@ -338,11 +354,12 @@ class FDGNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scales, scale_mode=next(iter(FDG_SCALE_MODES))):
-        return io.NodeOutput(add_method(model, "fdg", cls._build(scales, scale_mode), cls.LABEL))
+        return io.NodeOutput(add_method(model, cls._build(scales, scale_mode)))
 
 
 class RescaleNode(io.ComfyNode):
     LABEL = "Rescale"
+    COMPARE = {"key": "rescale", "exact": True}
 
     @classmethod
     def define_schema(cls):
@@ -368,7 +385,7 @@ class RescaleNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, multiplier):
-        return io.NodeOutput(add_method(model, "rescale", Rescale(multiplier, cls.LABEL), cls.LABEL))
+        return io.NodeOutput(add_method(model, Rescale(multiplier, cls.LABEL)))
 
 
 NODES = [CFGSchedule, BetaCFGNode, APGNode, TCFGNode, CFGZeroStarNode, FDGNode, RescaleNode]

@@ -6,9 +6,9 @@ import math
 
 from comfy_api.latest import io
 
-from ..guiders.plan import GuidancePlan, PlanError
+from ..guiders.plan import GuidancePlan, PlanError, PlanMethod
 from ..guiders.schedules import SHAPES, Schedule, ScheduleError, Window, parse_step_values
-from .engine import apply_plan, plan_of
+from .runtime.engine import apply_plan, plan_of
 
 NODE_PREFIX = "GuidanceKit_"
 CATEGORY_ROOT = "sampling/guidance"
@@ -34,19 +34,10 @@ def node_error(message: str) -> ValueError:
     return ValueError(message)
 
 
-def add_method(model, slot: str, method, label: str):
-    """A clone of ``model`` whose plan also has ``method`` in ``slot``."""
+def add_method(model, method: PlanMethod):
+    """A clone of ``model`` whose plan also has ``method`` (any stage, an extra term included)."""
     try:
-        plan: GuidancePlan = plan_of(model).with_method(slot, method, label)
-    except (PlanError, ScheduleError) as e:
-        raise node_error(str(e)) from None
-    return apply_plan(model, plan)
-
-
-def add_extra_term(model, term, label: str):
-    """A clone of ``model`` whose plan also has the extra guidance ``term`` (stage 3)."""
-    try:
-        plan: GuidancePlan = plan_of(model).with_extra(term)
+        plan: GuidancePlan = plan_of(model).with_method(method)
     except (PlanError, ScheduleError) as e:
         raise node_error(str(e)) from None
     return apply_plan(model, plan)
@@ -98,6 +89,12 @@ def build_schedule(label: str, shape: str, power: float, step_values: str, start
     except ScheduleError as e:
         raise node_error(str(e)) from None
     return schedule
+
+
+def term_schedule(label: str, shape: str, start_percent: float, end_percent: float, sigma_low: float = 0.0
+                  ) -> Schedule:
+    """A term's scale schedule (or a method's window): ``shape`` over [start_percent, end_percent] of progress."""
+    return build_schedule(label, shape, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, sigma_low)
 
 
 def validation_message(fn, *args) -> bool | str:

@@ -3,9 +3,10 @@
 It is ComfyUI's CFGGuider with the engine guaranteed to be installed: the plan comes from the
 method nodes chained on the MODEL, the cfg from this node, and predictions go through the same
 ``sampling_function`` as KSampler, so a plan gives the same numbers on both paths and every other
-pre-/post-cfg patch (and CFG++ samplers) keeps working. Conditionings beyond positive/negative,
-which some terms need (an independent condition, a NAG negative), are passed to the engine by
-name; a model with no plan samples exactly like CFGGuider.
+pre-/post-cfg patch (and CFG++ samplers) keeps working. It takes the positive and negative
+conditionings only: the conditionings a method needs besides them are built by the method's own
+hooks (ICG's independent condition) or carried by its node (NAG's negative). A model with no plan
+samples exactly like CFGGuider.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from .common import CATEGORY_ROOT, NODE_PREFIX
-from .engine import EXTRA_CONDS_KEY, install_engine
+from .runtime.engine import install_engine
 
 
 class GuidanceKitGuider(comfy.samplers.CFGGuider):
@@ -22,20 +23,6 @@ class GuidanceKitGuider(comfy.samplers.CFGGuider):
         patched = model_patcher.clone()
         install_engine(patched)
         super().__init__(patched)
-        self.extra_cond_names: list[str] = []
-
-    def set_conds(self, positive, negative, **extra):
-        self.extra_cond_names = list(extra)
-        self.inner_set_conds({"positive": positive, "negative": negative, **extra})
-
-    def predict_noise(self, x, timestep, model_options=None, seed=None):
-        model_options = {} if model_options is None else model_options
-        if self.extra_cond_names:
-            model_options = dict(model_options)
-            model_options[EXTRA_CONDS_KEY] = {k: self.conds.get(k) for k in self.extra_cond_names}
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative", None),
-                                                self.conds.get("positive", None), self.cfg,
-                                                model_options=model_options, seed=seed)
 
 
 class GuidanceGuiderNode(io.ComfyNode):

@@ -4,13 +4,13 @@ Two ways to get a second model's prediction in the same step, chosen by the node
 
 * **A different checkpoint** (its own loader): the second ModelPatcher is attached to the clone
   with ``set_additional_models`` (ComfyUI loads and offloads it with the sampled model) and its
-  branch runs through ``calc_cond_batch`` on it (``engine.py``, second models). Family, latent and
+  branch runs through ``calc_cond_batch`` on it (``contributors/second_model.py``). Family, latent and
   conditioning shapes are checked at the node and again at sampling start.
 * **The same weights with other patches** (a LoRA file on the node, or a second MODEL that is a
   LoRA-patched clone of the sampled one, e.g. through LoraLoader): the patch difference is applied
   to the branch's rows only, inside the one batched forward, from the LoRA factors
-  (``weight_delta.py`` builds the deltas, ``hooks.py`` applies them). No weight is copied; the
-  personalization λ is a strength on that delta.
+  (``contributors/weight_delta.py`` builds the deltas, ``contributors/row_delta.py`` applies them). No
+  weight is copied; the personalization λ is a strength on that delta.
 
 Terms: Autoguidance adds ``s_t·(C − C_weak)`` (an extra term, like PAG); the others replace the
 unconditional prediction, ``U' = U + β_t·(U_other − U)`` (β = 1: the papers' replacement).
@@ -20,21 +20,20 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.plan import Branch, ExtraGuidance, UncondModel
-from . import hooks, second_model, weight_delta
+from ..guiders.methods.extra_guidance import ExtraGuidance
+from ..guiders.methods.uncond_model import UncondModel
+from ..guiders.plan import Branch
 from .common import (
     CATEGORY_ROOT,
     NODE_PREFIX,
-    SIGMA_NO_LIMIT,
-    add_extra_term,
     add_method,
-    build_schedule,
     model_input,
     model_output,
     node_error,
+    term_schedule,
     term_schedule_inputs,
 )
-from .engine import OtherModel, second_model_key
+from .contributors import row_delta, second_model, weight_delta
 
 CATEGORY_MODEL = CATEGORY_ROOT + "/second model"
 
@@ -85,28 +84,28 @@ def _second_source(label: str, model, second, what: str):
 def add_second_model_term(model, second, label: str, branch_name: str, kind: str, scale: float, schedule: str,
                           start_percent: float, end_percent: float, what: str):
     """Clone ``model`` with a term whose branch runs on ``second`` (kind 'extra' or 'uncond')."""
-    built = build_schedule(label, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
+    built = term_schedule(label, schedule, start_percent, end_percent)
     source, patches = _second_source(label, model, second, what)
     if source == "delta":
         delta_id = weight_delta.new_delta_id(label)
-        perturbation = hooks.RowDelta(label, delta_id, 1.0)
+        perturbation = row_delta.RowDelta(label, delta_id, 1.0)
     else:
-        perturbation = OtherModel(label, second_model_key(branch_name))
+        perturbation = second_model.OtherModel(label, second_model.second_model_key(branch_name))
     branch = Branch(branch_name, source="cond" if kind == "extra" else "uncond", perturbation=perturbation)
     if kind == "extra":
         term = ExtraGuidance(branch, scale=float(scale), schedule=built, label=label)
-        patched = add_extra_term(model, term, label)
+        patched = add_method(model, term)
     else:
         term = UncondModel(branch, scale=float(scale), schedule=built, label=label)
-        patched = add_method(model, "uncond_model", term, label)
+        patched = add_method(model, term)
     if source == "delta":
         try:
             entries = weight_delta.entries_from_patches(model, patches, label)
         except weight_delta.DeltaError as e:
             raise node_error(str(e)) from None
-        hooks.install_delta(patched, perturbation.delta_id, entries)
+        row_delta.install_delta(patched, perturbation.delta_id, entries)
     else:
-        patched.set_additional_models(perturbation.key, [second])
+        second_model.install(patched, perturbation, second)
     return patched
 
 
@@ -115,20 +114,20 @@ def add_lora_uncond_term(model, label: str, branch_name: str, lora_sd: dict, mai
                          end_percent: float):
     """Clone ``model`` (+ the LoRA at ``main_strength`` on all rows, as LoraLoader) whose uncond rows get
     the LoRA at ``branch_strength`` more (a delta on the same weights)."""
-    built = build_schedule(label, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
+    built = term_schedule(label, schedule, start_percent, end_percent)
     try:
         loaded = weight_delta.lora_patches(model, lora_sd, label)
         patches = weight_delta.as_patch_list(loaded, 1.0)
         entries = weight_delta.entries_from_patches(model, patches, label)
     except weight_delta.DeltaError as e:
         raise node_error(str(e)) from None
-    delta = hooks.RowDelta(label, weight_delta.new_delta_id(label), float(branch_strength), len(entries))
+    delta = row_delta.RowDelta(label, weight_delta.new_delta_id(label), float(branch_strength), len(entries))
     term = UncondModel(Branch(branch_name, source="uncond", perturbation=delta), scale=float(scale), schedule=built,
                        label=label)
-    patched = add_method(model, "uncond_model", term, label)
+    patched = add_method(model, term)
     if main_strength != 0.0:
         patched.add_patches(loaded, float(main_strength))
-    hooks.install_delta(patched, delta.delta_id, entries)
+    row_delta.install_delta(patched, delta.delta_id, entries)
     return patched
 
 
@@ -138,6 +137,8 @@ def add_lora_uncond_term(model, label: str, branch_name: str, lora_sd: dict, mai
 
 class AutoguidanceNode(io.ComfyNode):
     LABEL = "Autoguidance"
+    # the weak model is the runner's: on the embedded model, the same UNet trained 1/12 as long
+    COMPARE = {"key": "autoguidance", "aliases": {"ag_weak": "autoguidance", "autoguide": "autoguidance"}}
 
     @classmethod
     def define_schema(cls):

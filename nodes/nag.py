@@ -10,7 +10,7 @@ and ChenDarYen/ComfyUI-NAG). In every text attention of the model, for the promp
 (``guiders.attention_ops.nag_combine``). It works at cfg 1, where CFG cannot use a negative prompt
 (distilled and few-step models), and together with CFG (then only the conditional rows get NAG, as in
 the official code). The NAG negative's tokens enter the same model call as extra context tokens: no
-second forward, only the extra attention (``hooks.NagInput``).
+second forward, only the extra attention (``contributors/nag.py``).
 
 The node clones the MODEL and installs NAG's hooks; it does not touch the guidance plan, so it stacks
 with every CFG-space and perturbation node and samples with KSampler, every sampler and the Guidance
@@ -20,53 +20,16 @@ Guider.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from comfy_api.latest import io
 
 from ..guiders.schedules import ScheduleError
-from . import hooks, nag_modulation
-from .common import CATEGORY_ROOT, NODE_PREFIX, SIGMA_NO_LIMIT, build_schedule, model_input, node_error
+from .common import CATEGORY_ROOT, NODE_PREFIX, model_input, node_error, term_schedule
+from .contributors import nag, nag_modulation
+from .runtime.families import FamilyError, NagDefaults, nag_defaults, nag_family_of
 
 CATEGORY_NAG = CATEGORY_ROOT + "/attention"
 AUTO = -1.0
-
-
-@dataclass(frozen=True)
-class NagDefaults:
-    scale: float
-    tau: float
-    alpha: float
-    source: str
-
-
-# Verified against the official code (ChenDarYen/Normalized-Attention-Guidance pipelines and README,
-# ChenDarYen/ComfyUI-NAG example workflows); families without an official setting use the official
-# processors' defaults (τ 2.5, α 0.25) with the scale of the README's Flux/SD3.5 examples.
-_OFFICIAL_DIT = NagDefaults(5.0, 2.5, 0.25, "no official setting; the official DiT processors' τ and α, scale 5")
-FAMILY_DEFAULTS: dict[str, NagDefaults] = {
-    "SD1.5": NagDefaults(5.0, 2.5, 0.38, "ComfyUI-NAG SD1.5 workflow (with cfg 7)"),
-    "SDXL": NagDefaults(3.0, 2.5, 0.5, "official README (SDXL DMD2, 4 steps) and SDXL pipeline defaults"),
-    "Flux": NagDefaults(5.0, 2.5, 0.25, "official README (Flux schnell) and Flux processor defaults"),
-    "Chroma": NagDefaults(5.0, 2.5, 0.25, "ComfyUI-NAG Chroma workflow"),
-    "Chroma Radiance": NagDefaults(5.0, 2.5, 0.25, "ComfyUI-NAG Chroma workflow"),
-    "SD3/SD3.5": NagDefaults(5.0, 2.5, 0.125, "official README (SD3.5 Large Turbo) and SD3 pipeline defaults"),
-    "WAN": NagDefaults(9.0, 2.5, 0.25, "official README (Wan2.1 T2V with cfg 5) and Wan pipeline defaults"),
-    "HunyuanVideo": NagDefaults(9.0, 2.5, 0.12, "ComfyUI-NAG HunyuanVideo workflow"),
-    "Qwen-Image": _OFFICIAL_DIT,
-    "LTXV": _OFFICIAL_DIT,
-    "Cosmos Predict2": _OFFICIAL_DIT,
-}
-
-
-def family_defaults(model, spec: hooks.FamilySpec) -> NagDefaults:
-    """The ``auto`` values for this model: SD1.5 and SDXL differ inside the UNet family."""
-    if spec.is_unet:
-        names = {cls.__name__ for cls in type(model.model).__mro__}
-        return FAMILY_DEFAULTS["SDXL" if names & {"SDXL", "SDXLRefiner"} else "SD1.5"]
-    if spec.name.startswith("WAN"):
-        return FAMILY_DEFAULTS["WAN"]
-    return FAMILY_DEFAULTS.get(spec.name, _OFFICIAL_DIT)
 
 
 def resolve_settings(label: str, defaults: NagDefaults, scale: float, tau: float, alpha: float
@@ -113,6 +76,7 @@ def negative_tokens(label: str, conditioning) -> tuple:
 
 class NAGNode(io.ComfyNode):
     LABEL = "NAG"
+    COMPARE = {"key": "nag"}
 
     @classmethod
     def define_schema(cls):
@@ -173,7 +137,7 @@ class NAGNode(io.ComfyNode):
     def validate_inputs(cls, scale=AUTO, tau=AUTO, alpha=AUTO, start_percent=0.0, end_percent=1.0, **kwargs):
         try:
             resolve_settings(cls.LABEL, NagDefaults(1.0, 1.0, 0.0, ""), scale, tau, alpha)
-            build_schedule(cls.LABEL, "constant", 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
+            term_schedule(cls.LABEL, "constant", start_percent, end_percent)
         except ValueError as e:
             return str(e)
         return True
@@ -181,24 +145,23 @@ class NAGNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, nag_negative, scale, tau, alpha, start_percent, end_percent, sigma_end):
         try:
-            spec = hooks.nag_family_of(model, cls.LABEL)
-        except hooks.FamilyError as e:
+            spec = nag_family_of(model, cls.LABEL)
+        except FamilyError as e:
             raise node_error(str(e)) from None
-        scale, tau, alpha = resolve_settings(cls.LABEL, family_defaults(model, spec), scale, tau, alpha)
+        scale, tau, alpha = resolve_settings(cls.LABEL, nag_defaults(model, spec), scale, tau, alpha)
         try:
-            window = build_schedule(cls.LABEL, "constant", 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT,
-                                    float(sigma_end)).window
+            window = term_schedule(cls.LABEL, "constant", start_percent, end_percent, float(sigma_end)).window
         except ScheduleError as e:
             raise node_error(str(e)) from None
         tokens, mask, pooled = negative_tokens(cls.LABEL, nag_negative)
         modulation = nag_modulation.for_family(spec, pooled, cls.LABEL)
-        settings = hooks.NagSettings(cls.LABEL, spec, scale, tau, alpha, window, tokens, mask, modulation)
+        settings = nag.NagSettings(cls.LABEL, spec, scale, tau, alpha, window, tokens, mask, modulation)
         patched = model.clone()
         try:
-            hooks.install_nag(patched, spec, settings)
+            nag.install(patched, spec, settings)
             if modulation is not None:
                 nag_modulation.install(patched, modulation)
-        except hooks.FamilyError as e:
+        except FamilyError as e:
             raise node_error(str(e)) from None
         return io.NodeOutput(patched)
 

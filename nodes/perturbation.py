@@ -1,10 +1,13 @@
 """Model-patch nodes for perturbation guidance: PAG, SEG, TPG, skip-layer (SLG/STG), S²-Guidance, TSG, ICG.
 
-Each node clones the MODEL, resolves its layer selection against the model's blocks (errors name
-the node, the family and the valid blocks), installs the family's hooks once (``hooks.py``) and adds
-one term to the guidance plan: ``D̂ += s_t·(C − C̃)`` with ``C̃`` the conditional prediction of the
-degraded network. The degraded branch runs in the same batched model call as cond and uncond.
-ICG instead replaces the unconditional branch by the prediction under an independent condition.
+Each layered node (PAG, SEG, TPG, skip-layer, S²-Guidance) clones the MODEL, resolves its layer selection
+(``auto``: the family default of ``runtime.families.auto_layers``, whose sources each node's help page in
+``web/docs`` cites) against the model's blocks (errors name the node, the family and the valid blocks), adds
+one term to the guidance plan, ``D̂ += s_t·(C − C̃)`` with ``C̃`` the conditional prediction of the degraded
+network, and installs its contributor (``contributors/block_perturbation.py``). The degraded branch runs in
+the same batched model call as cond and uncond. TSG's branch perturbs the time embedding instead (its legacy
+mode the time input: ``contributors/time_input.py``); ICG replaces the unconditional branch by the prediction
+under an independent condition (``contributors/condition.py``).
 """
 
 from __future__ import annotations
@@ -16,20 +19,23 @@ from comfy_api.latest import io
 
 from ..guiders.attention_ops import drop_count
 from ..guiders.layers import LayerError, parse_layers, resolve
-from ..guiders.plan import Branch, ExtraGuidance, IndependentCondition
-from . import hooks, independent_condition, time_embedding
+from ..guiders.methods.extra_guidance import ExtraGuidance
+from ..guiders.methods.icg import IndependentCondition
+from ..guiders.plan import Branch
 from .common import (
     CATEGORY_ROOT,
     NODE_PREFIX,
-    SIGMA_NO_LIMIT,
-    add_extra_term,
     add_method,
-    build_schedule,
     model_input,
     model_output,
     node_error,
+    term_schedule,
     term_schedule_inputs,
 )
+from .contributors import block_perturbation, condition, time_input
+from .contributors.block_perturbation import Perturbation
+from .runtime.blocks import block_layout, first_block
+from .runtime.families import FamilyError, auto_layers, check_blocks, diffusion_model_of, family_of
 
 CATEGORY_PERTURB = CATEGORY_ROOT + "/perturbation"
 INFINITE_BLUR = 10000.0
@@ -40,89 +46,6 @@ LAYERS_TOOLTIP = (
     "('input 8.2-5'). DiTs use ComfyUI's block numbers: 'double 7-9, single 0-37' (Flux, Chroma, HunyuanVideo, "
     "AuraFlow), 'double 12' or 'blocks 12' (SD3, WAN, Qwen-Image, LTXV: all their blocks are 'double'). "
     "Ranges are inclusive; 'all' selects a whole group.")
-
-
-# ------------------------------------------------------------------------------------------------
-# per-family defaults ("auto")
-# ------------------------------------------------------------------------------------------------
-
-def _middle(n: int) -> int:
-    return n // 2
-
-
-# TPG's official SDXL default (TaatiTeam/Token-Perturbation-Guidance, pipeline_sdxl_tpg.py:
-# tpg_applied_layers_index = d6 … d23): indices into the UNet's down-path transformer layers, in order
-TPG_OFFICIAL_DOWN_LAYERS = range(6, 24)
-# LTX-Video's STG default (Lightricks/LTX-Video configs, stg_mode "attention_values" = PAG's operator):
-# ltxv-2b-0.9*.yaml skip_block_list [19] (28 blocks); ltxv-13b-0.9.8-dev.yaml first pass [28] from σ 0.985 on
-LTXV_STG_BLOCK = {28: 19, 48: 28}
-
-
-def _unet_layer_selection(layers: list[tuple[int, int]], counts: dict[int, int]) -> str:
-    """``input B`` for a whole block, ``input B.T-U`` for a contiguous part of one."""
-    items = []
-    for b in sorted({b for b, _ in layers}):
-        chosen = sorted(t for bb, t in layers if bb == b)
-        if len(chosen) == counts[b]:
-            items.append(f"input {b}")
-        else:
-            items.append(f"input {b}.{chosen[0]}-{chosen[-1]}" if len(chosen) > 1 else f"input {b}.{chosen[0]}")
-    return ", ".join(items)
-
-
-def tpg_unet_layers(layout) -> str:
-    """TPG's UNet default: the official index rule where it applies, else the lowest-resolution input level.
-
-    Official (SDXL): down-path transformer layers d6–d23 = ``input 7.2-9, input 8``. On UNets with fewer
-    than 24 down-path layers (SD1.5/SD2: 6, the embedded digits model: 2) the rule selects nothing;
-    the pack then takes every input block at the lowest resolution that has attention (SD1.5:
-    ``input 7, input 8``; a two-level UNet: its second level only). Shuffling tokens at a full-resolution
-    layer is a far stronger perturbation (measured in the TPG help page).
-    """
-    inputs = layout.unet_blocks.get("input", {})
-    if not inputs:
-        return "middle all"
-    ordered = [(b, t) for b in sorted(inputs) for t in range(inputs[b])]
-    if len(ordered) >= TPG_OFFICIAL_DOWN_LAYERS.stop:
-        return _unet_layer_selection([ordered[i] for i in TPG_OFFICIAL_DOWN_LAYERS], inputs)
-    levels = layout.unet_input_levels
-    deepest = max(levels.get(b, 0) for b in inputs)
-    return ", ".join(f"input {b}" for b in sorted(inputs) if levels.get(b, 0) == deepest)
-
-
-def auto_layers(method: str, spec: hooks.FamilySpec, layout) -> str:
-    """The family default for ``layers = auto`` (each node's help page cites its source), fitted to the
-    model's size."""
-    if spec.is_unet:
-        groups = layout.unet_blocks
-        if method == "TPG":
-            return tpg_unet_layers(layout)
-        if method == "S²-Guidance":
-            return "input all, middle all, output all"
-        return "middle all" if groups.get("middle") else f"input {max(groups.get('input', {0: 0}))}"
-    double = layout.dit_blocks.get("double", 0)
-    single = layout.dit_blocks.get("single", 0)
-    if method == "S²-Guidance":
-        return "double all" + (", single all" if single else "")
-    if spec.name == "LTXV" and method in ("PAG", "SLG"):
-        block = LTXV_STG_BLOCK.get(double, 19)
-        if block < double:
-            return f"double {block}"
-    if method == "SLG":
-        if spec.name == "SD3/SD3.5":
-            first, last = 7, 9  # Stability's SD3.5 Medium SLG (ComfyUI SkipLayerGuidanceSD3: layers 7, 8, 9)
-        elif spec.name.startswith("WAN"):
-            first, last = 9, 9
-        else:
-            first, last = 7, 9  # ComfyUI core SkipLayerGuidanceDiT: double 7, 8, 9 and single 7, 8, 9
-        if last < double:
-            selection = f"double {first}-{last}" if first != last else f"double {first}"
-            if single > 9 and not spec.name.startswith("WAN") and spec.name != "SD3/SD3.5":
-                selection += ", single 7-9"
-            return selection
-    if double:
-        return f"double {_middle(double)}"
-    return f"single {_middle(single)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,11 +75,11 @@ def _layers_input(example: str):
 
 def _family(model, label: str):
     try:
-        spec = hooks.family_of(model, label)
-        hooks.check_blocks(hooks.diffusion_model_of(model), spec, label)
-    except hooks.FamilyError as e:
+        spec = family_of(model, label)
+        check_blocks(diffusion_model_of(model), spec, label)
+    except FamilyError as e:
         raise node_error(str(e)) from None
-    return spec, hooks.block_layout(model, spec)
+    return spec, block_layout(model, spec)
 
 
 def _blocks(label: str, method: str, layers: str, spec, layout) -> tuple[tuple, ...]:
@@ -180,16 +103,19 @@ def _layers_syntax(layers: str, label: str) -> bool | str:
     return True
 
 
-def add_perturbation_term(model, label: str, perturbation: hooks.Perturbation, scale: float, schedule: str,
+def add_branch_term(model, label: str, effect, scale: float, schedule: str, start_percent: float,
+                    end_percent: float):
+    """A clone of ``model`` whose plan adds ``s_t·(C − C̃)`` for a branch (named ``label``) with ``effect``."""
+    built = term_schedule(label, schedule, start_percent, end_percent)
+    term = ExtraGuidance(Branch(label, source="cond", perturbation=effect), scale=scale, schedule=built, label=label)
+    return add_method(model, term)
+
+
+def add_perturbation_term(model, label: str, perturbation: Perturbation, spec, scale: float, schedule: str,
                           start_percent: float, end_percent: float):
-    """Clone, install the family hooks for ``perturbation`` and add its term to the plan."""
-    built = build_schedule(label, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
-    term = ExtraGuidance(Branch(f"{perturbation.method}", source="cond", perturbation=perturbation), scale=scale,
-                         schedule=built, label=label)
-    patched = add_extra_term(model, term, label)
-    spec = hooks.FAMILIES_BY_NAME[perturbation.family]
-    layout = hooks.block_layout(patched, spec)
-    hooks.install(patched, hooks.plan_installation(spec, layout, perturbation), layout)
+    """Clone, add the perturbation's term to the plan and install its contributor."""
+    patched = add_branch_term(model, label, perturbation, scale, schedule, start_percent, end_percent)
+    block_perturbation.install(patched, spec, block_layout(patched, spec), perturbation)
     return patched
 
 
@@ -217,9 +143,9 @@ class LayeredMethodNode(io.ComfyNode):
                  end_percent: float, **fields):
         spec, layout = _family(model, cls.LABEL)
         cls.check_family(spec)
-        p = hooks.Perturbation(cls.LABEL, operator, spec.name, _blocks(cls.LABEL, cls.LABEL, layers, spec, layout),
-                               **fields)
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
+        p = Perturbation(cls.LABEL, operator, spec.name, _blocks(cls.LABEL, cls.LABEL, layers, spec, layout), **fields)
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, spec, scale, schedule, start_percent,
+                                                   end_percent))
 
     @classmethod
     def check_family(cls, spec) -> None:
@@ -228,6 +154,7 @@ class LayeredMethodNode(io.ComfyNode):
 
 class PAGNode(LayeredMethodNode):
     LABEL = "PAG"
+    COMPARE = {"key": "pag"}
     DEFAULTS = Defaults(scale=3.0)
 
     @classmethod
@@ -263,6 +190,7 @@ class PAGNode(LayeredMethodNode):
 
 class SEGNode(LayeredMethodNode):
     LABEL = "SEG"
+    COMPARE = {"key": "seg"}
     DEFAULTS = Defaults(scale=3.0)
 
     @classmethod
@@ -299,6 +227,7 @@ class SEGNode(LayeredMethodNode):
 
 class TPGNode(LayeredMethodNode):
     LABEL = "TPG"
+    COMPARE = {"key": "tpg"}
     DEFAULTS = Defaults(scale=3.0)
 
     @classmethod
@@ -344,6 +273,7 @@ class TPGNode(LayeredMethodNode):
 
 class SkipLayerNode(LayeredMethodNode):
     LABEL = "SLG"
+    COMPARE = {"key": "skip_layer", "label": "Skip-Layer", "aliases": {"slg": "skip_layer", "skiplayer": "skip_layer"}}
     DEFAULTS = Defaults(scale=2.8, start=0.01, end=0.2)
 
     @classmethod
@@ -382,6 +312,7 @@ class SkipLayerNode(LayeredMethodNode):
 
 class S2GuidanceNode(LayeredMethodNode):
     LABEL = "S²-Guidance"
+    COMPARE = {"key": "s2_guidance", "aliases": {"s2": "s2_guidance"}}
     DEFAULTS = Defaults(scale=0.25, start=0.1, end=0.9)
 
     @classmethod
@@ -414,7 +345,7 @@ class S2GuidanceNode(LayeredMethodNode):
     def execute(cls, model, scale, drop_ratio, layers, seed, schedule, start_percent, end_percent):
         spec, layout = _family(model, cls.LABEL)
         blocks = _blocks(cls.LABEL, cls.LABEL, layers, spec, layout)
-        first = _first_block(spec, layout)
+        first = first_block(spec, layout)
         candidates = tuple(b for b in blocks if b != first)
         if not candidates:
             raise node_error(f"{cls.LABEL}: the selection '{layers}' holds only the model's first block, which "
@@ -423,18 +354,9 @@ class S2GuidanceNode(LayeredMethodNode):
             raise node_error(f"{cls.LABEL}: drop_ratio {drop_ratio} of {len(candidates)} candidate blocks rounds to "
                              f"0 blocks, so nothing would be dropped; raise drop_ratio to at least "
                              f"{math.ceil(50 / len(candidates)) / 100:.2f} or select more blocks.")
-        p = hooks.Perturbation(cls.LABEL, "drop", spec.name, candidates, drop_ratio=float(drop_ratio),
-                               seed=int(seed))
-        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent))
-
-
-def _first_block(spec, layout) -> tuple:
-    if spec.is_unet:
-        for group in ("input", "middle", "output"):
-            blocks = layout.unet_blocks.get(group)
-            if blocks:
-                return (group, min(blocks), 0)
-    return ("double", 0) if layout.dit_blocks.get("double") else ("single", 0)
+        p = Perturbation(cls.LABEL, "drop", spec.name, candidates, drop_ratio=float(drop_ratio), seed=int(seed))
+        return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, spec, scale, schedule, start_percent,
+                                                   end_percent))
 
 
 TSG_PERTURB = ("time embedding (paper)", "time input shift (legacy)")
@@ -442,6 +364,7 @@ TSG_PERTURB = ("time embedding (paper)", "time input shift (legacy)")
 
 class TSGNode(io.ComfyNode):
     LABEL = "TSG"
+    COMPARE = {"key": "tsg"}
     DEFAULTS = Defaults(scale=1.5)
 
     @classmethod
@@ -494,25 +417,24 @@ class TSGNode(io.ComfyNode):
     def execute(cls, model, scale, time_noise, seed, schedule, start_percent, end_percent, perturb=TSG_PERTURB[0],
                 s=2.0, alpha=1.0):
         if perturb == TSG_PERTURB[1]:
-            spec = hooks.family_for_time_input(model)
-            p = hooks.Perturbation(cls.LABEL, "timestep", spec.name, seed=int(seed), timestep_shift=float(time_noise))
-            return io.NodeOutput(add_perturbation_term(model, cls.LABEL, p, scale, schedule, start_percent,
-                                                       end_percent))
+            family = time_input.family_for_time_input(model)
+            shift = time_input.TimeShift(cls.LABEL, family, seed=int(seed), shift=float(time_noise))
+            patched = add_branch_term(model, cls.LABEL, shift, scale, schedule, start_percent, end_percent)
+            time_input.install_time_shift(patched)
+            return io.NodeOutput(patched)
         try:
-            site = time_embedding.site_of(model, cls.LABEL)
-        except hooks.FamilyError as e:
+            site = time_input.site_of(model, cls.LABEL)
+        except FamilyError as e:
             raise node_error(str(e)) from None
-        p = time_embedding.TimeEmbeddingNoise(cls.LABEL, site.family, seed=int(seed), s=float(s), alpha=float(alpha))
-        built = build_schedule(cls.LABEL, schedule, 2.0, "", start_percent, end_percent, SIGMA_NO_LIMIT, 0.0)
-        term = ExtraGuidance(Branch(cls.LABEL, source="cond", perturbation=p), scale=scale, schedule=built,
-                             label=cls.LABEL)
-        patched = add_extra_term(model, term, cls.LABEL)
-        time_embedding.install(patched, site)
+        p = time_input.TimeEmbeddingNoise(cls.LABEL, site.family, seed=int(seed), s=float(s), alpha=float(alpha))
+        patched = add_branch_term(model, cls.LABEL, p, scale, schedule, start_percent, end_percent)
+        time_input.install(patched, site)
         return io.NodeOutput(patched)
 
 
 class ICGNode(io.ComfyNode):
     LABEL = "ICG"
+    COMPARE = {"key": "icg"}
 
     @classmethod
     def define_schema(cls):
@@ -539,10 +461,10 @@ class ICGNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed):
-        condition = independent_condition.RandomCondition(cls.LABEL, int(seed))
-        term = IndependentCondition(Branch("ICG", source="cond", perturbation=condition), label=cls.LABEL)
-        patched = add_method(model, "icg", term, cls.LABEL)
-        independent_condition.install(patched)
+        effect = condition.RandomCondition(cls.LABEL, int(seed))
+        term = IndependentCondition(Branch("ICG", source="cond", perturbation=effect), label=cls.LABEL)
+        patched = add_method(model, term)
+        condition.install(patched)
         return io.NodeOutput(patched)
 
 

@@ -29,8 +29,7 @@ from comfy_api.latest import io
 
 from ..guiders import samplers as guided_samplers
 from .common import CATEGORY_ROOT, NODE_PREFIX, node_error
-from .engine import PLAN_KEY
-from .guider import GuidanceKitGuider
+from .runtime.engine import PLAN_KEY
 
 # The pack keeps all its nodes under sampling/guidance (and SAMPLER outputs are found by dragging
 # from SamplerCustomAdvanced's sampler input, whatever their folder).
@@ -127,8 +126,7 @@ def cond_only_model_options(model_options: dict) -> dict:
 
 def check_single_scale_guider(guider, label: str) -> None:
     predict = getattr(type(guider), "predict_noise", None)
-    if not isinstance(guider, comfy.samplers.CFGGuider) or predict not in (comfy.samplers.CFGGuider.predict_noise,
-                                                                           GuidanceKitGuider.predict_noise):
+    if not isinstance(guider, comfy.samplers.CFGGuider) or predict is not comfy.samplers.CFGGuider.predict_noise:
         raise GuidanceSamplerError(
             f"{label}: it needs a guider with one cfg scale (CFGGuider, the Guidance Guider or BasicGuider) to take "
             f"conditional-only predictions; {type(guider).__name__} combines its predictions its own way.")
@@ -173,36 +171,34 @@ def langevin_noise_stream(seed):
 # sampler functions (ComfyUI's KSAMPLER calling convention)
 # ------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def sample_dpmpp_2m_sde_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                               solver_type="midpoint", noise_device="gpu", noise_sampler=None):
+def _sample_cfg_pp_sde(sample, label: str, model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_device,
+                       noise_sampler, **solver):
+    """A CFG++ DPM++ SDE rule of ``guiders/samplers.py`` (``sample``) on ComfyUI's sampler arguments."""
     if len(sigmas) <= 1:
         return x
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
         noise_sampler = brownian_noise_sampler(x, sigmas, extra_args.get("seed"), noise_device)
     model_sampling = model_sampling_of(model)
-    return guided_samplers.sample_dpmpp_2m_sde_cfg_pp(
-        cfg_pp_denoiser(model, extra_args, LABEL_2M), x, k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling),
+    return sample(
+        cfg_pp_denoiser(model, extra_args, label), x, k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling),
         half_log_snr=half_log_snr_of(model_sampling), noise_sampler=noise_sampler, eta=eta,
-        s_noise=s_noise * model_noise_scale(model_sampling),
-        solver_type=solver_type, callback=callback, step_range=progress_range(disable))
+        s_noise=s_noise * model_noise_scale(model_sampling), callback=callback, step_range=progress_range(disable),
+        **solver)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                               solver_type="midpoint", noise_device="gpu", noise_sampler=None):
+    return _sample_cfg_pp_sde(guided_samplers.sample_dpmpp_2m_sde_cfg_pp, LABEL_2M, model, x, sigmas, extra_args,
+                              callback, disable, eta, s_noise, noise_device, noise_sampler, solver_type=solver_type)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                                noise_device="gpu", noise_sampler=None):
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    if noise_sampler is None:
-        noise_sampler = brownian_noise_sampler(x, sigmas, extra_args.get("seed"), noise_device)
-    model_sampling = model_sampling_of(model)
-    return guided_samplers.sample_dpmpp_3m_sde_cfg_pp(
-        cfg_pp_denoiser(model, extra_args, LABEL_3M), x, k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling),
-        half_log_snr=half_log_snr_of(model_sampling), noise_sampler=noise_sampler, eta=eta,
-        s_noise=s_noise * model_noise_scale(model_sampling),
-        callback=callback, step_range=progress_range(disable))
+    return _sample_cfg_pp_sde(guided_samplers.sample_dpmpp_3m_sde_cfg_pp, LABEL_3M, model, x, sigmas, extra_args,
+                              callback, disable, eta, s_noise, noise_device, noise_sampler)
 
 
 @torch.no_grad()
@@ -255,13 +251,22 @@ def _sampler_output(text: str):
     return io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's (or SamplerCustom's) sampler input. " + text)
 
 
-class SamplerDPMPP2MSDECFGPP(io.ComfyNode):
-    LABEL = LABEL_2M
+class _CFGPPSampler:
+    """What the CFG++ sampler nodes declare alike (test_conformance reads it)."""
+
     STATE_ACROSS_SAMPLER_CALLS = ("the multistep history and the Brownian-tree noise belong to one sampler call, as in "
                                   "ComfyUI's own DPM++ SDE samplers: a run split over two calls restarts them")
     BATCH_COUPLED = ("the SDE noise is one Brownian tree over the whole batch latent, as in ComfyUI's own SDE "
                      "samplers, so a sample's noise depends on the batch it is in")
     TYPICAL_CFG = 0.6  # the guider's cfg is CFG++'s λ in [0, 1]
+
+
+class SamplerDPMPP2MSDECFGPP(_CFGPPSampler, io.ComfyNode):
+    LABEL = LABEL_2M
+    # CFG++: λ = ω / 12.5 (the paper's correspondence λ 0.4 / 0.6 / 1.0 ~ CFG ω 5 / 7.5 / 12.5)
+    COMPARE = {"key": "cfgpp_2m", "label": "DPM++ 2M SDE CFG++ (λ=cfg/12.5)", "sampler": True,
+               "cfg": "{min(1, scale / 12.5)}",
+               "aliases": {"cfgpp": "cfgpp_2m", "cfg++": "cfgpp_2m", "dpmpp_2m_sde_cfg_pp": "cfgpp_2m"}}
 
     @classmethod
     def define_schema(cls):
@@ -293,13 +298,10 @@ class SamplerDPMPP2MSDECFGPP(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_dpmpp_2m_sde_cfg_pp, extra_options=options))
 
 
-class SamplerDPMPP3MSDECFGPP(io.ComfyNode):
+class SamplerDPMPP3MSDECFGPP(_CFGPPSampler, io.ComfyNode):
     LABEL = LABEL_3M
-    STATE_ACROSS_SAMPLER_CALLS = ("the multistep history and the Brownian-tree noise belong to one sampler call, as in "
-                                  "ComfyUI's own DPM++ SDE samplers: a run split over two calls restarts them")
-    BATCH_COUPLED = ("the SDE noise is one Brownian tree over the whole batch latent, as in ComfyUI's own SDE "
-                     "samplers, so a sample's noise depends on the batch it is in")
-    TYPICAL_CFG = 0.6  # the guider's cfg is CFG++'s λ in [0, 1]
+    COMPARE = {"key": "cfgpp_3m", "label": "DPM++ 3M SDE CFG++ (λ=cfg/12.5)", "sampler": True,
+               "cfg": "{min(1, scale / 12.5)}", "aliases": {"dpmpp_3m_sde_cfg_pp": "cfgpp_3m"}}
 
     @classmethod
     def define_schema(cls):
@@ -325,6 +327,8 @@ class SamplerDPMPP3MSDECFGPP(io.ComfyNode):
 
 class SamplerPCG(io.ComfyNode):
     LABEL = LABEL_PCG
+    # PCG: γ = 2w − 1 with K = 1, step_scale 0.5 is DDPM with CFG scale w (the paper's equivalence)
+    COMPARE = {"key": "pcg", "label": "PCG (γ=2·cfg−1)", "sampler": True, "cfg": "{2 * scale - 1}"}
     STATE_ACROSS_SAMPLER_CALLS = ("the Langevin corrector's noise stream is seeded per sampler call (from the run's "
                                   "seed), so a run split over two calls draws other corrector noise")
     BATCH_COUPLED = ("the corrector's Langevin noise is drawn for the whole batch latent from one seeded "

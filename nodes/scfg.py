@@ -4,14 +4,14 @@ Shen et al., "Rethinking the Spatial Inconsistency in Classifier-Free Diffusion 
 (official code SmilesDZgk/S-CFG). Each step the conditional forward's cross-attention maps (completed
 by self-attention) split the image into one region per text token; every region's CFG weight is
 rescaled so that its mean guidance norm equals the foreground's: ``D = U + w·r(x)·(C − U)``. The math
-is ``guiders/region_guidance.py``; the maps are read by ``hooks.install_region_hooks`` inside the same
+is ``guiders/region_guidance.py``; the maps are read by ``contributors/regions.py`` inside the same
 batched model call (no extra model pass).
 
 Two nodes:
 
-* ``GuidanceKit_SCFG`` (MODEL → MODEL): adds the ``scfg`` slot to the guidance plan (so it stacks with
-  APG, TCFG, FDG, schedules and perturbation terms, with KSampler and the Guidance Guider) and installs
-  the map readers.
+* ``GuidanceKit_SCFG`` (MODEL → MODEL): adds S-CFG (``guiders/methods/scfg.py``) to the guidance plan
+  (so it stacks with APG, TCFG, FDG, schedules and perturbation terms, with KSampler and the Guidance
+  Guider) and installs the map readers.
 * ``GuidanceKit_SCFGMap`` (MODEL + LATENT → IMAGE): the region map or the scale map of the last run.
   A model-patch node cannot output the map itself: the maps exist only while the sampler runs, after
   the patch node has finished. The patched model carries a ``RegionMapStore`` (shared by all clones of
@@ -26,12 +26,14 @@ import math
 import torch
 from comfy_api.latest import io
 
-from ..guiders.plan import SCFG, PlanError
+from ..guiders.methods.scfg import SCFG
+from ..guiders.plan import PlanError
 from ..guiders.region_guidance import REFERENCES, RegionMapStore, region_colors
 from ..guiders.schedules import ScheduleError, Window
-from . import hooks
-from .common import CATEGORY_ROOT, NODE_PREFIX, model_input, node_error
-from .engine import REGION_STORE_KEY, apply_plan, plan_of
+from .common import CATEGORY_ROOT, NODE_PREFIX, add_method, model_input, node_error
+from .contributors import regions
+from .contributors.regions import REGION_STORE_KEY
+from .runtime.families import FamilyError, FamilySpec, scfg_family_of
 
 CATEGORY_SCFG = CATEGORY_ROOT + "/attention"
 AUTO = "auto"
@@ -55,12 +57,12 @@ class SCFGMapStore(RegionMapStore):
             run.warn_once("scfg-one-token", ONE_TOKEN_MESSAGE)
 
 
-def resolve_reference(reference: str, spec: hooks.FamilySpec) -> str:
+def resolve_reference(reference: str, spec: FamilySpec) -> str:
     """``auto``: the official foreground split where the text starts with CLIP's [SOT] token (UNet,
     SD3), the whole image for T5-only families (Flux, Chroma), whose first token is a word."""
     if reference != AUTO:
         return reference
-    return REFERENCES[0] if hooks.SCFG_START_TOKEN.get(spec.name, spec.is_unet) else "whole image"
+    return REFERENCES[0] if spec.scfg_start_token else "whole image"
 
 
 def build_settings(label: str, downsample: int, order: int, reference: str, rate_min: float, rate_max: float,
@@ -83,6 +85,10 @@ def build_settings(label: str, downsample: int, order: int, reference: str, rate
 
 class SCFGNode(io.ComfyNode):
     LABEL = "S-CFG"
+    # on the digits model write scfg:downsample=2 (its attention is at 8×8 and 4×4 only)
+    COMPARE = {"key": "scfg", "aliases": {"s-cfg": "scfg", "s_cfg": "scfg"},
+               "not_in_report": "equals CFG on the digits model: its one-token class context makes the whole image "
+                                "one semantic region (r = 1 everywhere); a row for checkpoints with real prompts"}
 
     @classmethod
     def define_schema(cls):
@@ -168,22 +174,18 @@ class SCFGNode(io.ComfyNode):
     def execute(cls, model, downsample, self_attention_order, reference, rate_min, rate_max, max_weight, smoothing,
                 dit_blocks, start_percent, end_percent):
         try:
-            spec = hooks.scfg_family_of(model, cls.LABEL)
-        except hooks.FamilyError as e:
+            spec = scfg_family_of(model, cls.LABEL)
+        except FamilyError as e:
             raise node_error(str(e)) from None
         if reference not in REFERENCE_OPTIONS:
             raise node_error(f"{cls.LABEL}: reference must be one of {', '.join(REFERENCE_OPTIONS)}; "
                              f"got {reference!r}")
         settings = build_settings(cls.LABEL, downsample, self_attention_order, resolve_reference(reference, spec),
                                   rate_min, rate_max, max_weight, smoothing, dit_blocks, start_percent, end_percent)
+        patched = add_method(model, settings)
         try:
-            plan = plan_of(model).with_method("scfg", settings, cls.LABEL)
-        except (PlanError, ScheduleError) as e:
-            raise node_error(str(e)) from None
-        patched = apply_plan(model, plan)
-        try:
-            hooks.install_region_hooks(patched, spec, settings.dit_blocks)
-        except hooks.FamilyError as e:
+            regions.install(patched, spec, settings.dit_blocks)
+        except FamilyError as e:
             raise node_error(str(e)) from None
         patched.model_options[REGION_STORE_KEY] = SCFGMapStore()
         return io.NodeOutput(patched)

@@ -1,9 +1,10 @@
 """Test setup shared by both tiers.
 
 * one torch thread (two threads on a busy 2-core machine made every op 30–40× slower);
-* the pack is importable as the package ``guidance_kit`` (its folder name has hyphens);
-* ComfyUI is located (``COMFYUI_PATH``, this repo inside ``ComfyUI/custom_nodes``, or
-  ``~/ComfyUI``) for the ComfyUI tier, which skips with a visible reason otherwise;
+* the pack is importable as the package ``guidance_kit`` (its folder name has hyphens) and ComfyUI is
+  located for the ComfyUI tier, which skips with a visible reason otherwise — both by
+  ``digits/comfy_setup.py``, the pack's one module for it (also used by compare.py and digits/):
+  ``COMFYUI_PATH``, the ComfyUI this pack sits in (``ComfyUI/custom_nodes``), or ``~/ComfyUI``;
 * a summary line per tier, and a failure if the core tier ran no test.
 """
 
@@ -22,37 +23,23 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "guidance_kit"
 
 
-def _register_package() -> None:
-    if PACKAGE in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
+def _load_comfy_setup():
+    """``digits/comfy_setup.py`` by path (it imports nothing of the pack), under its name in the package."""
+    name = f"{PACKAGE}.digits.comfy_setup"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "digits" / "comfy_setup.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-_register_package()
+comfy_setup = _load_comfy_setup()
+comfy_setup.import_pack()
 
-
-def find_comfyui() -> tuple[Path | None, str]:
-    """(path, how it was found) or (None, why not)."""
-    env = os.environ.get("COMFYUI_PATH")
-    candidates = []
-    if env:
-        candidates.append((Path(env).expanduser(), "COMFYUI_PATH"))
-    if REPO.parent.name == "custom_nodes":
-        candidates.append((REPO.parent.parent, "this repo is in ComfyUI/custom_nodes"))
-    candidates.append((Path.home() / "ComfyUI", "~/ComfyUI"))
-    for path, how in candidates:
-        if (path / "comfy" / "samplers.py").is_file() and (path / "main.py").is_file():
-            return path, how
-    looked = ", ".join(str(p) for p, _ in candidates)
-    return None, (f"no ComfyUI checkout found (looked at {looked}); set COMFYUI_PATH or put this repo in "
-                  f"ComfyUI/custom_nodes to run the ComfyUI tier")
-
-
-COMFYUI_PATH, COMFYUI_HOW = find_comfyui()
+try:
+    COMFYUI_PATH, COMFYUI_HOW = comfy_setup.locate_comfyui()
+except comfy_setup.ComfyUINotFound as e:  # COMFYUI_HOW is then the reason the ComfyUI tier skips
+    COMFYUI_PATH, COMFYUI_HOW = None, f"{e} The ComfyUI tier needs one."
 
 
 def pytest_configure(config):

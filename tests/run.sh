@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): installs what the tests need into a virtual environment
 # and runs both tiers. The ComfyUI tier runs when a ComfyUI checkout is found (COMFYUI_PATH, this
-# repo inside ComfyUI/custom_nodes, or ~/ComfyUI) and is skipped with a visible reason otherwise.
+# repo inside ComfyUI/custom_nodes, or ~/ComfyUI: digits/comfy_setup.py) and is skipped with a visible
+# reason otherwise.
 #   bash tests/run.sh [pytest args...]
 # Environment: GUIDANCE_KIT_VENV (default .venv), PYTHON (default python3).
 set -euo pipefail
@@ -12,13 +13,9 @@ python="${PYTHON:-python3}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 
-comfyui=""
-for candidate in "${COMFYUI_PATH:-}" "$(cd .. && pwd)/.." "$HOME/ComfyUI"; do
-  if [ -n "$candidate" ] && [ -f "$candidate/comfy/samplers.py" ] && [ -f "$candidate/main.py" ]; then
-    comfyui="$(cd "$candidate" && pwd)"
-    break
-  fi
-done
+# Which ComfyUI (it decides the torch to install): the pack's discovery module, pure Python, so the bare
+# venv's interpreter runs it (COMFYUI_PATH, the ComfyUI this pack sits in, ~/ComfyUI; it prints why not)
+comfyui="$("$venv/bin/python" digits/comfy_setup.py)" || comfyui=""
 
 if [ -n "$comfyui" ]; then
   echo "tests/run.sh: ComfyUI found at $comfyui: installing CPU-capable torch 2.14.1 + torchvision 0.29.1 and ComfyUI's requirements"

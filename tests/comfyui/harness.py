@@ -6,56 +6,21 @@ with random weights, wrapped in a real ModelPatcher; they sample in milliseconds
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import COMFYUI_HOW, COMFYUI_PATH
+from tests.conftest import COMFYUI_HOW, COMFYUI_PATH, comfy_setup
 
 if COMFYUI_PATH is None:
     pytest.skip(COMFYUI_HOW, allow_module_level=True)
 
-if str(COMFYUI_PATH) not in sys.path[:1]:
-    # ComfyUI first: its top-level modules (nodes, execution, ...) must win over this repo's folders
-    sys.path.insert(0, str(COMFYUI_PATH))
+# ComfyUI first on sys.path (its top-level modules must win over this repo's folders), on the CPU, without
+# parsing pytest's command line
+comfy_setup.import_comfyui(COMFYUI_PATH, cpu=True)
 
-
-def _comfyui_top_level_module(name: str):
-    """ComfyUI's top-level module ``name`` (e.g. ``nodes``), loaded from the checkout by path.
-
-    Run from inside the pack (the documented layout, ``ComfyUI/custom_nodes/<pack>``), pytest puts the
-    pack folder first on ``sys.path`` for every test module it collects, where the pack's ``nodes/``
-    package hides ComfyUI's ``nodes.py``. Loading it by path once makes every later ``import nodes``
-    ComfyUI's, whatever the order of ``sys.path``.
-    """
-    path = COMFYUI_PATH / f"{name}.py"
-    current = sys.modules.get(name)
-    if current is not None and Path(getattr(current, "__file__", "") or "").resolve() == path.resolve():
-        return current
-    if current is not None:
-        raise RuntimeError(f"{name!r} was imported from {getattr(current, '__file__', current)} before the ComfyUI "
-                           f"tier loaded ComfyUI's {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing(False)
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.patcher_extension  # noqa: E402
@@ -63,7 +28,7 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 
-nodes = _comfyui_top_level_module("nodes")  # ComfyUI's nodes.py, never the pack's nodes/ package
+nodes = comfy_setup.comfyui_module("nodes")  # ComfyUI's nodes.py, never the pack's nodes/ package
 
 logging.getLogger("guidance_kit").setLevel(logging.INFO)
 

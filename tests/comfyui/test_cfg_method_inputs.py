@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guidance_kit.nodes import cfg_methods as cm
-from guidance_kit.nodes.engine import plan_of
+from guidance_kit.nodes.runtime.engine import plan_of
 from tests.comfyui.harness import conditioning, ksample, out, rel_diff, tiny_model
 
 STEPS = 4
@@ -36,8 +36,8 @@ def test_beta_cfg_defaults_to_rms_and_keeps_the_papers_l2():
     schema = {i.id: i for i in cm.BetaCFGNode.GET_SCHEMA().inputs}
     assert schema["normalization"].default == RMS
     base = tiny_model("sd15")
-    assert plan_of(beta(base)).beta_cfg.normalization == "rms"
-    assert plan_of(beta(base, L2)).beta_cfg.normalization == "l2"
+    assert plan_of(beta(base)).get("beta_cfg").normalization == "rms"
+    assert plan_of(beta(base, L2)).get("beta_cfg").normalization == "l2"
     assert isinstance(cm.BetaCFGNode.validate_inputs(normalization="Linf"), str)
 
 
@@ -104,7 +104,7 @@ def test_apg_on_fdg_bands_defaults_to_projection_only():
     no_momentum_no_clip = ksample(out(cm.APGNode.execute(base, 0.0, 0.0, 0.0, FULL)), family, 6.0, STEPS)
     assert rel_diff(projected, no_momentum_no_clip) <= 1e-5  # momentum −0.5 and threshold 2 are not applied
     assert rel_diff(ksample(apg(base, FULL), family, 6.0, STEPS), projected) > 1e-3  # the old rule still exists
-    assert plan_of(apg(tiny_model(family))).apg.fdg_mode == "projection"
+    assert plan_of(apg(tiny_model(family))).get("apg").fdg_mode == "projection"
 
 
 @pytest.mark.parametrize("cfg,warned", [(3.0, True), (60.0, False)])

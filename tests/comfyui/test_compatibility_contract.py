@@ -30,7 +30,9 @@ import comfy.utils
 import pytest
 import torch
 
-from guidance_kit.nodes import families, hooks
+from guidance_kit.nodes.contributors import row_delta, time_input
+from guidance_kit.nodes.runtime import blocks as model_blocks
+from guidance_kit.nodes.runtime import families, slots
 from tests.comfyui.harness import ALL_FAMILIES, conditioning, ksample, tiny_model
 
 CONTRACT: dict[str, object] = {}
@@ -186,7 +188,7 @@ def _():
         return func(*args, **kwargs)
 
     q = torch.randn(1, 4, 8)
-    out = comfy_attention.optimized_attention(q, q, q, 2, transformer_options={hooks.OVERRIDE_KEY: override})
+    out = comfy_attention.optimized_attention(q, q, q, 2, transformer_options={slots.OVERRIDE_KEY: override})
     assert out.shape == q.shape and seen and callable(seen[0][0]) and seen[0][1] == 4
     assert "transformer_options" in seen[0][2]
 
@@ -195,7 +197,7 @@ def _():
 def _():
     positional(comfy_attention.BasicTransformerBlock.forward, "x", "context", "transformer_options")
     positional(comfy_attention.SpatialTransformer.forward, "x", "context", "transformer_options")
-    layers = hooks.unet_layers(tiny_model("sd15").model.diffusion_model)
+    layers = model_blocks.unet_layers(tiny_model("sd15").model.diffusion_model)
     assert layers and all(hasattr(layer, "attn1") and hasattr(layer, "attn2") for layer in layers.values())
 
 
@@ -207,7 +209,7 @@ def _():
     assert isinstance(net, UNetModel) and isinstance(Downsample, type)
     for attr in ("input_blocks", "middle_block", "output_blocks"):
         assert hasattr(net, attr), attr
-    assert max(hooks.unet_input_levels(net).values()) >= 1
+    assert max(model_blocks.unet_input_levels(net).values()) >= 1
 
 
 @internal("BaseModel.apply_model / process_timestep / model_sampling")
@@ -302,7 +304,7 @@ def _():
 def _():
     import comfy.ops
 
-    classes = hooks.delta_layer_classes()
+    classes = row_delta.delta_layer_classes()
     for ops in (comfy.ops.disable_weight_init, comfy.ops.manual_cast):
         assert issubclass(ops.Linear, classes) and issubclass(ops.Conv2d, classes)
 
@@ -357,13 +359,13 @@ def recorded(family: str) -> dict:
         seen["override"] += 1
         return func(*args, **kwargs)
 
-    to[hooks.OVERRIDE_KEY] = override
+    to[slots.OVERRIDE_KEY] = override
     net = model.model.diffusion_model
     if family == "sd15":
         def attn1(q, k, v, extra_options):
             seen["attn1"].append(sorted(extra_options))
             return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
-        for group, block, layer in hooks.unet_layers(net):
+        for group, block, layer in model_blocks.unet_layers(net):
             model.set_model_attn1_replace(attn1, group, block, transformer_index=layer)
     else:
         spec = families.exact_spec(families.FAMILIES, net)
@@ -471,7 +473,7 @@ def _():
     model = tiny_model("sd15")
     path = "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q"
     module = comfy.utils.get_attr(model.model, path)
-    marker = hooks.DeltaForward(module, {}, path=path)
+    marker = row_delta.DeltaForward(module, {}, path=path)
     model.add_object_patch(path + ".forward", marker)
     comfy.model_management.load_models_gpu([model])
     try:
@@ -489,18 +491,17 @@ def _():
 
 
 # ------------------------------------------------------------------------------------------------
-# TSG's time-embedding modules, NAG's pooled modulation, ICG's pooled inputs (nodes/time_embedding.py,
-# nodes/nag_modulation.py, nodes/independent_condition.py)
+# TSG's time-embedding modules, NAG's pooled modulation, ICG's pooled inputs (nodes/contributors/time_input.py,
+# nodes/contributors/nag_modulation.py, nodes/contributors/condition.py)
 # ------------------------------------------------------------------------------------------------
 
 def _time_embedding_case(family: str):
     def check():
-        from guidance_kit.nodes import time_embedding
 
         net = tiny_model(family).model.diffusion_model
-        site = time_embedding.SITES.get(families.qualified_name(type(net)))
+        site = time_input.SITES.get(families.qualified_name(type(net)))
         assert site is not None, f"no time-embedding site for {families.qualified_name(type(net))}"
-        module = time_embedding._module_at(net, site.path)
+        module = time_input._module_at(net, site.path)
         assert isinstance(module, torch.nn.Module), site.path
         seen = []
         handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
@@ -521,7 +522,7 @@ for _family in ALL_FAMILIES:
 
 @internal("NAG pooled modulation: Flux/HunyuanVideo vector_in, txt_mod, modulation; SD3 y_embedder, context_block")
 def _():
-    from guidance_kit.nodes import nag_modulation
+    from guidance_kit.nodes.contributors import nag_modulation
 
     for family, name in (("flux", "Flux"), ("hunyuan_video", "HunyuanVideo")):
         net = tiny_model(family).model.diffusion_model

@@ -237,7 +237,7 @@ def test_grid_columns_can_be_seeds(tmp_path, capsys):
     (["--sampler", "no_such_sampler"], "not a ComfyUI sampler"),
     (["--set", "3.cfg=4"], "server mode"),
     (["--checkpoint", "missing_model.safetensors", "--prompt", "a fox"], "not found in ComfyUI's checkpoint"),
-    (["--server", "http://127.0.0.1:9"], "needs both --server URL and --workflow"),
+    (["--workflow", "digits.api.json"], "needs both --server URL and --workflow"),  # --server alone: the digits rows
 ])
 def test_compare_errors_name_the_fix(argv, message, capsys, tmp_path):
     code, _, err = run_compare(argv + ["--out", str(tmp_path / "x.png"), "--steps", "2", "--samples", "1"], capsys)

@@ -12,11 +12,16 @@ import comfy.samplers
 import pytest
 import torch
 
-from guidance_kit.guiders.plan import APG, Branch, ExtraGuidance
+from guidance_kit.guiders.methods.apg import APG
+from guidance_kit.guiders.methods.extra_guidance import ExtraGuidance
+from guidance_kit.guiders.plan import Branch, BranchEffect
 from guidance_kit.guiders.schedules import Schedule, Window
 from guidance_kit.nodes import cfg_methods as cm
-from guidance_kit.nodes.engine import BRANCH_MAP_KEY, PLAN_KEY, GuidanceRuntimeError, apply_plan, plan_of
-from guidance_kit.nodes.hooks import install_attention_dispatcher
+from guidance_kit.nodes.runtime import install
+from guidance_kit.nodes.runtime.attention_layout import split_rows
+from guidance_kit.nodes.runtime.engine import BRANCH_MAP_KEY, PLAN_KEY, GuidanceRuntimeError, apply_plan, plan_of
+from guidance_kit.nodes.runtime.rows import Forward
+from guidance_kit.nodes.runtime.slots import Contributor
 from tests.comfyui.harness import (
     FAMILIES,
     conditioning,
@@ -34,7 +39,7 @@ CFG = 5.0
 STEPS = 5
 
 
-class HalfValues:
+class HalfValues(BranchEffect):
     """Test perturbation: attention with values halved (so the attention output is halved)."""
 
     def attention(self, func, q, k, v, *args, **kwargs):
@@ -43,11 +48,25 @@ class HalfValues:
         raise AssertionError("unexpected layout")
 
 
+class HalfValuesContributor(Contributor):
+    """Its contributor in the attention slot: every attention call of the branch's rows."""
+
+    NAME = "test:half-values"
+
+    def attention(self, call, inner):
+        groups = Forward(call.options, call.batch_size).of_type(HalfValues)
+        if not groups:
+            return inner(call)
+        return split_rows(call.batch_size, groups,
+                          lambda p, rows: p.attention(call.func, *call.rows(rows).args, **call.rows(rows).kwargs),
+                          lambda rows: inner(call.rows(rows)))
+
+
 def with_test_term(model, scale=2.0, schedule=None):
     term = ExtraGuidance(Branch("test:half-values", source="cond", perturbation=HalfValues()), scale=scale,
                          schedule=schedule or Schedule(), label="Test term")
     m = apply_plan(model, plan_of(model).with_extra(term))
-    install_attention_dispatcher(m)
+    install.attention(m, HalfValuesContributor())
     return m
 
 
@@ -186,7 +205,7 @@ def test_plan_output_equals_combine_when_nothing_else_is_installed():
     model = out(cm.APGNode.execute(base, eta=0.0, norm_threshold=0.0, momentum=0.0))
     model.set_model_sampler_post_cfg_function(capture)  # runs after ours
     ksample(model, "sd15", 7.0, 3)
-    from guidance_kit.guiders.projection import apg_direction
+    from guidance_kit.guiders.methods.apg import apg_direction
     for denoised, cond, uncond in captured:
         direction, _ = apg_direction(cond - uncond, cond, 0.0, 0.0, 0.0, None)
         assert torch.allclose(denoised, cond + 6.0 * direction, atol=1e-4)
@@ -249,7 +268,7 @@ def test_nodes_never_mutate_their_input_model():
     assert base.model_options == before and PLAN_KEY not in base.model_options
     assert PLAN_KEY in patched.model_options
     out(cm.FDGNode.execute(patched, scales="8, 3"))
-    assert plan_of(patched).fdg is None
+    assert plan_of(patched).get("fdg") is None
 
 
 # --- errors and warnings ------------------------------------------------------------------------------
@@ -317,10 +336,28 @@ def test_nan_from_the_model_is_a_clear_error():
         ksample(model, "sd15", CFG, STEPS)
 
 
+def test_nan_from_the_guidance_names_every_method_of_the_plan():
+    from guidance_kit.guiders.combine import StepInputs
+    from guidance_kit.guiders.methods.cfg_schedule import CFGSchedule
+    from guidance_kit.guiders.methods.icg import IndependentCondition
+    from guidance_kit.guiders.plan import GuidancePlan
+    from guidance_kit.guiders.progress import StepPosition
+    from guidance_kit.nodes.runtime.engine import _nonfinite_message
+
+    plan = GuidancePlan.of(APG(), CFGSchedule(), IndependentCondition(Branch("ICG")),
+                           ExtraGuidance(Branch("pag"), 2.0, label="PAG"))
+    finite = torch.zeros(1, 4, 8, 8)
+    inp = StepInputs(x=finite, sigma=torch.ones(1), cond_scale=CFG, position=StepPosition(progress=0.5),
+                     parameterization="ve", cond=finite, uncond=finite)
+    message = _nonfinite_message(plan, inp)
+    assert "guided prediction became NaN/inf" in message
+    assert "methods in the plan: ICG, CFG Schedule, APG, PAG." in message
+
+
 def test_plan_survives_model_clone_and_is_shared_safely():
     model = out(cm.APGNode.execute(tiny_model("sd15"), eta=0.0, norm_threshold=15.0, momentum=-0.5))
     clone = model.clone()
-    assert plan_of(clone) == plan_of(model) and plan_of(clone).apg == APG(0.0, 15.0, -0.5, "APG")
+    assert plan_of(clone) == plan_of(model) and plan_of(clone).get("apg") == APG(0.0, 15.0, -0.5, "APG")
     assert torch.equal(ksample(clone, "sd15", CFG, STEPS), ksample(model, "sd15", CFG, STEPS))
 
 

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from guidance_kit.guiders.plan import Branch
-from guidance_kit.nodes import families, hooks
 from guidance_kit.nodes import perturbation as P
-from guidance_kit.nodes.engine import BRANCH_MAP_KEY
+from guidance_kit.nodes.contributors import block_perturbation as perturbations
+from guidance_kit.nodes.contributors import time_input
+from guidance_kit.nodes.runtime import families, slots
+from guidance_kit.nodes.runtime.engine import BRANCH_MAP_KEY
 from tests.comfyui.harness import ALL_FAMILIES, ksample, out, rel_diff, tiny_model
 
 CFG = 4.0
@@ -56,7 +58,7 @@ def test_each_tiny_model_is_its_exact_class_and_family(family):
     net = tiny_model(family).model.diffusion_model
     qualified, name = EXPECTED[family]
     assert families.qualified_name(type(net)) == qualified
-    assert hooks.family_of(tiny_model(family), "PAG").name == name
+    assert families.family_of(tiny_model(family), "PAG").name == name
 
 
 @pytest.mark.parametrize("family, name, module, says", [
@@ -81,60 +83,60 @@ def test_a_newer_subclass_of_a_served_family_is_refused_at_the_node(family, name
 
 def test_nag_and_tsg_refuse_ltx2_with_the_reason():
     model = patcher_of(stand_in("ltxv", "LTXAVModel", "comfy.ldm.lightricks.av_model"))
-    with pytest.raises(hooks.FamilyError, match=r"^NAG: .*LTX-2 .*newer subclass of LTXV"):
-        hooks.nag_family_of(model, "NAG")
-    with pytest.raises(hooks.FamilyError, match=r"^TSG: LTX-2 .*\(video, audio\) pair of time inputs"):
-        hooks.family_for_time_input(model)
+    with pytest.raises(families.FamilyError, match=r"^NAG: .*LTX-2 .*newer subclass of LTXV"):
+        families.nag_family_of(model, "NAG")
+    with pytest.raises(families.FamilyError, match=r"^TSG: LTX-2 .*\(video, audio\) pair of time inputs"):
+        time_input.family_for_time_input(model)
 
 
 def test_anima_is_not_served_as_cosmos_predict2_by_nag():
     from comfy.ldm.cosmos.predict2 import MiniTrainDIT
 
     anima = type("Anima", (MiniTrainDIT,), {"__module__": "comfy.ldm.anima.model"})
-    with pytest.raises(hooks.FamilyError, match=r"^NAG: .*Anima.*newer subclass of Cosmos Predict2.*adapter"):
-        hooks.nag_family_of(patcher_of(anima.__new__(anima)), "NAG")
-    assert hooks.nag_family_of(patcher_of(MiniTrainDIT.__new__(MiniTrainDIT)), "NAG").name == "Cosmos Predict2"
+    with pytest.raises(families.FamilyError, match=r"^NAG: .*Anima.*newer subclass of Cosmos Predict2.*adapter"):
+        families.nag_family_of(patcher_of(anima.__new__(anima)), "NAG")
+    assert families.nag_family_of(patcher_of(MiniTrainDIT.__new__(MiniTrainDIT)), "NAG").name == "Cosmos Predict2"
 
 
 def test_newer_ltxv_image_model_is_served_like_ltxv():
     # ComfyUI 0.38: comfy.ldm.lightricks.model.LTXVImageModel(LTXVModel)
     LTXVImageModel = type("LTXVImageModel", (ltx.LTXVModel,), {"__module__": "comfy.ldm.lightricks.model"})
-    assert hooks.family_of(patcher_of(LTXVImageModel.__new__(LTXVImageModel)), "PAG").name == "LTXV"
+    assert families.family_of(patcher_of(LTXVImageModel.__new__(LTXVImageModel)), "PAG").name == "LTXV"
 
 
 def test_missing_block_list_or_attention_module_is_an_error_at_the_node_naming_the_family():
     net = tiny_model("flux").model.diffusion_model
-    spec = hooks.family_of(tiny_model("flux"), "PAG")
-    hooks.check_blocks(net, spec, "PAG")  # the real model has what the hooks use
-    with pytest.raises(hooks.FamilyError, match=r"^PAG: this Flux model \(Flux\) has no 'joint_blocks' block list"):
-        hooks.check_blocks(net, dataclasses.replace(spec, groups=(("double", "joint_blocks"),)), "PAG")
-    with pytest.raises(hooks.FamilyError, match=r"^PAG: Flux block double_blocks.0 .*no 'self_attn' attention"):
-        hooks.check_blocks(net, dataclasses.replace(spec, block_parts=(("double", "self_attn"),)), "PAG")
+    spec = families.family_of(tiny_model("flux"), "PAG")
+    families.check_blocks(net, spec, "PAG")  # the real model has what the hooks use
+    with pytest.raises(families.FamilyError, match=r"^PAG: this Flux model \(Flux\) has no 'joint_blocks' block list"):
+        families.check_blocks(net, dataclasses.replace(spec, groups=(("double", "joint_blocks"),)), "PAG")
+    with pytest.raises(families.FamilyError, match=r"^PAG: Flux block double_blocks.0 .*no 'self_attn' attention"):
+        families.check_blocks(net, dataclasses.replace(spec, block_parts=(("double", "self_attn"),)), "PAG")
 
 
 def _block_call(spec_name: str, operator: str, **args):
     """One DiT block hook call with a branch row (rows: [cond, branch])."""
-    spec = hooks.FAMILIES_BY_NAME[spec_name]
-    p = hooks.Perturbation(operator.upper(), operator, spec_name, blocks=(("double", 0),))
+    spec = families.FAMILIES_BY_NAME[spec_name]
+    p = perturbations.Perturbation(operator.upper(), operator, spec_name, blocks=(("double", 0),))
     operators = {"identity_attention": "PAG", "smoothed_attention": "SEG"}
     p = dataclasses.replace(p, method=operators.get(operator, p.method))
     to = {BRANCH_MAP_KEY: {2: Branch("b", perturbation=p)}, "cond_or_uncond": [0, 2], **args.pop("options", {})}
-    hook = hooks.DitBlockHook(spec, ("double", 0))
+    hook = slots.DitBlockHook(spec, ("double", 0), contributors=(perturbations.CONTRIBUTOR,))
     return hook({"transformer_options": to, **args}, {"original_block": lambda a: {"img": a["img"]}})
 
 
 def test_a_block_whose_tokens_are_not_one_tensor_is_an_error_not_a_crash():
     pair = (torch.zeros(2, 4, 8), torch.zeros(2, 3, 8))  # LTX-2's (video, audio)
-    with pytest.raises(hooks.FamilyError, match=r"LTXV block 0 received tuple .*\(video, audio\) pair"):
+    with pytest.raises(families.FamilyError, match=r"LTXV block 0 received tuple .*\(video, audio\) pair"):
         _block_call("LTXV", "identity_attention", img=pair)
 
 
 def test_ltxv_guide_mask_with_seg_and_stg_skipped_self_attention_are_refused():
     img = torch.zeros(2, 4, 8)
-    with pytest.raises(hooks.FamilyError, match=r"^SEG \(LTXV\): .*guide attention mask.*Use PAG"):
+    with pytest.raises(families.FamilyError, match=r"^SEG \(LTXV\): .*guide attention mask.*Use PAG"):
         _block_call("LTXV", "smoothed_attention", img=img, self_attention_mask=object())
     _block_call("LTXV", "identity_attention", img=img, self_attention_mask=object())  # PAG handles the split
-    with pytest.raises(hooks.FamilyError, match=r"^PAG \(LTXV\): block 0's self-attention is already replaced"):
+    with pytest.raises(families.FamilyError, match=r"^PAG \(LTXV\): block 0's self-attention is already replaced"):
         _block_call("LTXV", "identity_attention", img=img, options={"stg_skip_self_attn": True})
 
 
@@ -203,20 +205,20 @@ def test_a_block_without_its_self_attention_call_is_an_error_not_a_perturbed_cro
 
 
 def test_seg_with_reference_tokens_beyond_the_latent_grid_is_a_clear_error():
-    p = hooks.Perturbation("SEG", "smoothed_attention", "Flux", sigma=10000.0)
+    p = perturbations.Perturbation("SEG", "smoothed_attention", "Flux", sigma=10000.0)
     q = torch.randn(1, 20, 8)  # 16 latent tokens + 4 reference tokens
     with pytest.raises(RuntimeError, match=r"20 image tokens but the latent's token grid \(4, 4\) holds 16"):
-        hooks.perturbed_attention(p, q, q, q, 2, False, False, None, None, (4, 4))
+        perturbations.perturbed_attention(p, q, q, q, 2, False, False, None, None, (4, 4))
 
 
 def test_s2_drop_memo_survives_its_size_limit():
     """The per-σ dropped-block memo is shared module state: filling it past its limit must not lose the entry
     being returned (it used to clear itself between storing and reading the entry)."""
-    p = hooks.Perturbation("S²-Guidance", "drop", "Flux", blocks=tuple(("double", i) for i in range(1, 9)),
+    p = perturbations.Perturbation("S²-Guidance", "drop", "Flux", blocks=tuple(("double", i) for i in range(1, 9)),
                            drop_ratio=0.25, seed=3)
-    expected = hooks.dropped_blocks(p, 7)
-    hooks._DROP_CACHE.clear()
+    expected = perturbations.dropped_blocks(p, 7)
+    perturbations._DROP_CACHE.clear()
     for noise in range(5000):
-        dropped = hooks.dropped_blocks(p, noise)
+        dropped = perturbations.dropped_blocks(p, noise)
         assert len(dropped) == 2
-    assert hooks.dropped_blocks(p, 7) == expected and len(hooks._DROP_CACHE) <= 4096
+    assert perturbations.dropped_blocks(p, 7) == expected and len(perturbations._DROP_CACHE) <= 4096

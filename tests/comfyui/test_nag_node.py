@@ -14,9 +14,10 @@ import torch
 
 from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes import guider as gd
-from guidance_kit.nodes import hooks
 from guidance_kit.nodes import nag as N
 from guidance_kit.nodes import perturbation as P
+from guidance_kit.nodes.contributors import nag as nag_contributor
+from guidance_kit.nodes.runtime import blocks as model_blocks
 from tests.comfyui.harness import (
     ALL_FAMILIES,
     conditioning,
@@ -286,7 +287,7 @@ def test_nag_chains_to_an_existing_cross_attention_patch():
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
     patched = base.clone()
-    for group, block, layer in hooks.unet_layers(patched.model.diffusion_model):
+    for group, block, layer in model_blocks.unet_layers(patched.model.diffusion_model):
         patched.set_model_attn2_replace(previous, group, block, transformer_index=layer)
     chained = ksample(nag(patched, nag_negative("sd15")), "sd15", CFG, STEPS)
     assert rel_diff(chained, ksample(nag(base, nag_negative("sd15")), "sd15", CFG, STEPS)) <= 1e-5
@@ -301,9 +302,9 @@ def test_a_node_that_replaces_the_nag_patches_afterwards_is_an_error_not_a_silen
         from comfy.ldm.modules.attention import optimized_attention
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
-    for group, block, layer in hooks.unet_layers(overwritten.model.diffusion_model):
+    for group, block, layer in model_blocks.unet_layers(overwritten.model.diffusion_model):
         overwritten.set_model_attn2_replace(plain, group, block, transformer_index=layer)
-    with pytest.raises(hooks.NagNotApplied, match=r"^NAG: the NAG attention never ran"):
+    with pytest.raises(nag_contributor.NagNotApplied, match=r"^NAG: the NAG attention never ran"):
         ksample(overwritten, "sd15", CFG, 2)
 
 
@@ -315,10 +316,11 @@ def test_a_node_that_replaces_the_nag_patches_afterwards_is_an_error_not_a_silen
 ])
 def test_auto_picks_the_official_family_defaults(family, expected):
     model = nag(tiny_model(family), nag_negative(family))
-    settings = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, hooks.NAG_WRAPPER_KEY)[0].settings
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    settings = model.get_wrappers(apply_model, nag_contributor.NAG_WRAPPER_KEY)[0].settings
     assert (settings.scale, settings.tau, settings.alpha) == expected
     explicit = nag(tiny_model(family), nag_negative(family), scale=2.0, tau=1.5, alpha=0.7)
-    settings = explicit.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, hooks.NAG_WRAPPER_KEY)[0].settings
+    settings = explicit.get_wrappers(apply_model, nag_contributor.NAG_WRAPPER_KEY)[0].settings
     assert (settings.scale, settings.tau, settings.alpha) == (2.0, 1.5, 0.7)
 
 

@@ -8,16 +8,16 @@ import asyncio
 import pytest
 
 from guidance_kit.nodes import node_list
+from guidance_kit.nodes.common import NODE_PREFIX
 from tests.conftest import REPO
 
-EXPECTED = {"GuidanceKit_CFGSchedule", "GuidanceKit_BetaCFG", "GuidanceKit_APG", "GuidanceKit_TCFG",
-            "GuidanceKit_CFGZeroStar", "GuidanceKit_FDG", "GuidanceKit_Rescale", "GuidanceKit_GuidanceGuider",
-            "GuidanceKit_PAG", "GuidanceKit_SEG", "GuidanceKit_TPG", "GuidanceKit_SkipLayer", "GuidanceKit_S2Guidance",
-            "GuidanceKit_TSG", "GuidanceKit_ICG", "GuidanceKit_AdaptiveGuidance", "GuidanceKit_NAG",
-            "GuidanceKit_SamplerDPMPP2MSDECFGPP", "GuidanceKit_SamplerDPMPP3MSDECFGPP", "GuidanceKit_SamplerPCG",
-            "GuidanceKit_SCFG", "GuidanceKit_SCFGMap", "GuidanceKit_Autoguidance", "GuidanceKit_UnconditionalPrior",
-            "GuidanceKit_NPO", "GuidanceKit_PersonalizationGuidance", "GuidanceKit_DigitsModelLoader",
-            "GuidanceKit_DigitsDecode"}
+NODES = node_list()
+IDS = [node.GET_SCHEMA().node_id for node in NODES]
+
+
+def test_node_ids_are_unique_and_prefixed():
+    assert len(set(IDS)) == len(IDS), sorted(i for i in IDS if IDS.count(i) > 1)
+    assert all(i.startswith(NODE_PREFIX) for i in IDS)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def loaded():
 def test_comfyui_loads_the_pack_without_error(loaded):
     ok, added, nodes = loaded
     assert ok
-    assert EXPECTED <= added
-    assert all(n.startswith("GuidanceKit_") for n in added)
+    assert added == set(IDS)  # every node of node_list() registered by ComfyUI's loader, and nothing else
+    for node_id, node in zip(IDS, NODES):  # ComfyUI imports the pack as its own module: the same classes by name
+        assert nodes.NODE_CLASS_MAPPINGS[node_id].__name__ == node.__name__
     module_name = REPO.name
     assert module_name in nodes.EXTENSION_WEB_DIRS  # WEB_DIRECTORY registered
 
@@ -49,7 +50,7 @@ def test_package_exports_only_the_v3_entrypoint():
 @pytest.mark.parametrize("node", node_list(), ids=lambda n: n.__name__)
 def test_every_input_has_a_tooltip_and_the_node_a_description(node):
     schema = node.GET_SCHEMA()
-    assert schema.node_id in EXPECTED
+    assert schema.node_id.startswith(NODE_PREFIX)
     assert schema.category.startswith("sampling/guidance")
     assert len(schema.description) > 80
     assert "·" in schema.display_name or "Guider" in schema.display_name
@@ -67,9 +68,11 @@ def test_node_info_is_valid_for_the_frontend():
             assert "tooltip" in spec[1], name
 
 
-@pytest.mark.parametrize("node", node_list(), ids=lambda n: n.__name__)
-def test_every_node_has_a_help_page(node):
-    page = REPO / "web" / "docs" / f"{node.GET_SCHEMA().node_id}.md"
-    assert page.is_file(), f"missing {page.relative_to(REPO)}"
-    text = page.read_text(encoding="utf-8")
-    assert text.startswith("# ") and len(text) > 400
+def test_compare_rows_come_from_the_node_classes():
+    """compare.py reads each node's COMPARE from the source (no ComfyUI); it is the imported class's."""
+    from guidance_kit.comparison.methods import METHODS, node_class
+
+    declared = {node.COMPARE["key"]: node for node in NODES if hasattr(node, "COMPARE")}
+    assert set(declared) == set(METHODS) - {"cfg"}
+    for key, node in declared.items():
+        assert node_class(METHODS[key]) is node

@@ -11,8 +11,9 @@ import torch
 
 from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes import guider as gd
-from guidance_kit.nodes import hooks
 from guidance_kit.nodes import perturbation as P
+from guidance_kit.nodes.runtime import blocks as model_blocks
+from guidance_kit.nodes.runtime import families, slots
 from tests.comfyui.harness import (
     ALL_FAMILIES,
     conditioning,
@@ -209,8 +210,8 @@ def test_unsupported_family_is_a_clear_error_naming_the_node_and_alternatives():
         class model:  # noqa: N801
             diffusion_model = NextDiT()
 
-    with pytest.raises(hooks.FamilyError, match=r"^PAG: .*Lumina2.* CFG-space methods"):
-        hooks.family_of(Fake, "PAG")
+    with pytest.raises(families.FamilyError, match=r"^PAG: .*Lumina2.* CFG-space methods"):
+        families.family_of(Fake, "PAG")
 
 
 @pytest.mark.parametrize("family, layers, message", [
@@ -245,7 +246,7 @@ def test_hooks_chain_to_an_existing_attention_patch():
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
     patched = base.clone()
-    for group, block, layer in hooks.unet_layers(patched.model.diffusion_model):
+    for group, block, layer in model_blocks.unet_layers(patched.model.diffusion_model):
         patched.set_model_attn1_replace(previous, group, block, transformer_index=layer)
     chained = ksample(pag(patched), "sd15", CFG, 2)
     assert rel_diff(chained, ksample(pag(base), "sd15", CFG, 2)) <= 1e-5  # PAG still acts, same result
@@ -310,7 +311,7 @@ def test_a_node_that_replaces_our_patch_afterwards_is_an_error_not_a_silent_no_o
         def plain(q, k, v, extra_options):
             from comfy.ldm.modules.attention import optimized_attention
             return optimized_attention(q, k, v, extra_options["n_heads"])
-        for group, block, layer in hooks.unet_layers(overwritten.model.diffusion_model):
+        for group, block, layer in model_blocks.unet_layers(overwritten.model.diffusion_model):
             overwritten.set_model_attn1_replace(plain, group, block, transformer_index=layer)
     else:
         def passthrough(args, extra):
@@ -318,5 +319,5 @@ def test_a_node_that_replaces_our_patch_afterwards_is_an_error_not_a_silent_no_o
         dit = overwritten.model_options["transformer_options"]["patches_replace"]["dit"]
         for key in list(dit):
             overwritten.set_model_patch_replace(passthrough, "dit", key[0], key[1])
-    with pytest.raises(hooks.PerturbationNotApplied, match=r"^PAG \(.*never reached the model"):
+    with pytest.raises(slots.PerturbationNotApplied, match=r"^PAG \(.*never reached the model"):
         ksample(overwritten, family, CFG, 2)

@@ -10,10 +10,11 @@ import torch
 
 from guidance_kit.guiders.region_guidance import RegionMapStore
 from guidance_kit.nodes import cfg_methods as cm
-from guidance_kit.nodes import engine
 from guidance_kit.nodes import guider as gd
 from guidance_kit.nodes import nag as N
 from guidance_kit.nodes import scfg as S
+from guidance_kit.nodes.contributors.regions import REGION_STORE_KEY
+from guidance_kit.nodes.runtime import engine
 from tests.comfyui.harness import conditioning, counted, custom_advanced, ksample, out, rel_diff, tiny_model
 
 STEPS = 3
@@ -38,7 +39,7 @@ def test_changes_the_output_in_one_call_per_step(family):
     assert rel_diff(guided, plain) > 1e-3
     assert counter.calls == STEPS  # cond and uncond in one forward per step, maps read inside it
     assert all(b == 2 for b in counter.batches)
-    store = patched.model_options[engine.REGION_STORE_KEY]
+    store = patched.model_options[REGION_STORE_KEY]
     assert sorted(store.steps) == list(range(STEPS))
 
 
@@ -51,9 +52,9 @@ def test_input_model_is_not_mutated():
             dict(base.object_patches)) == before
     assert engine.PLAN_KEY not in base.model_options
     assert "patches_replace" not in base.model_options.get("transformer_options", {})
-    assert patched.model_options[engine.PLAN_KEY].scfg is not None
+    assert patched.model_options[engine.PLAN_KEY].get("scfg") is not None
     # the map store survives ModelPatcher clones (deep copies): later patches record into the same store
-    assert patched.clone().model_options[engine.REGION_STORE_KEY] is patched.model_options[engine.REGION_STORE_KEY]
+    assert patched.clone().model_options[REGION_STORE_KEY] is patched.model_options[REGION_STORE_KEY]
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -71,7 +72,7 @@ def test_window_outside_is_plain_cfg_and_reads_no_map():
     patched = scfg(base, start=0.5, end=1.0)
     guided = ksample(patched, "sd15", CFG, steps=4)
     assert rel_diff(guided, plain) > 1e-4
-    store = patched.model_options[engine.REGION_STORE_KEY]
+    store = patched.model_options[REGION_STORE_KEY]
     assert sorted(store.steps) == [2, 3]  # p = i/3 ≥ 0.5
 
 
@@ -99,7 +100,7 @@ def test_batch_of_two():
     patched = scfg(base)
     both = ksample(patched, "sd15", CFG, steps=STEPS, batch=2)
     assert both.shape[0] == 2 and torch.isfinite(both).all()
-    regions = patched.model_options[engine.REGION_STORE_KEY].get(-1)
+    regions = patched.model_options[REGION_STORE_KEY].get(-1)
     assert regions.assignment.shape == (2, 8, 8) and regions.scale.shape == (2, 1, 16, 16)
 
 
@@ -160,7 +161,7 @@ def test_stacks_with_nag_in_the_same_call(family):
     model, counter = counted(scfg(nagged))
     guided = ksample(model, family, CFG, steps=STEPS)
     assert torch.isfinite(guided).all() and counter.calls == STEPS
-    regions = model.model_options[engine.REGION_STORE_KEY].get(-1)
+    regions = model.model_options[REGION_STORE_KEY].get(-1)
     assert regions.tokens == 6  # the prompt's 6 tokens, not 6 + 5
     nag_only = ksample(nagged, family, CFG, steps=STEPS)
     assert rel_diff(guided, nag_only) > 1e-4

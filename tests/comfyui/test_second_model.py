@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from guidance_kit.nodes import cfg_methods as cm
-from guidance_kit.nodes import engine, hooks, second_model
 from guidance_kit.nodes import model_guidance as MG
 from guidance_kit.nodes import perturbation as P
+from guidance_kit.nodes.contributors import row_delta, second_model
 from tests.comfyui.harness import CONFIGS, counted, init_random_, ksample, out, rel_diff, tiny_model
 
 CFG = 4.0
@@ -190,7 +190,7 @@ def test_family_and_shape_mismatch_are_clear_errors():
         autoguidance(tiny_model("sd15"), separate_model("sd15", context_dim=32))
     # a mismatch reaching the sampler (attached by other means) fails at sampling start
     m = uncond_prior(tiny_model("sd15"), separate_model("sd15", seed=3))
-    m.set_additional_models(engine.second_model_key("UnconditionalPrior"), [tiny_model("flux")])
+    m.set_additional_models(second_model.second_model_key("UnconditionalPrior"), [tiny_model("flux")])
     with pytest.raises(second_model.SecondModelError, match="not of the sampled model's family"):
         ksample(m, "sd15", CFG, 2)
 
@@ -279,7 +279,7 @@ def test_personalization_keeps_one_copy_of_the_weights(tmp_path):
     ksample(node, family, CFG, 2)
     assert measured["node"] == measured["plain"]  # same parameters, same backups: nothing duplicated
     lora_bytes = sum(t.numel() * t.element_size() for t in lora_sd(name).values())
-    extra = hooks.delta_bytes(node)
+    extra = row_delta.delta_bytes(node)
     assert 0 < extra <= lora_bytes
     print(f"\nmemory: model parameters {measured['node'][0][1]} B in {measured['node'][0][0]} storages for both "
           f"branches; extra for θ_λ: {extra} B of LoRA factors (file {lora_bytes} B)")
@@ -291,13 +291,13 @@ def test_a_lora_delta_that_never_reaches_the_model_is_an_error(tmp_path):
     family = "sd15"
     name = write_lora(tmp_path, family, "npo_bypass.safetensors", seed=18)
     node = out(MG.NPONode.execute(tiny_model(family), name, 1.0, 1.0, "constant", 0.0, 1.0))
-    paths = [k for k, v in node.object_patches.items() if isinstance(v, hooks.DeltaForward)]
+    paths = [k for k, v in node.object_patches.items() if isinstance(v, row_delta.DeltaForward)]
     assert paths
     bypassed = node.clone()
     for path in paths:  # a later node's own forward patch on the same layers
         bypassed.add_object_patch(path, bypassed.object_patches[path].module.__class__.forward.__get__(
             bypassed.object_patches[path].module))
-    with pytest.raises(hooks.DeltaNotApplied, match="none of its patched layers was reached"):
+    with pytest.raises(row_delta.DeltaNotApplied, match="none of its patched layers was reached"):
         ksample(bypassed, family, CFG, 2)
     assert torch.isfinite(ksample(node, family, CFG, 2)).all()
 

@@ -15,8 +15,9 @@ import torch
 
 from guidance_kit.guiders.attention_ops import seeded_generator
 from guidance_kit.guiders.progress import sigma_key
-from guidance_kit.nodes import engine, independent_condition, time_embedding
 from guidance_kit.nodes import perturbation as P
+from guidance_kit.nodes.contributors import condition, time_input
+from guidance_kit.nodes.runtime import engine
 from tests.comfyui.harness import conditioning, counted, ksample, latent, out, rel_diff, tiny_model
 
 CFG = 4.0
@@ -107,8 +108,8 @@ def rows_of(call: dict, accept) -> list[int]:
 def test_tsg_adds_exactly_s_t_alpha_n_to_the_branch_rows_embedding_and_nothing_else(family):
     s, alpha, seed = 1.5, 0.5, 3
     model, calls = spied(tsg(tiny_model(family), s=s, alpha=alpha, seed=seed))
-    site = time_embedding.site_of(model, "test")
-    module = time_embedding._module_at(model.model.diffusion_model, site.path)
+    site = time_input.site_of(model, "test")
+    module = time_input._module_at(model.model.diffusion_model, site.path)
     seen = []
 
     def hook(mod, inputs, kwargs, output):
@@ -125,9 +126,9 @@ def test_tsg_adds_exactly_s_t_alpha_n_to_the_branch_rows_embedding_and_nothing_e
     sampling = model.get_model_object("model_sampling")
     for diff, call in zip(seen, calls.calls):
         per_row = diff.reshape(call["batch"], -1, diff.shape[-1])
-        tsg_rows = rows_of(call, lambda p: isinstance(p, time_embedding.TimeEmbeddingNoise))
+        tsg_rows = rows_of(call, lambda p: isinstance(p, time_input.TimeEmbeddingNoise))
         assert len(tsg_rows) == 2  # the branch's chunk: both images of the batch
-        t = time_embedding.diffusion_time(sampling, call["sigma"])
+        t = time_input.diffusion_time(sampling, call["sigma"])
         n = torch.randn(diff.shape[-1], generator=seeded_generator(seed, sigma_key(call["sigma"]), diff.shape[-1]))
         expected = s * t ** alpha * n
         for row in range(call["batch"]):
@@ -138,11 +139,11 @@ def test_tsg_adds_exactly_s_t_alpha_n_to_the_branch_rows_embedding_and_nothing_e
 
 def test_tsg_diffusion_time_is_sigma_on_flow_models_and_the_timestep_share_on_discrete_ones():
     flux = tiny_model("flux").get_model_object("model_sampling")
-    assert time_embedding.diffusion_time(flux, 0.25) == 0.25
+    assert time_input.diffusion_time(flux, 0.25) == 0.25
     sd15 = tiny_model("sd15").get_model_object("model_sampling")
     for timestep in (999.0, 500.0, 100.0):
         sigma = float(sd15.sigma(torch.tensor(timestep)))
-        assert time_embedding.diffusion_time(sd15, sigma) == pytest.approx(timestep / 999.0, abs=2e-3)
+        assert time_input.diffusion_time(sd15, sigma) == pytest.approx(timestep / 999.0, abs=2e-3)
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -191,7 +192,7 @@ def test_tsg_rejects_an_unknown_perturb_value_at_validation():
 # --- ICG: an independent condition per step ----------------------------------------------------------
 
 def icg_rows(call):
-    return rows_of(call, lambda p: isinstance(p, independent_condition.RandomCondition))
+    return rows_of(call, lambda p: isinstance(p, condition.RandomCondition))
 
 
 def cond_rows(call):
@@ -250,7 +251,7 @@ def test_icg_with_the_null_condition_is_exactly_cfg(monkeypatch):
     """ICG's machinery with the 'independent' condition := the negative prompt reproduces CFG."""
     family = "sd15"
     negative = prompt(family, 2)
-    monkeypatch.setattr(independent_condition, "independent_embedding",
+    monkeypatch.setattr(condition, "independent_embedding",
                         lambda reference, noise: negative[0][0].expand_as(reference))
     base = tiny_model(family)
     assert rel_diff(sample(icg(base), family), sample(base, family)) <= 1e-6
@@ -259,7 +260,7 @@ def test_icg_with_the_null_condition_is_exactly_cfg(monkeypatch):
 def test_icg_without_a_text_context_is_a_clear_error():
     cond = {"model_conds": {}}
     with pytest.raises(ValueError, match="ICG needs a text"):
-        independent_condition.RandomCondition("ICG").rewrite_cond(cond)
+        condition.RandomCondition("ICG").rewrite_cond(cond)
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from guidance_kit.nodes import hooks, weight_delta
 from guidance_kit.nodes import model_guidance as MG
 from guidance_kit.nodes import perturbation as P
-from guidance_kit.nodes.engine import BRANCH_MAP_KEY
+from guidance_kit.nodes.contributors import row_delta, weight_delta
+from guidance_kit.nodes.runtime.engine import BRANCH_MAP_KEY
 from tests.comfyui.harness import conditioning, ksample, out, rel_diff, tiny_model
 
 CFG = 4.0
@@ -68,7 +68,7 @@ def test_a_patched_layer_used_without_its_forward_is_an_error_naming_it(tmp_path
     bypassed.add_object_patch(f"{LAYER}.ff.forward", fused_feed_forward(ff))
     missed = r"^Diffusion-NPO: 1 of the 4 layers its LoRA/weight delta patches were not reached .*"
     layer = r"input_blocks\.1\.1\.transformer_blocks\.0\.ff\.net\.2\)"
-    with pytest.raises(hooks.DeltaNotApplied, match=missed + layer) as info:
+    with pytest.raises(row_delta.DeltaNotApplied, match=missed + layer) as info:
         ksample(bypassed, "sd15", CFG, 2)
     assert "fp16_accumulation" in str(info.value) and "second checkpoint" in str(info.value)
 
@@ -79,7 +79,7 @@ def test_personalization_reports_the_missed_layer_too(tmp_path):
     bypassed = node.clone()
     ff = comfy.utils.get_attr(bypassed.model, f"{LAYER}.ff")
     bypassed.add_object_patch(f"{LAYER}.ff.forward", fused_feed_forward(ff))
-    with pytest.raises(hooks.DeltaNotApplied, match=r"^Personalization.*ff\.net\.2"):
+    with pytest.raises(row_delta.DeltaNotApplied, match=r"^Personalization.*ff\.net\.2"):
         ksample(bypassed, "sd15", CFG, 2)
 
 
@@ -150,7 +150,7 @@ def test_two_threads_running_forwards_of_one_patched_model_match_sequential_runs
     name = write_lora(tmp_path, "threads.safetensors", seed=5)
     model = out(P.PAGNode.execute(npo(tiny_model("sd15"), name), 2.0, "auto", "constant", 0.0, 1.0))
     plan = model.model_options["guidance_kit_plan"]
-    branch_map = {1: plan.uncond_model.branch, 2: plan.extra[0].branch}  # uncond rows: NPO delta; 2: PAG
+    branch_map = {1: plan.get("uncond_model").branch, 2: plan.extra[0].branch}  # uncond rows: NPO delta; 2: PAG
     rendezvous = Rendezvous(comfy.utils.get_attr(model.model, "diffusion_model.time_embed.0"))
     model.add_object_patch("diffusion_model.time_embed.0.forward", rendezvous)
     comfy.model_management.load_models_gpu([model])

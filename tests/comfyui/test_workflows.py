@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from guidance_kit.workflows import build_workflows, catalog
 from tests.conftest import COMFYUI_PATH, REPO
 
 WORKFLOWS = REPO / "workflows"
@@ -322,9 +323,43 @@ def test_every_pack_node_is_in_a_workflow(comfy):
     for path in UI_FILES:
         shown |= {n["type"] for n in load_json(path)["nodes"]}
     missing = registered - shown - PENDING_WORKFLOWS
-    assert not missing, f"no example workflow shows {sorted(missing)}: add one to workflows/build_workflows.py"
+    assert not missing, (f"no example workflow shows {sorted(missing)}: add a spec to workflows/specs/ and its Note "
+                         f"to workflows/specs/notes/ (see workflows/build_workflows.py)")
     stale = PENDING_WORKFLOWS & shown | PENDING_WORKFLOWS - registered
     assert not stale, f"remove {sorted(stale)} from PENDING_WORKFLOWS (now shown in a workflow, or gone)"
+
+
+# ------------------------------------------------------------------------------------------------
+# the node catalog the builder reads instead of ComfyUI (workflows/specs/catalog.json)
+# ------------------------------------------------------------------------------------------------
+
+def test_node_catalog_is_what_the_node_schemas_say(comfy):
+    """Every Guidance Kit node and every node type a spec uses, as the registered schemas describe them."""
+    expected = build_workflows.catalog_text(comfy.nodes.NODE_CLASS_MAPPINGS, comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    assert catalog.CATALOG_FILE.read_text(encoding="utf-8") == expected, (
+        "workflows/specs/catalog.json differs from the node schemas: run python workflows/build_workflows.py --catalog")
+
+
+def test_node_catalog_agrees_with_this_modules_reading_of_the_schemas(comfy):
+    """Widget order, control widgets, sockets, outputs and titles as ui_to_api above reads them (INPUT_TYPES,
+    RETURN_TYPES / RETURN_NAMES, display names): two readings of the schemas, one result."""
+    classes, display_names = comfy.nodes.NODE_CLASS_MAPPINGS, comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS
+    for name, d in catalog.load().items():
+        if name in FRONTEND_ONLY:
+            continue
+        cls = classes[name]
+        widgets = widget_inputs(cls)
+        assert d.widgets == tuple(w[0] for w in widgets), name
+        assert d.control_widgets == tuple(n for n, typ, opts in widgets if has_control_widget(typ, n, opts)), name
+        spec = {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
+        assert [n for n, _ in d.inputs] == [n for n in spec if n not in d.widgets], name
+        assert set(d.optional_inputs) == {n for n, _ in d.inputs} & set(cls.INPUT_TYPES().get("optional", {})), name
+        for widget, value in d.defaults.items():
+            assert spec[widget][1]["default"] == value, (name, widget)
+        outputs = [str(getattr(t, "value", t)) for t in cls.RETURN_TYPES]
+        names = list(getattr(cls, "RETURN_NAMES", None) or outputs)
+        assert d.outputs == tuple(zip(names, outputs)), name
+        assert d.title == (display_names.get(name) or name), name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from guidance_kit.guiders.adaptive import (
     record_uncond,
 )
 from guidance_kit.guiders.combine import GuidanceState, after_evaluation, combine, needs
-from guidance_kit.guiders.plan import AdaptiveGuidance, Branch, ExtraGuidance, GuidancePlan, PlanError
+from guidance_kit.guiders.methods.adaptive_guidance import AdaptiveGuidance
+from guidance_kit.guiders.methods.extra_guidance import ExtraGuidance
+from guidance_kit.guiders.plan import Branch, GuidancePlan, PlanError
 from guidance_kit.guiders.progress import percent_of_sigma
 
 from .gmm import GaussianMixture, flow_sigmas, karras_sigmas
@@ -33,7 +35,7 @@ def mixture():
 
 
 def adaptive_plan(**kwargs) -> GuidancePlan:
-    return GuidancePlan(adaptive=AdaptiveGuidance(**kwargs))
+    return GuidancePlan.of(AdaptiveGuidance(**kwargs))
 
 
 def test_cosine_is_per_sample_and_scale_free():
@@ -71,7 +73,7 @@ def test_settings_are_validated():
         with pytest.raises(PlanError, match="Adaptive Guidance"):
             AdaptiveGuidance(**bad).validate()
     with pytest.raises(PlanError, match="already has"):
-        adaptive_plan().with_method("adaptive", AdaptiveGuidance(), "Adaptive Guidance")
+        adaptive_plan().with_method(AdaptiveGuidance())
 
 
 @pytest.mark.parametrize("parameterization,sigmas", [("ve", karras_sigmas(20)), ("flow", flow_sigmas(20))])
@@ -204,7 +206,7 @@ def test_linear_ag_schedule_of_estimates(mixture):
 def test_extra_branches_stop_on_their_own_criterion():
     """A branch identical to the cond stops at once; the uncond (different) keeps running."""
     branch = Branch("same-as-cond")
-    plan = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0, linear=False)).with_extra(
+    plan = GuidancePlan.of(AdaptiveGuidance(threshold=0.999, start_percent=0.0, linear=False)).with_extra(
         ExtraGuidance(branch, 2.0, label="test term"))
     state = GuidanceState()
     x = torch.randn(2, 4, 8, 8) * 3
@@ -216,7 +218,7 @@ def test_extra_branches_stop_on_their_own_criterion():
     after_evaluation(plan, state, need, position, x, torch.full((2,), 3.0), cond, uncond, {branch.name: cond})
     need = needs(plan, position_at(1.0, 10), 2.0, state)
     assert need.uncond and need.branches == ()
-    scoped = GuidancePlan(adaptive=AdaptiveGuidance(threshold=0.999, start_percent=0.0, scope="uncond only",
+    scoped = GuidancePlan.of(AdaptiveGuidance(threshold=0.999, start_percent=0.0, scope="uncond only",
                                                     linear=False))
     scoped = scoped.with_extra(ExtraGuidance(branch, 2.0, label="test term"))
     state = GuidanceState()
@@ -298,9 +300,9 @@ def test_defaults_are_linear_ag_alone():
 
 def test_the_plan_reads_noise_predictions_for_the_sampled_model():
     plan = adaptive_plan()
-    assert plan.adaptive.parameterization is None
-    assert plan.for_model("flow").adaptive.parameterization == "flow"
-    assert plan.for_model("ve").adaptive.parameterization == "ve"
+    assert plan.get("adaptive").parameterization is None
+    assert plan.for_model("flow").get("adaptive").parameterization == "flow"
+    assert plan.for_model("ve").get("adaptive").parameterization == "ve"
 
 
 def test_no_check_at_sigma_one_on_flow_models():

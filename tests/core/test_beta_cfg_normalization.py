@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from guidance_kit.guiders.combine import GuidanceState, combine
-from guidance_kit.guiders.normalization import BETA_REFERENCE_ELEMENTS, beta_cfg_factor
-from guidance_kit.guiders.plan import BetaCFG, GuidancePlan, PlanError
+from guidance_kit.guiders.methods.beta_cfg import BETA_REFERENCE_ELEMENTS, BetaCFG, beta_cfg_factor
+from guidance_kit.guiders.plan import GuidancePlan, PlanError
 from guidance_kit.guiders.schedules import beta_pdf
 
 from .helpers import step_inputs
@@ -17,7 +17,7 @@ def run(plan, inp):
 
 
 def beta_plan(**kwargs) -> GuidancePlan:
-    return GuidancePlan(beta_cfg=BetaCFG(**kwargs))
+    return GuidancePlan.of(BetaCFG(**kwargs))
 
 
 def smooth_field(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from guidance_kit.guiders.combine import GuidanceState, combine
-from guidance_kit.guiders.frequency import laplacian_pyramid, max_levels, reconstruct
-from guidance_kit.guiders.normalization import beta_cfg_factor, denoised_from_v, model_output_v, rescale_to_cond_std
-from guidance_kit.guiders.plan import APG, FDG, TCFG, BetaCFG, CFGZeroStar, GuidancePlan, Rescale
-from guidance_kit.guiders.projection import apg_direction, clip_norm, split_parallel
+from guidance_kit.guiders.methods.apg import APG, apg_direction, clip_norm, split_parallel
+from guidance_kit.guiders.methods.beta_cfg import BetaCFG, beta_cfg_factor
+from guidance_kit.guiders.methods.cfg_zero_star import CFGZeroStar, optimized_scale, scale_uncond_velocity
+from guidance_kit.guiders.methods.fdg import FDG, laplacian_pyramid, max_levels, reconstruct
+from guidance_kit.guiders.methods.rescale import Rescale, denoised_from_v, model_output_v, rescale_to_cond_std
+from guidance_kit.guiders.methods.tcfg import TCFG, tangential_damping
+from guidance_kit.guiders.plan import GuidancePlan
 from guidance_kit.guiders.schedules import beta_pdf
 from guidance_kit.guiders.tensor_ops import batch_dot, batch_norm, batch_std
-from guidance_kit.guiders.uncond_rewrites import optimized_scale, scale_uncond_velocity, tangential_damping
 
 from .helpers import cfg_reference, random_triplet, step_inputs
 
@@ -22,7 +24,7 @@ def run(plan, inp, state=None):
 
 
 def with_(slot, value):
-    return GuidancePlan().with_method(slot, value, getattr(value, "label", slot))
+    return GuidancePlan().with_method(value)
 
 
 # --- invariant 2: CFG only --------------------------------------------------------------------------

@@ -54,3 +54,12 @@ def test_every_method_is_in_the_metrics_report():
     covered = {parse_row(text).calls[0].method.key for text in ALL_METHODS}
     assert not covered & set(NOT_IN_REPORT)
     assert covered | set(NOT_IN_REPORT) == set(METHODS)
+
+
+def test_the_method_list_is_read_from_the_nodes_compare_declarations():
+    fdg = METHODS["fdg"]
+    assert fdg.node == "cfg_methods:FDGNode" and fdg.label == "FDG" and fdg.exact
+    assert fdg.overrides == {"scales": "{scale}, {1 + (scale - 1) / 2}"}
+    assert METHODS["skip_layer"].label == "Skip-Layer"  # the declaration's label, not the node's LABEL
+    assert METHODS["pcg"].sampler and METHODS["pcg"].cfg == "{2 * scale - 1}"
+    assert ALL_METHODS[0] == "cfg" and "beta_cfg:cfg={16 * scale}" in ALL_METHODS

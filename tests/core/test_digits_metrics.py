@@ -15,7 +15,9 @@ from guidance_kit.digits.mixture import (
     evaluate_plan,
     exact_sample_floor,
 )
-from guidance_kit.guiders.plan import APG, Branch, ExtraGuidance, GuidancePlan
+from guidance_kit.guiders.methods.apg import APG
+from guidance_kit.guiders.methods.extra_guidance import ExtraGuidance
+from guidance_kit.guiders.plan import Branch, GuidancePlan
 
 
 def gaussian_features(n, dim, seed, shift=0.0, scale=1.0):
@@ -153,7 +155,7 @@ def test_cfg_one_reproduces_the_conditional_distribution_and_guidance_moves_away
     assert at_one.distance < 1.5 * floor.distance + 0.05
     assert at_five.distance > 3 * at_one.distance
     assert at_five.adherence >= at_one.adherence
-    apg = GuidancePlan().with_method("apg", APG(eta=0.0, norm_threshold=0.0, momentum=-0.5), "APG")
+    apg = GuidancePlan().with_method(APG(eta=0.0, norm_threshold=0.0, momentum=-0.5))
     assert evaluate_plan(apg, mixture, 5.0, sigmas, samples_per_class=300).distance < at_five.distance
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from guidance_kit.guiders.combine import GuidanceState, combine
-from guidance_kit.guiders.frequency import laplacian_pyramid, reconstruct
-from guidance_kit.guiders.plan import APG, FDG, GuidancePlan, PlanError
+from guidance_kit.guiders.methods.apg import APG
+from guidance_kit.guiders.methods.fdg import FDG, laplacian_pyramid, reconstruct
+from guidance_kit.guiders.plan import GuidancePlan, PlanError
 
 from .helpers import cfg_reference, random_triplet, step_inputs
 
@@ -19,7 +20,7 @@ def run(plan, inp, state=None):
 # --- FDG and cfg ----------------------------------------------------------------------------------
 def test_absolute_scales_ignore_the_samplers_cfg_and_say_so():
     x, c, u = random_triplet(SHAPE)
-    plan = GuidancePlan(fdg=FDG(scales=(10.0, 5.0)))
+    plan = GuidancePlan.of(FDG(scales=(10.0, 5.0)))
     assert torch.equal(run(plan, step_inputs(x, c, u, cond_scale=3.0)), run(plan, step_inputs(x, c, u, cond_scale=7.0)))
     [(key, message)] = plan.cfg_notes(7.0)
     assert key == "fdg-ignores-cfg" and "FDG" in message and "cfg (7)" in message and "relative to cfg" in message
@@ -31,8 +32,8 @@ def test_absolute_scales_ignore_the_samplers_cfg_and_say_so():
 @pytest.mark.parametrize("cfg", [1.0, 3.0, 7.5])
 def test_relative_scales_follow_cfg(cfg):
     x, c, u = random_triplet(SHAPE)
-    relative = GuidancePlan(fdg=FDG(scales=(1.0, 0.5), relative=True))
-    absolute = GuidancePlan(fdg=FDG(scales=(cfg, 1.0 + 0.5 * (cfg - 1.0))))
+    relative = GuidancePlan.of(FDG(scales=(1.0, 0.5), relative=True))
+    absolute = GuidancePlan.of(FDG(scales=(cfg, 1.0 + 0.5 * (cfg - 1.0))))
     got = run(relative, step_inputs(x, c, u, cond_scale=cfg))
     assert torch.allclose(got, run(absolute, step_inputs(x, c, u, cond_scale=99.0)), atol=1e-5)
     if cfg == 1.0:
@@ -42,7 +43,7 @@ def test_relative_scales_follow_cfg(cfg):
 
 def test_relative_unit_scales_are_plain_cfg_and_cfg_one_is_reported():
     x, c, u = random_triplet(SHAPE)
-    plan = GuidancePlan(fdg=FDG(scales=(1.0, 1.0, 1.0), relative=True))
+    plan = GuidancePlan.of(FDG(scales=(1.0, 1.0, 1.0), relative=True))
     assert torch.allclose(run(plan, step_inputs(x, c, u, cond_scale=6.0)), cfg_reference(c, u, 6.0), atol=1e-4)
     assert not plan.needs_uncond_at_cfg_one  # ComfyUI may skip the uncond at cfg 1: nothing to guide
     assert any("FDG" in label for label in plan.inactive_at_cfg_one(False))
@@ -63,7 +64,7 @@ def reference_projection_per_band(c, u, weights, eta):
 @pytest.mark.parametrize("eta", [0.0, 0.4])
 def test_default_is_projection_only_per_band(eta):
     x, c, u = random_triplet(SHAPE)
-    plan = GuidancePlan(fdg=FDG(scales=(9.0, 4.0)), apg=APG(eta=eta, norm_threshold=0.01, momentum=-0.5))
+    plan = GuidancePlan.of(FDG(scales=(9.0, 4.0)), APG(eta=eta, norm_threshold=0.01, momentum=-0.5))
     state = GuidanceState()
     first = run(plan, step_inputs(x, c, u, step=2), state)
     assert torch.allclose(first, reference_projection_per_band(c, u, (9.0, 4.0), eta), atol=1e-4)
@@ -75,16 +76,16 @@ def test_default_is_projection_only_per_band(eta):
 def test_projection_with_eta_one_is_plain_fdg():
     x, c, u = random_triplet(SHAPE)
     fdg = FDG(scales=(8.0, 3.0))
-    both = run(GuidancePlan(fdg=fdg, apg=APG(eta=1.0)), step_inputs(x, c, u))
-    assert torch.allclose(both, run(GuidancePlan(fdg=fdg), step_inputs(x, c, u)), atol=1e-4)
+    both = run(GuidancePlan.of(fdg, APG(eta=1.0)), step_inputs(x, c, u))
+    assert torch.allclose(both, run(GuidancePlan.of(fdg), step_inputs(x, c, u)), atol=1e-4)
 
 
 def test_full_mode_keeps_momentum_and_clip_per_band():
     x, c, u = random_triplet(SHAPE)
     fdg, projected = FDG(scales=(9.0, 4.0)), reference_projection_per_band(c, u, (9.0, 4.0), 0.0)
-    clipped = GuidancePlan(fdg=fdg, apg=APG(eta=0.0, norm_threshold=0.5, momentum=0.0, fdg_mode="full"))
+    clipped = GuidancePlan.of(fdg, APG(eta=0.0, norm_threshold=0.5, momentum=0.0, fdg_mode="full"))
     assert not torch.allclose(run(clipped, step_inputs(x, c, u)), projected, atol=1e-3)  # the clip acts per band
-    plan = GuidancePlan(fdg=fdg, apg=APG(eta=0.0, norm_threshold=0.0, momentum=-0.5, fdg_mode="full"))
+    plan = GuidancePlan.of(fdg, APG(eta=0.0, norm_threshold=0.0, momentum=-0.5, fdg_mode="full"))
     state = GuidanceState()
     first = run(plan, step_inputs(x, c, u, step=2), state)
     assert set(state.momentum) == {"apg/0", "apg/1"} and torch.allclose(first, projected, atol=1e-4)
@@ -93,7 +94,7 @@ def test_full_mode_keeps_momentum_and_clip_per_band():
 
 def test_without_fdg_the_band_mode_does_not_matter():
     x, c, u = random_triplet(SHAPE)
-    results = [run(GuidancePlan(apg=APG(fdg_mode=mode)), step_inputs(x, c, u)) for mode in ("projection", "full")]
+    results = [run(GuidancePlan.of(APG(fdg_mode=mode)), step_inputs(x, c, u)) for mode in ("projection", "full")]
     assert torch.equal(*results)
     with pytest.raises(PlanError, match="fdg_mode"):
         APG(fdg_mode="bands").validate()

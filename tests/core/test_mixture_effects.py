@@ -9,7 +9,12 @@ at high scale; windows cut model calls.
 import pytest
 import torch
 
-from guidance_kit.guiders.plan import APG, FDG, CFGZeroStar, GuidancePlan, Rescale
+from guidance_kit.guiders.methods.apg import APG
+from guidance_kit.guiders.methods.cfg_schedule import CFGSchedule
+from guidance_kit.guiders.methods.cfg_zero_star import CFGZeroStar
+from guidance_kit.guiders.methods.fdg import FDG
+from guidance_kit.guiders.methods.rescale import Rescale
+from guidance_kit.guiders.plan import GuidancePlan
 from guidance_kit.guiders.schedules import Schedule, Window
 
 from .gmm import GaussianMixture, flow_sigmas, karras_sigmas
@@ -63,8 +68,8 @@ def test_apg_reduces_overshoot_at_high_scale_and_keeps_adherence(mixture):
     APG's projection (η = 0) and negative momentum remove most of that push, not the adherence."""
     sigmas = karras_sigmas(30)
     cfg, _ = sample_plan(GuidancePlan(), mixture, 2, 12.0, sigmas, n=512)
-    no_momentum = GuidancePlan().with_method("apg", APG(eta=0.0, norm_threshold=0.0, momentum=0.0), "APG")
-    paper = GuidancePlan().with_method("apg", APG(eta=0.0, norm_threshold=0.0, momentum=-0.5), "APG")
+    no_momentum = GuidancePlan().with_method(APG(eta=0.0, norm_threshold=0.0, momentum=0.0))
+    paper = GuidancePlan().with_method(APG(eta=0.0, norm_threshold=0.0, momentum=-0.5))
     projected, _ = sample_plan(no_momentum, mixture, 2, 12.0, sigmas, n=512)
     apg, _ = sample_plan(paper, mixture, 2, 12.0, sigmas, n=512)
     assert push(mixture, apg, 2) < push(mixture, projected, 2) < push(mixture, cfg, 2)
@@ -75,15 +80,14 @@ def test_apg_reduces_overshoot_at_high_scale_and_keeps_adherence(mixture):
 def test_rescale_pulls_the_sample_spread_back_toward_the_data(mixture):
     sigmas = karras_sigmas(30)
     cfg, _ = sample_plan(GuidancePlan(), mixture, 0, 10.0, sigmas, n=512)
-    plan = GuidancePlan().with_method("rescale", Rescale(1.0), "Rescale")
+    plan = GuidancePlan().with_method(Rescale(1.0))
     res, _ = sample_plan(plan, mixture, 0, 10.0, sigmas, n=512)
     assert abs(res.std(0).mean() - mixture.std) < abs(cfg.std(0).mean() - mixture.std)
 
 
 def test_guidance_interval_skips_uncond_calls_outside_the_window(mixture):
     sigmas = karras_sigmas(20)
-    plan = GuidancePlan().with_method("cfg_schedule", Schedule(window=Window(sigma_low=0.28, sigma_high=5.42)),
-                                      "CFG Schedule")
+    plan = GuidancePlan().with_method(CFGSchedule(Schedule(window=Window(sigma_low=0.28, sigma_high=5.42))))
     samples, den = sample_plan(plan, mixture, 0, 3.0, sigmas, n=256)
     inside = sum(1 for s in sigmas[:-1] if 0.28 < s <= 5.42)
     assert den.calls["cond"] == 20 and den.calls["uncond"] == inside < 20
@@ -94,7 +98,7 @@ def test_guidance_interval_skips_uncond_calls_outside_the_window(mixture):
 
 def test_cfg_zero_star_zero_init_holds_the_first_step_on_flow(mixture):
     sigmas = flow_sigmas(25)
-    plan = GuidancePlan().with_method("cfg_zero_star", CFGZeroStar(True, 2), "CFG-Zero*")
+    plan = GuidancePlan().with_method(CFGZeroStar(True, 2))
     samples, den = sample_plan(plan, mixture, 1, 4.0, sigmas, n=512, parameterization="flow")
     assert den.calls["cond"] == 23 and den.calls["uncond"] == 23
     assert torch.isfinite(samples).all()
@@ -104,8 +108,8 @@ def test_cfg_zero_star_zero_init_holds_the_first_step_on_flow(mixture):
 def test_fdg_low_frequency_scale_controls_the_mean_shift(mixture):
     """Guidance on the coarse band moves the (smooth) mean; FDG with a low coarse scale moves it less."""
     sigmas = karras_sigmas(25)
-    strong = GuidancePlan().with_method("fdg", FDG(scales=(6.0, 6.0)), "FDG")
-    weak_low = GuidancePlan().with_method("fdg", FDG(scales=(6.0, 1.5)), "FDG")
+    strong = GuidancePlan().with_method(FDG(scales=(6.0, 6.0)))
+    weak_low = GuidancePlan().with_method(FDG(scales=(6.0, 1.5)))
     s_strong, _ = sample_plan(strong, mixture, 0, 1.0, sigmas, n=512)
     s_weak, _ = sample_plan(weak_low, mixture, 0, 1.0, sigmas, n=512)
     assert push(mixture, s_weak, 0) < push(mixture, s_strong, 0)

@@ -9,7 +9,8 @@ import torch
 from guidance_kit.guiders import attention_ops as ops
 from guidance_kit.guiders.branch_inputs import independent_embedding, perturbed_timesteps
 from guidance_kit.guiders.layers import BlockLayout, LayerError, parse_layers, resolve
-from guidance_kit.guiders.plan import Branch, GuidancePlan, IndependentCondition, PlanError
+from guidance_kit.guiders.methods.icg import IndependentCondition
+from guidance_kit.guiders.plan import Branch, GuidancePlan, PlanError
 
 
 def qkv(b=2, h=3, length=12, d=8, seed=0, dtype=torch.float32):
@@ -161,10 +162,10 @@ def test_independent_embedding_matches_statistics_and_carries_no_prompt():
 
 def test_icg_is_one_slot_in_the_plan():
     icg = IndependentCondition(Branch("ICG", "cond"))
-    plan = GuidancePlan().with_method("icg", icg, "ICG")
-    assert plan.icg is icg and not plan.is_empty
+    plan = GuidancePlan().with_method(icg)
+    assert plan.get("icg") is icg and not plan.is_empty
     with pytest.raises(PlanError, match="already has ICG"):
-        plan.with_method("icg", icg, "ICG")
+        plan.with_method(icg)
     assert "ICG" in plan.inactive_at_cfg_one(uncond_evaluated=False)
 
 

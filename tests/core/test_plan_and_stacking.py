@@ -6,24 +6,21 @@ import pytest
 import torch
 
 from guidance_kit.guiders.combine import GuidanceState, combine, needs
-from guidance_kit.guiders.plan import (
-    APG,
-    FDG,
-    TCFG,
-    BetaCFG,
-    Branch,
-    CFGZeroStar,
-    ExtraGuidance,
-    GuidancePlan,
-    PlanError,
-    Rescale,
-)
+from guidance_kit.guiders.methods.apg import APG
+from guidance_kit.guiders.methods.beta_cfg import BetaCFG
+from guidance_kit.guiders.methods.cfg_schedule import CFGSchedule
+from guidance_kit.guiders.methods.cfg_zero_star import CFGZeroStar
+from guidance_kit.guiders.methods.extra_guidance import ExtraGuidance
+from guidance_kit.guiders.methods.fdg import FDG
+from guidance_kit.guiders.methods.rescale import Rescale
+from guidance_kit.guiders.methods.tcfg import TCFG
+from guidance_kit.guiders.plan import Branch, GuidancePlan, PlanError
 from guidance_kit.guiders.schedules import Schedule, Window
 
 from .helpers import cfg_reference, position_at, random_triplet, step_inputs
 
 METHODS = {
-    "cfg_schedule": Schedule(shape="cosine_increasing"),
+    "cfg_schedule": CFGSchedule(Schedule(shape="cosine_increasing"), label="cfg_schedule"),
     "tcfg": TCFG(),
     "cfg_zero_star": CFGZeroStar(True, 1),
     "apg": APG(eta=0.0, norm_threshold=5.0, momentum=-0.5),
@@ -36,7 +33,7 @@ METHODS = {
 def plan_with(*slots, extra=()):
     plan = GuidancePlan()
     for slot in slots:
-        plan = plan.with_method(slot, METHODS[slot], slot)
+        plan = plan.with_method(METHODS[slot])
     for term in extra:
         plan = plan.with_extra(term)
     return plan
@@ -54,18 +51,18 @@ def run_steps(plan, x, c, u, n_steps=6, branches=None, **kw):
 def test_duplicate_method_is_an_error_naming_the_node():
     plan = plan_with("apg")
     with pytest.raises(PlanError, match="APG: this model already has APG"):
-        plan.with_method("apg", APG(label="APG"), "APG")
+        plan.with_method(APG(label="APG"))
 
 
 @pytest.mark.parametrize("slot,bad", [
     ("apg", APG(norm_threshold=-1)), ("apg", APG(momentum=1.0)), ("fdg", FDG(scales=(3.0,))),
     ("beta_cfg", BetaCFG(a=0.5)), ("beta_cfg", BetaCFG(gamma=5.0)), ("rescale", Rescale(1.5)),
     ("cfg_zero_star", CFGZeroStar(False, 0)), ("cfg_zero_star", CFGZeroStar(True, -1)),
-    ("cfg_schedule", Schedule(window=Window(start=0.9, end=0.1))),
+    ("cfg_schedule", CFGSchedule(Schedule(window=Window(start=0.9, end=0.1)))),
 ])
 def test_out_of_range_settings_are_errors(slot, bad):
     with pytest.raises(ValueError):
-        GuidancePlan().with_method(slot, bad, "node")
+        GuidancePlan().with_method(bad)
 
 
 @pytest.mark.parametrize("pair", list(itertools.combinations(METHODS, 2)))
@@ -88,12 +85,13 @@ def test_everything_stacked_is_finite_and_order_free(shape):
 
 def test_stage_order_uncond_rewrites_feed_the_direction():
     """TCFG and CFG-Zero* rewrite U before APG sees C − U (stage 1 before stage 2)."""
-    from guidance_kit.guiders.projection import apg_direction
-    from guidance_kit.guiders.uncond_rewrites import optimized_scale, scale_uncond_velocity, tangential_damping
+    from guidance_kit.guiders.methods.apg import apg_direction
+    from guidance_kit.guiders.methods.cfg_zero_star import optimized_scale, scale_uncond_velocity
+    from guidance_kit.guiders.methods.tcfg import tangential_damping
 
     x, c, u = random_triplet()
     apg = APG(eta=0.3, norm_threshold=0.0, momentum=0.0)
-    plan = plan_with("tcfg").with_method("cfg_zero_star", CFGZeroStar(True, 0), "z").with_method("apg", apg, "a")
+    plan = plan_with("tcfg").with_method(CFGZeroStar(True, 0)).with_method(apg)
     got = combine(plan, step_inputs(x, c, u, cond_scale=5.0, sigma=1.0), GuidanceState())[0]
     u1 = tangential_damping(x, c, u)
     u2 = scale_uncond_velocity(x, u1, optimized_scale(x, c, u1, 1.0))
@@ -181,7 +179,7 @@ def test_video_latents(slot):
 def test_apg_on_video_reduces_over_all_non_batch_dims():
     """Core APG reduces over (T,H,W) per channel on 5-D latents; the paper's projection is per sample."""
     x, c, u = random_triplet((1, 4, 3, 8, 8))
-    plan = GuidancePlan().with_method("apg", APG(eta=0.0, norm_threshold=0.0, momentum=0.0), "APG")
+    plan = GuidancePlan().with_method(APG(eta=0.0, norm_threshold=0.0, momentum=0.0))
     got = combine(plan, step_inputs(x, c, u, cond_scale=5.0), GuidanceState())[0]
     diff = (got - c).flatten()
     assert abs(torch.dot(diff, c.flatten())) < 1e-3 * diff.norm() * c.flatten().norm()

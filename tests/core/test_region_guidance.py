@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from guidance_kit.guiders import region_guidance as R
 from guidance_kit.guiders.combine import GuidanceState, StepInputs, combine
-from guidance_kit.guiders.plan import APG, SCFG, GuidancePlan, PlanError
+from guidance_kit.guiders.methods.apg import APG
+from guidance_kit.guiders.methods.scfg import SCFG
+from guidance_kit.guiders.plan import GuidancePlan, PlanError
 from guidance_kit.guiders.progress import StepPosition
 
 
@@ -272,7 +274,7 @@ def test_plan_stage_scales_the_cfg_weight():
     g = gen(8)
     cond, uncond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     regions = R.regions_from_maps(torch.rand(1, 5, 4, 4, generator=g), torch.rand(1, 2, 4, 4, generator=g))
-    plan = GuidancePlan().with_method("scfg", SCFG(), "S-CFG")
+    plan = GuidancePlan().with_method(SCFG())
     guided, _ = combine(plan, step_inputs(cond, uncond, regions), GuidanceState())
     assert torch.allclose(guided, R.scfg_combine(cond, uncond, regions, 5.0), atol=1e-5)
     assert regions.scale is not None and regions.scale.shape == (1, 1, 8, 8)
@@ -280,17 +282,17 @@ def test_plan_stage_scales_the_cfg_weight():
     plain, _ = combine(plan, step_inputs(cond, uncond, None), GuidanceState())
     assert torch.allclose(plain, uncond + 5.0 * (cond - uncond), atol=1e-5)
     # with APG: G = C + (W·r − 1)·APG(g); at η = 1, no clip, no momentum APG(g) = g → U + W·r·g again
-    plan_apg = plan.with_method("apg", APG(eta=1.0, norm_threshold=0.0, momentum=0.0), "APG")
+    plan_apg = plan.with_method(APG(eta=1.0, norm_threshold=0.0, momentum=0.0))
     stacked, _ = combine(plan_apg, step_inputs(cond, uncond, regions), GuidanceState())
     assert torch.allclose(stacked, guided, atol=1e-4)
 
 
 def test_plan_validation():
     with pytest.raises(PlanError, match="rate_min"):
-        GuidancePlan().with_method("scfg", SCFG(rate_min=2.0, rate_max=1.0), "S-CFG")
+        GuidancePlan().with_method(SCFG(rate_min=2.0, rate_max=1.0))
     with pytest.raises(PlanError, match="reference"):
-        GuidancePlan().with_method("scfg", SCFG(reference="x"), "S-CFG")
-    plan = GuidancePlan().with_method("scfg", SCFG(), "S-CFG")
+        GuidancePlan().with_method(SCFG(reference="x"))
+    plan = GuidancePlan().with_method(SCFG())
     with pytest.raises(PlanError, match="already has S-CFG"):
-        plan.with_method("scfg", SCFG(), "S-CFG")
+        plan.with_method(SCFG())
     assert "S-CFG" in plan.inactive_at_cfg_one(uncond_evaluated=False)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from guidance_kit.guiders.combine import needs
+from guidance_kit.guiders.methods.cfg_schedule import CFGSchedule
 from guidance_kit.guiders.plan import GuidancePlan
 from guidance_kit.guiders.progress import (
     flow_percent_to_sigma,
@@ -180,14 +181,14 @@ def test_constant_schedule_equals_cfg_and_window_skips_uncond():
 
     x, c, u = random_triplet()
     base = GuidancePlan()
-    const = base.with_method("cfg_schedule", Schedule(), "CFG Schedule")
+    const = base.with_method(CFGSchedule(Schedule(), "CFG Schedule"))
     inp = step_inputs(x, c, u, cond_scale=6.0)
     ref, _ = combine(base, inp, GuidanceState())
     got, _ = combine(const, inp, GuidanceState())
     assert torch.equal(ref, got)
     assert torch.equal(got, u + (c - u) * 6.0)
 
-    windowed = base.with_method("cfg_schedule", Schedule(window=Window(start=0.5, end=1.0)), "CFG Schedule")
+    windowed = base.with_method(CFGSchedule(Schedule(window=Window(start=0.5, end=1.0)), "CFG Schedule"))
     early = position_at(2.0, 10)
     assert needs(windowed, early, 1.0).uncond is False
     assert needs(windowed, position_at(7.0, 10), 1.0).uncond is True
@@ -201,7 +202,7 @@ def test_schedule_scales_the_increment_not_the_full_scale():
     from guidance_kit.guiders.combine import GuidanceState, combine
 
     x, c, u = random_triplet()
-    plan = GuidancePlan().with_method("cfg_schedule", Schedule(shape="linear_increasing"), "CFG Schedule")
+    plan = GuidancePlan().with_method(CFGSchedule(Schedule(shape="linear_increasing"), "CFG Schedule"))
     first = step_inputs(x, c, u, cond_scale=7.0, step=0, n_steps=11)
     got, _ = combine(plan, first, GuidanceState())
     assert torch.allclose(got, c)

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from guidance_kit.guiders.combine import combine, needs
-from guidance_kit.guiders.plan import Branch, ExtraGuidance, GuidancePlan, IndependentCondition, PlanError, UncondModel
+from guidance_kit.guiders.methods.extra_guidance import ExtraGuidance
+from guidance_kit.guiders.methods.icg import IndependentCondition
+from guidance_kit.guiders.methods.uncond_model import UncondModel
+from guidance_kit.guiders.plan import Branch, GuidancePlan, PlanError
 from guidance_kit.guiders.schedules import Schedule, Window
 
 from .gmm import GaussianMixture, euler_sample, karras_sigmas
@@ -84,8 +87,7 @@ def test_uncond_from_the_base_prior_beats_the_degraded_uncond(mixtures):
     sigmas = karras_sigmas(30)
     w = 4.0
     own, d_own = run(GuidancePlan(), base, degraded, w, sigmas)
-    plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, label="Unconditional Prior"),
-                                      "Unconditional Prior")
+    plan = GuidancePlan().with_method(UncondModel(PRIOR, label="Unconditional Prior"))
     prior, d_prior = run(plan, base, degraded, w, sigmas)
     exact_cfg, _ = run(GuidancePlan(), base, base, w, sigmas)
     acc_own, acc_prior, acc_exact = adherence(base, own), adherence(base, prior), adherence(base, exact_cfg)
@@ -102,7 +104,7 @@ def test_partial_scale_blends_the_two_unconds(mixtures):
     sigmas = karras_sigmas(20)
     accs = []
     for beta in (0.0, 0.5, 1.0):
-        plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, scale=beta), "Unconditional Prior")
+        plan = GuidancePlan().with_method(UncondModel(PRIOR, scale=beta))
         samples, den = run(plan, base, degraded, 4.0, sigmas, n=512)
         accs.append(adherence(base, samples))
         if beta == 0.5:
@@ -114,40 +116,40 @@ def test_blend_formula_and_substitution():
     x = torch.randn(1, 4, 8, 8)
     cond, own, other = torch.randn(3, 1, 4, 8, 8).unbind(0)
     for beta in (0.25, 0.5):
-        plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, scale=beta), "UP")
+        plan = GuidancePlan().with_method(UncondModel(PRIOR, scale=beta))
         inp = step_inputs(x, cond, own, cond_scale=3.0, branches={PRIOR.name: other})
         guided, uncond_out = combine(plan, inp, None)
         u = own + beta * (other - own)
         assert torch.allclose(uncond_out, u, atol=1e-6)
         assert torch.allclose(guided, u + 3.0 * (cond - u), atol=1e-5)
-    plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR), "UP")
+    plan = GuidancePlan().with_method(UncondModel(PRIOR))
     need = needs(plan, position_at(0.0, 10), 5.0)
     assert need.uncond and need.uncond_branch == PRIOR and PRIOR not in need.branches
 
 
 def test_window_and_schedule_gate_the_second_model():
     plan = GuidancePlan().with_method(
-        "uncond_model", UncondModel(PRIOR, schedule=Schedule(window=Window(start=0.5, end=1.0)), label="UP"), "UP")
+        UncondModel(PRIOR, schedule=Schedule(window=Window(start=0.5, end=1.0)), label="UP"))
     early = needs(plan, position_at(1.0, 10), 5.0)
     late = needs(plan, position_at(8.0, 10), 0.5)
     assert early.uncond_branch is None and not early.branches  # the sampled model's own uncond
     assert late.uncond_branch == PRIOR
-    assert ("UP", plan.uncond_model.schedule) in plan.windows()
+    assert ("UP", plan.get("uncond_model").schedule) in plan.windows()
     assert "UP" in plan.inactive_at_cfg_one(uncond_evaluated=False)
 
 
 def test_one_uncond_source_only():
     icg = IndependentCondition(Branch("ICG", source="cond", perturbation="random"))
-    plan = GuidancePlan().with_method("icg", icg, "ICG")
+    plan = GuidancePlan().with_method(icg)
     with pytest.raises(PlanError, match="already comes from ICG"):
-        plan.with_method("uncond_model", UncondModel(PRIOR, label="Diffusion-NPO"), "Diffusion-NPO")
-    plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, label="Diffusion-NPO"), "Diffusion-NPO")
+        plan.with_method(UncondModel(PRIOR, label="Diffusion-NPO"))
+    plan = GuidancePlan().with_method(UncondModel(PRIOR, label="Diffusion-NPO"))
     with pytest.raises(PlanError, match="Diffusion-NPO"):
-        plan.with_method("icg", icg, "ICG")
+        plan.with_method(icg)
     with pytest.raises(PlanError, match="source"):
-        GuidancePlan().with_method("uncond_model", UncondModel(Branch("x", source="cond")), "UP")
+        GuidancePlan().with_method(UncondModel(Branch("x", source="cond")))
     with pytest.raises(PlanError, match="scale"):
-        GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, scale=-1.0), "UP")
+        GuidancePlan().with_method(UncondModel(PRIOR, scale=-1.0))
 
 
 def test_autoguidance_concentrates_on_the_class(mixtures):
@@ -167,8 +169,7 @@ def test_autoguidance_concentrates_on_the_class(mixtures):
 def test_an_uncond_from_another_model_is_reported_inactive_at_cfg_one():
     """At cfg 1 the uncond is not evaluated, so a second-model uncond changes nothing: the engine's cfg-1 warning
     must name it (Autoguidance, an extra term, acts at cfg 1 and is not named)."""
-    plan = GuidancePlan().with_method("uncond_model", UncondModel(PRIOR, label="Unconditional Prior"),
-                                      "Unconditional Prior")
+    plan = GuidancePlan().with_method(UncondModel(PRIOR, label="Unconditional Prior"))
     assert "Unconditional Prior" in plan.inactive_at_cfg_one(uncond_evaluated=False)
     weak = ExtraGuidance(Branch("Autoguidance", source="cond", perturbation="weak model"), scale=1.0,
                          label="Autoguidance")

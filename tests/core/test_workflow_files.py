@@ -1,30 +1,26 @@
 """The example workflows (workflows/) as files: they parse, pair up (UI ↔ API twin), their links are
-consistent, and they are exactly what workflows/build_workflows.py generates (no ComfyUI needed; the
-ComfyUI tier checks them against the real node schemas and validation)."""
+consistent, and they are exactly what workflows/build_workflows.py generates from the specs, the Notes and the
+node catalog (no ComfyUI needed; the ComfyUI tier checks them, and the catalog, against the real node schemas
+and validation)."""
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from guidance_kit.workflows import build_workflows, catalog, graph
+from guidance_kit.workflows.specs import WORKFLOWS as SPECS
+from guidance_kit.workflows.specs.cfg_methods import wf_apg_sdxl
+from guidance_kit.workflows.specs.common import NOTES_DIR
 from tests.conftest import REPO
 
 WORKFLOWS = REPO / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
+NOTE_FILES = sorted(NOTES_DIR.glob("*.md"))
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
-
-
-def _load_build_script():
-    name = "guidance_kit_workflows_build_workflows"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, WORKFLOWS / "build_workflows.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def load(path: Path) -> dict:
@@ -130,28 +126,147 @@ def test_api_twin_matches_the_ui_graph(path):
 
 
 def test_build_script_output_is_identical_to_the_committed_files(tmp_path):
-    build = _load_build_script()
-    written = build.build(tmp_path)
+    written = build_workflows.build(tmp_path)
     generated = {p.relative_to(tmp_path).as_posix() for p in written}
     committed = {p.relative_to(WORKFLOWS).as_posix() for p in UI_FILES + API_FILES} | {"README.md"}
     assert generated == committed, "run: python workflows/build_workflows.py (files added or removed)"
     stale = [rel for rel in sorted(generated)
              if (tmp_path / rel).read_bytes() != (WORKFLOWS / rel).read_bytes()]
     assert not stale, f"out of date (run: python workflows/build_workflows.py): {stale}"
-    assert build.stale_files(WORKFLOWS) == []
+    assert build_workflows.stale_files(WORKFLOWS) == []
+
+
+def test_build_script_runs_as_a_script_without_comfyui():
+    """``python workflows/build_workflows.py --check``, as documented: exit 0, and neither ComfyUI nor torch is
+    imported on the way (the committed catalog stands in for the node schemas)."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{str(WORKFLOWS / 'build_workflows.py')!r}, '--check']\n"
+            "try:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, f'--check exited with {e.code}'\n"
+            "loaded = sorted(m for m in ('comfy', 'comfy_api', 'nodes', 'torch') if m in sys.modules)\n"
+            "assert not loaded, f'imported {loaded}'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_build_script_rejects_a_bad_spec():
-    build = _load_build_script()
-    wf = build.wf_apg_sdxl()
+    nodes = catalog.load()
+    wf = wf_apg_sdxl()
     wf.node(10).widgets["etaa"] = 0.5
-    with pytest.raises(build.SpecError, match="unknown widget"):
-        build.to_api(wf)
-    wf = build.wf_apg_sdxl()
+    with pytest.raises(graph.SpecError, match="unknown widget"):
+        graph.to_api(wf, nodes)
+    wf = wf_apg_sdxl()
     wf.node(3).links["model"] = (99, "MODEL")
-    with pytest.raises(build.SpecError, match="missing node 99"):
-        build.to_ui(wf)
-    wf = build.wf_apg_sdxl()
+    with pytest.raises(graph.SpecError, match="missing node 99"):
+        graph.to_ui(wf, nodes)
+    wf = wf_apg_sdxl()
     wf.node(3).links["model"] = (4, "CLIP")
-    with pytest.raises(build.SpecError, match="MODEL.*linked to CLIP"):
-        build.to_ui(wf)
+    with pytest.raises(graph.SpecError, match="MODEL.*linked to CLIP"):
+        graph.to_ui(wf, nodes)
+    wf = wf_apg_sdxl()
+    del wf.node(3).links["positive"]
+    with pytest.raises(graph.SpecError, match="'positive' is not connected"):
+        graph.to_api(wf, nodes)
+    wf = wf_apg_sdxl()
+    wf.node(10).type = "GuidanceKit_NotYetInTheCatalog"
+    with pytest.raises(graph.SpecError, match="not in the node catalog.*build_workflows.py --catalog"):
+        graph.to_ui(wf, nodes)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Notes (workflows/specs/notes/<workflow>.md) and the node catalog (workflows/specs/catalog.json)
+# ------------------------------------------------------------------------------------------------
+
+def test_every_workflow_has_a_note_file_and_every_note_file_a_workflow():
+    names = {make().name for make in SPECS}
+    assert {p.stem for p in NOTE_FILES} == names
+
+
+@pytest.mark.parametrize("path", NOTE_FILES, ids=lambda p: p.stem)
+def test_note_file_is_the_plain_text_of_the_note(path):
+    """The Note node shows the file as it is: no escape debris (a backslash before a line break, left from a
+    string literal), no leading empty line, no trailing spaces, one final newline."""
+    text = path.read_text(encoding="utf-8")
+    assert "\\" not in text, f"{path.name}: the Note contains a backslash"
+    assert text.split("\n", 1)[0].strip(), f"{path.name}: the Note starts with an empty line"
+    assert text.endswith("\n") and not text.endswith("\n\n"), f"{path.name}: end it with exactly one newline"
+    assert all(line == line.rstrip() for line in text.split("\n")), f"{path.name}: trailing spaces"
+    ui = load(WORKFLOWS / f"{path.stem}.json")
+    assert next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0] == text[:-1]
+
+
+def test_catalog_file_is_well_formed():
+    doc = json.loads(catalog.CATALOG_FILE.read_text(encoding="utf-8"))
+    assert catalog.render(doc) == catalog.CATALOG_FILE.read_text(encoding="utf-8"), "not in the generator's format"
+    used = {n.type for make in SPECS for n in make().nodes} - FRONTEND_ONLY
+    assert used <= set(doc["nodes"])
+    for name, entry in doc["nodes"].items():
+        assert list(entry) == ["title", "inputs", "optional_inputs", "widgets", "defaults", "control_after_generate",
+                               "outputs"], name
+        assert set(entry["defaults"]) <= set(entry["widgets"]) and set(entry["control_after_generate"]) <= set(
+            entry["widgets"]), name
+        assert set(entry["optional_inputs"]) <= {n for n, _ in entry["inputs"]}, name
+
+
+class _V1Node:
+    """A V1 node class as ComfyUI core declares one (INPUT_TYPES, RETURN_TYPES)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {"model": ("MODEL",), "seed": ("INT", {"default": 0}), "steps": ("INT", {"default": 20}),
+                             "cfg": ("FLOAT", {"default": 8}), "sampler_name": (["euler", "heun"],),
+                             "sigmas": ("FLOAT", {"forceInput": True})},
+                "optional": {"mask": ("MASK",), "mode": (["a", "b"], {"default": "b"})},
+                "hidden": {"prompt": "PROMPT"}}
+
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("samples",)
+
+
+class _V3Node:
+    """What a V3 node (comfy_api io.ComfyNode) reports: GET_NODE_INFO_V1()."""
+
+    @classmethod
+    def GET_NODE_INFO_V1(cls):  # noqa: N802
+        return {"display_name": "New Method · a paper", "output": ["MODEL"], "output_name": ["MODEL"],
+                "input": {"required": {"model": ("MODEL", {}), "scale": ("FLOAT", {"default": 2.0}),
+                                       "seed": ("INT", {"default": 0, "control_after_generate": False})},
+                          "optional": {"guide": ("MODEL", {}), "mode": ("COMBO", {"options": ["x", "y"],
+                                                                                    "default": "y"})}},
+                "input_order": {"required": ["model", "scale", "seed"], "optional": ["guide", "mode"]}}
+
+
+def test_catalog_entries_follow_the_editor():
+    """Widgets: required then optional, in schema order; sockets (and forceInput widgets) apart; declared
+    defaults only (a combo without one has none); FLOAT defaults as floats; the control_after_generate rule."""
+    v1 = catalog.node_entry("MySampler", _V1Node, {"MySampler": "My Sampler"})
+    assert v1 == {"title": "My Sampler", "inputs": [["model", "MODEL"], ["sigmas", "FLOAT"], ["mask", "MASK"]],
+                  "optional_inputs": ["mask"], "widgets": ["seed", "steps", "cfg", "sampler_name", "mode"],
+                  "defaults": {"seed": 0, "steps": 20, "cfg": 8.0, "mode": "b"}, "control_after_generate": ["seed"],
+                  "outputs": [["samples", "LATENT"]]}
+    assert isinstance(v1["defaults"]["cfg"], float)
+    assert catalog.node_entry("Untitled", _V1Node, {})["title"] == "Untitled"
+    v3 = catalog.node_entry("GuidanceKit_New", _V3Node, {})
+    assert v3 == {"title": "New Method · a paper", "inputs": [["model", "MODEL"], ["guide", "MODEL"]],
+                  "optional_inputs": ["guide"], "widgets": ["scale", "seed", "mode"],
+                  "defaults": {"scale": 2.0, "seed": 0, "mode": "y"}, "control_after_generate": [],
+                  "outputs": [["MODEL", "MODEL"]]}
+    doc = catalog.derive({"GuidanceKit_New": _V3Node, "MySampler": _V1Node, "Other": _V1Node}, {}, ["MySampler"])
+    assert list(doc["nodes"]) == ["GuidanceKit_New", "MySampler"]  # every pack node, the other types used
+    with pytest.raises(catalog.CatalogError, match="Missing"):
+        catalog.derive({}, {}, ["Missing"])
+
+
+def test_a_new_node_needs_only_a_spec():
+    """A node type from the catalog, used by a spec with an optional socket left open: no other declaration."""
+    nodes = {**catalog.load(), **catalog.from_document({"nodes": {"GuidanceKit_New": catalog.node_entry(
+        "GuidanceKit_New", _V3Node, {})}})}
+    wf = wf_apg_sdxl()
+    wf.node(10).type, wf.node(10).widgets = "GuidanceKit_New", {"scale": 4.0}
+    ui, api = graph.to_ui(wf, nodes), graph.to_api(wf, nodes)
+    node = next(n for n in ui["nodes"] if n["id"] == 10)
+    assert node["title"] == "New Method · a paper" and node["widgets_values"] == [4.0, 0, "y"]
+    assert [(i["name"], i["link"] is None) for i in node["inputs"]] == [("model", False), ("guide", True)]
+    assert api["10"]["inputs"] == {"scale": 4.0, "seed": 0, "mode": "y", "model": ["4", 0]}
