@@ -35,6 +35,13 @@ from .common import (
 
 class CFGSchedule(io.ComfyNode):
     LABEL = "CFG Schedule"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        "CFG weight schedulers (Wang et al., TMLR 2024; default: the paper's `linear_increasing`) and guidance "
+        'interval (Kynkäänniemi et al., NeurIPS 2024): linear/cosine/power increasing or decreasing, constant, '
+        "step list; progress and sigma windows, progress = ComfyUI's percent of σ (split runs get one schedule)",
+        'all',
+        'none; **saves** the uncond call outside the window',
+    )
     COMPARE = {"key": "cfg_schedule", "exact": True, "aliases": {"schedule": "cfg_schedule"}}
 
     @classmethod
@@ -99,6 +106,15 @@ BETA_NORMALIZATIONS = {"per-element RMS (resolution-independent)": "rms", "L2 (p
 
 class BetaCFGNode(io.ComfyNode):
     LABEL = "β-CFG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Classifier-free Guidance with Adaptive Scaling (Malarz et al., arXiv 2502.10574): a guidance of fixed '
+        'length shaped by a beta curve over the run; default per-element RMS normalisation (the same cfg at every '
+        "resolution and on eps and flow models, the paper's strength per latent value at SDXL 1024²), the paper's "
+        'L2 as an option; its cfg is a guidance length, not a CFG scale (it says which cfg to use when it acts '
+        'below CFG 1)',
+        'all',
+        'none',
+    )
     # β-CFG's cfg is the length of its guidance, not a CFG scale: on the embedded model (class guidance per pixel
     # ~10× SDXL's) its default (per-element RMS) is near unconditional at CFG's values and needs ~16× them for the
     # same strength (β-CFG 48 ≈ CFG 3, benchmarks/beta_cfg_strength.py): both rows in the metrics report.
@@ -172,6 +188,12 @@ APG_FDG_MODES = {"projection only (diffusers FDG)": "projection",
 
 class APGNode(io.ComfyNode):
     LABEL = "APG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        "Adaptive Projected Guidance (Sadat et al., ICLR 2025) — paper-exact (core's node is off by one); with "
+        "FDG: its projection per band (as diffusers' FDG; momentum and clip per band as an option)",
+        'all, image and video latents',
+        'none',
+    )
     COMPARE = {"key": "apg", "exact": True}
     STATE_ACROSS_SAMPLER_CALLS = ("its momentum buffer belongs to one sampler call: a run split over two samplers "
                                   "(KSamplerAdvanced 0–k, k–N) starts the momentum again in the second (momentum 0 "
@@ -233,6 +255,11 @@ class APGNode(io.ComfyNode):
 
 class TCFGNode(io.ComfyNode):
     LABEL = "TCFG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Tangential Damping CFG (Kwon et al., CVPR 2025) — exact, without an SVD of the latent',
+        'all',
+        'none',
+    )
     COMPARE = {"key": "tcfg", "exact": True}
 
     @classmethod
@@ -258,6 +285,13 @@ class TCFGNode(io.ComfyNode):
 
 class CFGZeroStarNode(io.ComfyNode):
     LABEL = "CFG-Zero*"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Optimized scale + zero-init (Fan et al., arXiv 2503.18886) — paper-exact x0 rule (core drops a term and '
+        "has no zero-init); zero-init automatic: the first step on flow models only (the paper's code is "
+        'flow-only; on eps models it leaves noise blobs), and only in a sampler call that starts from pure noise',
+        'all (paper: flow models)',
+        'none; zero-init steps **skip** the model call',
+    )
     COMPARE = {"key": "cfg_zero_star", "exact": True,
                "aliases": {"cfgzero": "cfg_zero_star", "cfg_zero": "cfg_zero_star", "cfg-zero*": "cfg_zero_star"}}
 
@@ -301,6 +335,12 @@ FDG_SCALE_MODES = {"absolute (replace cfg)": False, "relative to cfg": True}
 
 class FDGNode(io.ComfyNode):
     LABEL = "FDG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Frequency-Decoupled Guidance (Sadat et al., arXiv 2506.19713): per-band scales on a Laplacian pyramid; '
+        'the scales replace cfg (paper; a warning when cfg would not act) or are relative to cfg (`scale_mode`)',
+        'all, 4-D and 5-D latents',
+        'none',
+    )
     COMPARE = {"key": "fdg", "exact": True, "overrides": {"scales": "{scale}, {1 + (scale - 1) / 2}"}}
 
     @classmethod
@@ -359,6 +399,12 @@ class FDGNode(io.ComfyNode):
 
 class RescaleNode(io.ComfyNode):
     LABEL = "Rescale"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'RescaleCFG (Lin et al., WACV 2024) on the whole plan, in velocity space on flow models (core 0.3.x used '
+        'the VP formula there; current core rescales flow models in x0 space, a different target)',
+        'all',
+        'none',
+    )
     COMPARE = {"key": "rescale", "exact": True}
 
     @classmethod

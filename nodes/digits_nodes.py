@@ -26,6 +26,11 @@ WEIGHTS = {"digits": UNET_WEIGHTS, "digits weak (for Autoguidance)": WEAK_UNET_W
 
 class DigitsModelLoader(io.ComfyNode):
     LABEL = "Digits Model Loader"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'the embedded test model (above) as MODEL + class CONDITIONING, and its 8×8 latents as an IMAGE',
+        '—',
+        '—',
+    )
 
     @classmethod
     def define_schema(cls):
@@ -79,6 +84,7 @@ class DigitsModelLoader(io.ComfyNode):
 
 class DigitsDecode(io.ComfyNode):
     LABEL = "Digits Decode"
+    README_JOIN = 'GuidanceKit_DigitsModelLoader'  # listed in that node's row of the README methods table
 
     @classmethod
     def define_schema(cls):

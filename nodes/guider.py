@@ -26,6 +26,11 @@ class GuidanceKitGuider(comfy.samplers.CFGGuider):
 
 
 class GuidanceGuiderNode(io.ComfyNode):
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'samples the plan with SamplerCustomAdvanced',
+        'all',
+        '—',
+    )
     @classmethod
     def define_schema(cls):
         return io.Schema(

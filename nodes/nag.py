@@ -76,6 +76,15 @@ def negative_tokens(label: str, conditioning) -> tuple:
 
 class NAGNode(io.ComfyNode):
     LABEL = "NAG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Normalized Attention Guidance (Chen et al., NeurIPS 2025): a negative prompt in attention space, `Z = '
+        "α·norm_τ(s·Z⁺ − (s−1)·Z⁻) + (1−α)·Z⁺`; on Flux/SD3/HunyuanVideo the negative's text is modulated with its "
+        'own pooled vector (as ComfyUI-NAG); works at cfg 1 (Flux schnell/dev, SD3.5 Turbo, SDXL Lightning/DMD2, '
+        'distilled WAN) and with CFG; plain KSampler',
+        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Qwen-Image, HunyuanVideo, WAN, LTXV, Cosmos Predict2',
+        "none: the negative's tokens join the same call (per step at cfg 1 on tiny CPU models, "
+        '`benchmarks/nag_cost.py`: +0–18% on cross-attention models, +26–57% on joint-attention DiTs)',
+    )
     COMPARE = {"key": "nag"}
 
     @classmethod

@@ -154,6 +154,11 @@ class LayeredMethodNode(io.ComfyNode):
 
 class PAGNode(LayeredMethodNode):
     LABEL = "PAG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Perturbed-Attention Guidance (Ahn et al., ECCV 2024): self-attention map → identity in an extra branch',
+        'block families¹',
+        '+1 batched branch',
+    )
     COMPARE = {"key": "pag"}
     DEFAULTS = Defaults(scale=3.0)
 
@@ -190,6 +195,12 @@ class PAGNode(LayeredMethodNode):
 
 class SEGNode(LayeredMethodNode):
     LABEL = "SEG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Smoothed Energy Guidance (Hong, NeurIPS 2024): self-attention queries blurred on the token grid (∞ blur: '
+        "every query of a frame becomes the frame's mean query; the official kernel, σ ≤ 1/6 = no blur)",
+        'block families¹',
+        '+1 batched branch',
+    )
     COMPARE = {"key": "seg"}
     DEFAULTS = Defaults(scale=3.0)
 
@@ -227,6 +238,12 @@ class SEGNode(LayeredMethodNode):
 
 class TPGNode(LayeredMethodNode):
     LABEL = "TPG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Token Perturbation Guidance (Rajabi et al., arXiv 2506.10036): image tokens of the chosen blocks shuffled '
+        'in an extra branch (SDXL: the official `input 7.2-9, input 8`)',
+        'block families¹ except SD3/3.5 and AuraFlow (no rotary positions: an error that says so)',
+        '+1 batched branch',
+    )
     COMPARE = {"key": "tpg"}
     DEFAULTS = Defaults(scale=3.0)
 
@@ -273,6 +290,12 @@ class TPGNode(LayeredMethodNode):
 
 class SkipLayerNode(LayeredMethodNode):
     LABEL = "SLG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'SLG (Stability AI, SD3.5) / STG (Hyung et al., CVPR 2025): chosen blocks skipped in an extra branch — '
+        "also on UNets, where core's nodes do nothing",
+        'block families¹',
+        '+1 batched branch',
+    )
     COMPARE = {"key": "skip_layer", "label": "Skip-Layer", "aliases": {"slg": "skip_layer", "skiplayer": "skip_layer"}}
     DEFAULTS = Defaults(scale=2.8, start=0.01, end=0.2)
 
@@ -312,6 +335,12 @@ class SkipLayerNode(LayeredMethodNode):
 
 class S2GuidanceNode(LayeredMethodNode):
     LABEL = "S²-Guidance"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Stochastic Self Guidance (Chen et al., arXiv 2508.12880): a random ratio of blocks dropped every step, '
+        'never the first block',
+        'block families¹',
+        '+1 batched branch',
+    )
     COMPARE = {"key": "s2_guidance", "aliases": {"s2": "s2_guidance"}}
     DEFAULTS = Defaults(scale=0.25, start=0.1, end=0.9)
 
@@ -364,6 +393,13 @@ TSG_PERTURB = ("time embedding (paper)", "time input shift (legacy)")
 
 class TSGNode(io.ComfyNode):
     LABEL = "TSG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        "Time-step Guidance (Sadat et al., ICLR 2025): Gaussian noise s·t^α on the model's time-step embedding in "
+        "an extra branch (the paper's form; redrawn every step, the same for every sample); option: the legacy "
+        'time-input shift; guides unconditional generation too',
+        'all with a time-embedding module (Chroma, Stable Cascade: legacy mode)',
+        '+1 batched branch',
+    )
     COMPARE = {"key": "tsg"}
     DEFAULTS = Defaults(scale=1.5)
 
@@ -434,6 +470,12 @@ class TSGNode(io.ComfyNode):
 
 class ICGNode(io.ComfyNode):
     LABEL = "ICG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Independent Condition Guidance (Sadat et al., ICLR 2025): the uncond evaluated under random '
+        'prompt-independent tokens **and pooled vector**, redrawn every step (negative prompt ignored)',
+        'all with a text/token cross-attention conditioning',
+        'none (replaces the uncond)',
+    )
     COMPARE = {"key": "icg"}
 
     @classmethod

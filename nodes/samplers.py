@@ -263,6 +263,13 @@ class _CFGPPSampler:
 
 class SamplerDPMPP2MSDECFGPP(_CFGPPSampler, io.ComfyNode):
     LABEL = LABEL_2M
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'CFG++ (Chung et al., ICLR 2025) for DPM-Solver++(2M) SDE, midpoint/heun, which core lacks: re-noises '
+        "along the uncond, α-correct on flow models; cfg = λ ∈ [0, 1]; noise × the model's `noise_scale` (as "
+        "current core); equals core's `dpmpp_2m_cfg_pp` at eta 0 on eps models",
+        'all (eps/v and flow)',
+        'none vs CFG',
+    )
     # CFG++: λ = ω / 12.5 (the paper's correspondence λ 0.4 / 0.6 / 1.0 ~ CFG ω 5 / 7.5 / 12.5)
     COMPARE = {"key": "cfgpp_2m", "label": "DPM++ 2M SDE CFG++ (λ=cfg/12.5)", "sampler": True,
                "cfg": "{min(1, scale / 12.5)}",
@@ -300,6 +307,11 @@ class SamplerDPMPP2MSDECFGPP(_CFGPPSampler, io.ComfyNode):
 
 class SamplerDPMPP3MSDECFGPP(_CFGPPSampler, io.ComfyNode):
     LABEL = LABEL_3M
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        "CFG++ for DPM-Solver++(3M) SDE; cfg = λ ∈ [0, 1]; noise × the model's `noise_scale`",
+        'all',
+        'none vs CFG',
+    )
     COMPARE = {"key": "cfgpp_3m", "label": "DPM++ 3M SDE CFG++ (λ=cfg/12.5)", "sampler": True,
                "cfg": "{min(1, scale / 12.5)}", "aliases": {"dpmpp_3m_sde_cfg_pp": "cfgpp_3m"}}
 
@@ -327,6 +339,12 @@ class SamplerDPMPP3MSDECFGPP(_CFGPPSampler, io.ComfyNode):
 
 class SamplerPCG(io.ComfyNode):
     LABEL = LABEL_PCG
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'Predictor-Corrector Guidance (Bradley & Nakkiran, TMLR 2025): cond-only DDIM predictor + K Langevin steps '
+        'on p(x|c)^γ p(x)^(1−γ); cfg = γ (γ = 2w − 1 with K = 1 ≈ DDPM with CFG w)',
+        'all',
+        '1 + 2K passes per step instead of 2 (K = 1: +50%)',
+    )
     # PCG: γ = 2w − 1 with K = 1, step_scale 0.5 is DDPM with CFG scale w (the paper's equivalence)
     COMPARE = {"key": "pcg", "label": "PCG (γ=2·cfg−1)", "sampler": True, "cfg": "{2 * scale - 1}"}
     STATE_ACROSS_SAMPLER_CALLS = ("the Langevin corrector's noise stream is seeded per sampler call (from the run's "

@@ -85,6 +85,15 @@ def build_settings(label: str, downsample: int, order: int, reference: str, rate
 
 class SCFGNode(io.ComfyNode):
     LABEL = "S-CFG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        "Semantic-aware CFG (Shen et al., CVPR 2024): the CFG weight becomes a per-region map from the model's own "
+        "cross-/self-attention (official rule: regions matched to the foreground's mean guidance norm, r ∈ [0.8, "
+        '3], cfg·r ≤ 15); the map node shows the regions or scales of the last run; on a one-token conditioning '
+        '(class-conditional models) it equals CFG and says so',
+        'SD1.5/SDXL, Flux, Chroma, SD3/3.5',
+        'none: maps read inside the same call, no N×N attention matrix (tiny CPU models: +22…73% per step, mostly '
+        'fixed overhead)',
+    )
     # on the digits model write scfg:downsample=2 (its attention is at 8×8 and 4×4 only)
     COMPARE = {"key": "scfg", "aliases": {"s-cfg": "scfg", "s_cfg": "scfg"},
                "not_in_report": "equals CFG on the digits model: its one-token class context makes the whole image "
@@ -216,6 +225,7 @@ def map_image(store: RegionMapStore, show: str, step: int, size: tuple[int, int]
 
 class SCFGMapNode(io.ComfyNode):
     LABEL = "S-CFG Map"
+    README_JOIN = 'GuidanceKit_SCFG'  # listed in that node's row of the README methods table
 
     @classmethod
     def define_schema(cls):

@@ -8,17 +8,18 @@ tooltips).
   type, default, range or choices and tooltip — both written here from the schema. Everything else on the
   page is prose written by hand: papers, what the method does, recommended values, measurements, notes on
   the inputs beyond their tooltips (after the block, under the same heading).
-* ``README.md``: the methods table between the ``methods-table`` marker comments has one row per node or
-  group of nodes. The bold names in a row's first cell are nodes' short display names (the display name
-  before " · "); every node appears in exactly one row and no row names a node that does not exist.
-  Checked, not generated: its other columns summarise the methods for the README.
+* ``README.md``: the methods table between the ``methods-table`` marker comments, generated here from the
+  node classes: one row per node that declares ``README_ROW = (method and paper, families, extra model calls
+  per step)``, in the order of ``node_list()``, its first cell the node's short display name (the display name
+  before " · ") in bold, plus " (sampler)" for SAMPLER nodes and "(+ **name**)" for each node that declares
+  ``README_JOIN = "<node id of that row>"`` (a helper node listed with its method, e.g. S-CFG Map).
 
     python -m tests.node_docs            # from the pack folder: rewrite the generated parts, report the rest
     python -m tests.node_docs --check    # report only; exit 1 when anything is off (tests/comfyui/test_node_docs.py)
 
 A new node needs: a schema with a display name ("Short name · what it is"), a description and a tooltip on
-every input; a help page (this command writes a skeleton with the title and the Inputs block: add the
-prose); a row in the README methods table whose first cell names it in bold.
+every input, and ``README_ROW`` (or ``README_JOIN``) on its class; a help page (this command writes a skeleton
+with the title and the Inputs block: add the prose). The README row is written by this command.
 """
 
 from __future__ import annotations
@@ -118,10 +119,7 @@ def prose_length(text: str) -> int:
 
 def readme_rows(readme: str) -> list[tuple[int, list[str]]]:
     """(line number, the bold names of the first cell) for every row of the README's methods table."""
-    start = readme.find(TABLE_BEGIN)
-    end = readme.find(TABLE_END)
-    if start < 0 or end < start:
-        raise ValueError(f"README.md has no methods table between '{TABLE_BEGIN} ... -->' and '{TABLE_END}'")
+    start, end = _table_span(readme)
     first_line = readme.count("\n", 0, start) + 2
     rows = []
     for n, line in enumerate(readme[start:end].splitlines()[1:], first_line):
@@ -133,12 +131,71 @@ def readme_rows(readme: str) -> list[tuple[int, list[str]]]:
     return rows[1:]  # the first row is the header
 
 
+def _table_span(readme: str) -> tuple[int, int]:
+    """Where the table's text starts (after the marker comment's line) and ends (at the closing marker)."""
+    start = readme.find(TABLE_BEGIN)
+    end = readme.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md has no methods table between '{TABLE_BEGIN} ... -->' and '{TABLE_END}'")
+    return readme.index("\n", start) + 1, end
+
+
+def _markdown(text: str) -> str:
+    """A cell's text inside a Markdown table: its pipes escaped."""
+    return text.replace("|", "\\|")
+
+
+def _bold(name: str) -> str:
+    return "**" + name.replace("*", "\\*") + "**"
+
+
+TABLE_HEADER = "| Node | Method (paper) | Families | Extra model calls per step |\n|---|---|---|---|\n"
+
+
+def readme_table(nodes: list) -> str:
+    """The methods table generated from the node classes' ``README_ROW`` / ``README_JOIN`` (see the module
+    docstring); raises ValueError naming a node that declares neither, or a join to a node without a row."""
+    ids = {node.GET_SCHEMA().node_id: node for node in nodes}
+    joined: dict[str, list[str]] = {}
+    for node in nodes:
+        target = getattr(node, "README_JOIN", None)
+        if target is not None:
+            if target not in ids or getattr(ids[target], "README_ROW", None) is None:
+                raise ValueError(f"{node.__name__}.README_JOIN names {target!r}, which is not a node with a README_ROW")
+            joined.setdefault(target, []).append(short_name(node.GET_SCHEMA().display_name))
+    rows = []
+    for node in nodes:
+        schema = node.GET_SCHEMA()
+        row = getattr(node, "README_ROW", None)
+        if row is None:
+            if getattr(node, "README_JOIN", None) is None:
+                raise ValueError(f"{schema.node_id}: declare README_ROW = (method and paper, families, extra model "
+                                 f"calls per step) on {node.__name__} (or README_JOIN = '<node id>') for the README "
+                                 f"methods table")
+            continue
+        if len(row) != 3 or not all(isinstance(c, str) and c.strip() for c in row):
+            raise ValueError(f"{node.__name__}.README_ROW must be three texts (method and paper, families, cost)")
+        first = _bold(short_name(schema.display_name))
+        if [str(getattr(o, "io_type", "") or o.get_io_type()) for o in schema.outputs] == ["SAMPLER"]:
+            first += " (sampler)"
+        for name in joined.get(schema.node_id, []):
+            first += f" (+ {_bold(name)})"
+        rows.append("| " + " | ".join([first, *(_markdown(c) for c in row)]) + " |\n")
+    return "\n" + TABLE_HEADER + "".join(rows) + "\n"
+
+
+def render_readme(readme: str, nodes: list) -> str:
+    start, end = _table_span(readme)
+    return readme[:start] + readme_table(nodes) + readme[end:]
+
+
 def _shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def problems(schemas: list, docs: Path = DOCS, readme: Path = README) -> list[str]:
-    """Everything that differs from the schemas: stale generated parts, pages or rows missing or extra."""
+def problems(nodes: list, docs: Path = DOCS, readme: Path = README) -> list[str]:
+    """Everything that differs from the node classes: stale generated parts, pages missing or extra."""
+    schemas = [node.GET_SCHEMA() for node in nodes]
     found = []
     ids = {s.node_id for s in schemas}
     for schema in schemas:
@@ -162,41 +219,31 @@ def problems(schemas: list, docs: Path = DOCS, readme: Path = README) -> list[st
         if page.stem not in ids:
             found.append(f"{_shown(page)}: no node has the id {page.stem!r}")
     try:
-        rows = readme_rows(readme.read_text(encoding="utf-8"))
+        text = readme.read_text(encoding="utf-8")
+        if render_readme(text, nodes) != text:
+            found.append(f"README.md: the methods table differs from the nodes' README_ROW (run {COMMAND})")
     except ValueError as e:
-        return found + [str(e)]
-    by_name = {short_name(s.display_name): s for s in schemas}
-    if len(by_name) < len(schemas):
-        found.append("two nodes share a short display name: " + ", ".join(sorted(s.display_name for s in schemas)))
-    seen: dict[str, int] = {}
-    for line, names in rows:
-        if not names:
-            found.append(f"README.md:{line}: a methods-table row without a bold node name in its first cell")
-        for name in names:
-            if name not in by_name:
-                found.append(f"README.md:{line}: **{name}** is not a node's short display name (the nodes: "
-                             f"{', '.join(by_name)})")
-            elif name in seen:
-                found.append(f"README.md:{line}: **{name}** already has a row (line {seen[name]})")
-            else:
-                seen[name] = line
-    for name, schema in by_name.items():
-        if name not in seen:
-            found.append(f"README.md: no methods-table row for {schema.node_id} (a row whose first cell has "
-                         f"**{name}**)")
+        found.append(str(e))
     return found
 
 
-def node_schemas() -> list:
+def node_classes() -> list:
     from guidance_kit.nodes import node_list
 
-    return [node.GET_SCHEMA() for node in node_list()]
+    return list(node_list())
 
 
-def write(schemas: list, docs: Path = DOCS) -> list[Path]:
-    """Rewrite the generated parts of every help page (a skeleton where a node has none); the pages changed."""
+def write(nodes: list, docs: Path = DOCS, readme: Path | None = README) -> list[Path]:
+    """Rewrite the generated parts of every help page (a skeleton where a node has none) and the README's methods
+    table; the files changed."""
     changed = []
-    for schema in schemas:
+    if readme is not None:
+        text = readme.read_text(encoding="utf-8")
+        new = render_readme(text, nodes)
+        if new != text:
+            readme.write_text(new, encoding="utf-8")
+            changed.append(readme)
+    for schema in (node.GET_SCHEMA() for node in nodes):
         page = docs / f"{schema.node_id}.md"
         text = page.read_text(encoding="utf-8") if page.is_file() else None
         new = render_page(text, schema)
@@ -219,15 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     except comfy_setup.ComfyUINotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    schemas = node_schemas()
+    nodes = node_classes()
     if not args.check:
         try:
-            for page in write(schemas):
+            for page in write(nodes):
                 print(f"wrote {_shown(page)}")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    found = problems(schemas)
+    found = problems(nodes)
     for problem in found:
         print(problem, file=sys.stderr)
     return 1 if found else 0

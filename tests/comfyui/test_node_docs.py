@@ -13,7 +13,8 @@ import pytest
 from guidance_kit.nodes import node_list
 from tests import node_docs
 
-SCHEMAS = [node.GET_SCHEMA() for node in node_list()]
+NODES = list(node_list())
+SCHEMAS = [node.GET_SCHEMA() for node in NODES]
 FIX = f"run `{node_docs.COMMAND}` from the pack folder and commit the pages it wrote"
 
 
@@ -39,14 +40,30 @@ def test_no_help_page_without_a_node():
 
 
 def test_readme_methods_table_names_every_node_once_by_its_display_name():
-    problems = [p for p in node_docs.problems(SCHEMAS) if p.startswith("README")]
+    problems = [p for p in node_docs.problems(NODES) if p.startswith("README")]
     assert problems == []
     names = [name for _, row in node_docs.readme_rows(node_docs.README.read_text(encoding="utf-8")) for name in row]
     assert sorted(names) == sorted(node_docs.short_name(s.display_name) for s in SCHEMAS)
 
 
+def test_the_readme_table_is_generated_from_the_node_classes():
+    readme = node_docs.README.read_text(encoding="utf-8")
+    assert node_docs.render_readme(readme, NODES) == readme, f"README methods table is stale: {FIX}"
+    apg = next(n for n in NODES if n.__name__ == "APGNode")
+    row = next(line for line in readme.splitlines() if line.startswith("| **APG** |"))
+    assert row == "| **APG** | " + " | ".join(c.replace("|", "\\|") for c in apg.README_ROW) + " |"
+
+
+def test_a_node_without_a_readme_row_is_named():
+    class Undeclared:
+        GET_SCHEMA = NODES[0].GET_SCHEMA
+
+    with pytest.raises(ValueError, match="declare README_ROW"):
+        node_docs.readme_table([Undeclared])
+
+
 def test_the_check_finds_nothing():
-    assert node_docs.problems(SCHEMAS) == []
+    assert node_docs.problems(NODES) == []
 
 
 def test_the_check_reports_what_is_off(tmp_path):
@@ -63,16 +80,16 @@ def test_the_check_reports_what_is_off(tmp_path):
     readme = node_docs.README.read_text(encoding="utf-8")
     readme = readme.replace("| **TCFG** |", "| **Removed** |")
     (tmp_path / "README.md").write_text(readme, encoding="utf-8")
-    problems = "\n".join(node_docs.problems(SCHEMAS, docs, tmp_path / "README.md"))
+    problems = "\n".join(node_docs.problems(NODES, docs, tmp_path / "README.md"))
     assert "GuidanceKit_APG.md: title or Inputs block differs" in problems
     assert "no node has the id 'GuidanceKit_Removed'" in problems
-    assert "**Removed** is not a node's short display name" in problems
-    assert "no methods-table row for GuidanceKit_TCFG" in problems
+    assert "README.md: the methods table differs from the nodes' README_ROW" in problems
 
 
 def test_a_new_node_gets_a_skeleton_page_that_the_check_rejects_until_written(tmp_path):
     apg = next(s for s in SCHEMAS if s.node_id.endswith("_APG"))
-    written = node_docs.write([apg], tmp_path)
+    written = node_docs.write([next(n for n in NODES if n.GET_SCHEMA() is apg or n.__name__ == "APGNode")],
+                              tmp_path, readme=None)
     text = written[0].read_text(encoding="utf-8")
     assert text.startswith(f"# {apg.display_name}\n") and node_docs.render_page(text, apg) == text
     assert node_docs.prose_length(text) < node_docs.MIN_PROSE

@@ -12,6 +12,7 @@ import pytest
 
 from guidance_kit.workflows import build_workflows, catalog, graph
 from guidance_kit.workflows.specs import WORKFLOWS as SPECS
+from guidance_kit.workflows.specs import common
 from guidance_kit.workflows.specs.cfg_methods import wf_apg_sdxl
 from guidance_kit.workflows.specs.common import NOTES_DIR
 from tests.conftest import REPO
@@ -189,6 +190,8 @@ def test_note_file_is_the_plain_text_of_the_note(path):
     """The Note node shows the file as it is: no escape debris (a backslash before a line break, left from a
     string literal), no leading empty line, no trailing spaces, one final newline."""
     text = path.read_text(encoding="utf-8")
+    if text.startswith(common.SPEC_HEADER):  # a workflow declared in its Note file: the header is not Note text
+        text = text.partition("\n")[2]
     assert "\\" not in text, f"{path.name}: the Note contains a backslash"
     assert text.split("\n", 1)[0].strip(), f"{path.name}: the Note starts with an empty line"
     assert text.endswith("\n") and not text.endswith("\n\n"), f"{path.name}: end it with exactly one newline"
@@ -270,3 +273,44 @@ def test_a_new_node_needs_only_a_spec():
     assert node["title"] == "New Method · a paper" and node["widgets_values"] == [4.0, 0, "y"]
     assert [(i["name"], i["link"] is None) for i in node["inputs"]] == [("model", False), ("guide", True)]
     assert api["10"]["inputs"] == {"scale": 4.0, "seed": 0, "mode": "y", "model": ["4", 0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# workflows declared in their Note file (a header line), so a new node's example is one file
+# ------------------------------------------------------------------------------------------------
+
+HEADER = ('<!-- workflow: {"topic": "cfg_methods", "title": "TCFG, declared in its Note", "family": "SDXL", '
+          '"preset": "SDXL", "guidance": [["GuidanceKit_TCFG", {}]], "positive": "a red fox", "negative": "NEG_SD", '
+          '"cfg": 6.0} -->')
+
+
+def test_a_workflow_declared_in_its_note_file_builds_like_a_spec_function(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "NOTES_DIR", tmp_path)
+    path = tmp_path / "tcfg_declared_sdxl.md"
+    path.write_text(HEADER + "\nTCFG · declared (Guidance Kit)\n\nWHAT: the Note text.\n", encoding="utf-8")
+    topic, make = common.declared(path)
+    declared = make()
+    written = common.checkpoint_workflow("tcfg_declared_sdxl", "TCFG, declared in its Note", "SDXL", common.SDXL,
+                                         [("GuidanceKit_TCFG", {})], "a red fox", common.NEG_SD, cfg=6.0)
+    assert topic == "cfg_methods" and declared == written
+    assert next(n for n in declared.nodes if n.type == "Note").widgets["text"] == \
+        "TCFG · declared (Guidance Kit)\n\nWHAT: the Note text."
+
+
+def test_a_plain_note_declares_nothing_and_a_bad_header_is_a_spec_error(tmp_path):
+    plain = tmp_path / "plain.md"
+    plain.write_text("A Note\n", encoding="utf-8")
+    assert common.declared(plain) is None
+    bad = tmp_path / "bad.md"
+    bad.write_text("<!-- workflow: {not json} -->\nA Note\n", encoding="utf-8")
+    with pytest.raises(graph.SpecError, match="not valid JSON"):
+        common.declared(bad)
+    no_topic = tmp_path / "no_topic.md"
+    no_topic.write_text('<!-- workflow: {"title": "x", "guidance": []} -->\nA Note\n', encoding="utf-8")
+    with pytest.raises(graph.SpecError, match="topic"):
+        common.declared(no_topic)
+
+
+def test_the_repository_has_a_declared_workflow():
+    """At least one shipped workflow uses the one-file form (it builds byte-identical to its old spec function)."""
+    assert any(common.declared(path) is not None for path in NOTE_FILES)

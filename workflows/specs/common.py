@@ -30,14 +30,62 @@ NOTE_ID = 20
 SEED = 42
 
 
+SPEC_HEADER = "<!-- workflow: "  # a Note file that starts with this line declares its workflow (see declared())
+
+
 def note(name: str) -> str:
     """The Note of workflow ``name``: the text of ``specs/notes/<name>.md`` as it is (the Note node shows plain
-    text: one paragraph per line, no Markdown rendering), without the file's final newline."""
+    text: one paragraph per line, no Markdown rendering), without a spec header line and the final newline."""
     path = NOTES_DIR / f"{name}.md"
     if not path.is_file():
         raise SpecError(f"{name}: no Note; write {path.relative_to(NOTES_DIR.parents[2]).as_posix()} (WHAT the "
                         f"method does and its paper, THESE VALUES, CHANGE FIRST, OTHER MODELS)")
-    return path.read_text(encoding="utf-8").removesuffix("\n")
+    text = path.read_text(encoding="utf-8")
+    if text.startswith(SPEC_HEADER):
+        text = text.partition("\n")[2]
+    return text.removesuffix("\n")
+
+
+PRESETS = {"SDXL": SDXL, "SD15": SD15, "SD35": SD35, "FLUX_DEV": FLUX_DEV}
+NEGATIVES = {"NEG_SD": NEG_SD, "NEG_SD3": NEG_SD3, "NEG_WAN": NEG_WAN}
+TEMPLATES = ("checkpoint", "digits")
+
+
+def declared(path: Path) -> tuple[str, object] | None:
+    """A workflow declared in its Note file: (topic, spec function), or None for a plain Note.
+
+    The file's first line is ``<!-- workflow: {JSON} -->`` (an HTML comment: GitHub does not show it, the Note
+    node does not get it), the rest is the Note. JSON keys: ``topic`` (the specs module it is listed with),
+    ``template`` ("checkpoint": Load Checkpoint → the chain → KSampler → decode → save, the default; "digits":
+    the embedded digits model), ``title``, ``guidance`` (``[[node type, {widget: value}], ...]``, the chain), and
+    for "checkpoint": ``family`` (shown in the README), ``preset`` (SDXL, SD15, SD35, FLUX_DEV), ``positive``,
+    ``negative`` (a text or NEG_SD / NEG_SD3 / NEG_WAN), optional ``seed`` and preset overrides (``cfg``,
+    ``steps``, ...); for "digits": ``cfg`` and optional ``digit``. A single-chain workflow for a new node is
+    then this one file.
+    """
+    import json
+
+    first = path.read_text(encoding="utf-8").partition("\n")[0]
+    if not first.startswith(SPEC_HEADER):
+        return None
+    name = path.stem
+    try:
+        spec = json.loads(first[len(SPEC_HEADER):].removesuffix("-->").strip())
+    except ValueError as e:
+        raise SpecError(f"{path.name}: the workflow header is not valid JSON ({e})") from None
+    template = spec.pop("template", "checkpoint")
+    topic = spec.pop("topic", None)
+    if template not in TEMPLATES or not topic:
+        raise SpecError(f"{path.name}: the header needs a topic and a template in {TEMPLATES}")
+    guidance = [(node_type, dict(widgets)) for node_type, widgets in spec.pop("guidance")]
+    title = spec.pop("title")
+    if template == "digits":
+        return topic, lambda: digits_workflow(name, title, guidance, **spec)
+    preset = PRESETS[spec.pop("preset")]
+    negative = spec.pop("negative", "")
+    negative = NEGATIVES.get(negative, negative)
+    family, positive = spec.pop("family"), spec.pop("positive")
+    return topic, lambda: checkpoint_workflow(name, title, family, preset, guidance, positive, negative, **spec)
 
 
 def note_node(name: str, col: int = 0) -> Node:

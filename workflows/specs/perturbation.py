@@ -65,11 +65,3 @@ def wf_stack_apg_pag_schedule_sdxl() -> Workflow:
          ("GuidanceKit_CFGSchedule", {"schedule": "cosine_increasing"})],
         "a bustling night market in the rain, neon signs reflected in puddles, cinematic", NEG_SD,
         cfg=8.0)
-
-
-def wf_adaptive_guidance_pag_sdxl() -> Workflow:
-    return checkpoint_workflow(
-        "adaptive_guidance_pag_sdxl", "Adaptive Guidance defaults (LinearAG) with PAG: −22% passes at CFG quality",
-        "SDXL", SDXL, [("GuidanceKit_PAG", {"scale": 2.0}), ("GuidanceKit_AdaptiveGuidance", {})],
-        "a detailed botanical illustration of a fern and mushrooms on a forest floor, soft light", NEG_SD,
-        cfg=6.0, steps=30)
