@@ -14,6 +14,7 @@ from .common import (
     SDXL,
     SEED,
     checkpoint_workflow,
+    custom_sampler_workflow,
     note_node,
 )
 
@@ -73,31 +74,11 @@ def wf_rescale_sd35() -> Workflow:
 
 
 def wf_guidance_guider_sdxl() -> Workflow:
-    name, p = "guidance_guider_sdxl", SDXL
-    nodes = [
-        Node(4, "CheckpointLoaderSimple", 0, {"ckpt_name": p["ckpt"]}),
-        Node(6, "CLIPTextEncode", 1, {"text": "a watercolor map of a fantasy harbour town, fine ink lines, "
-                                              "compass rose, muted colours"},
-             {"clip": (4, CLIP)}, title="Positive prompt", color=PROMPT_COLORS["positive"]),
-        Node(7, "CLIPTextEncode", 1, {"text": NEG_SD}, {"clip": (4, CLIP)}, title="Negative prompt",
-             color=PROMPT_COLORS["negative"]),
-        Node(5, "EmptyLatentImage", 1, {"width": p["width"], "height": p["height"]}),
-        note_node(name),
-        Node(10, "GuidanceKit_TCFG", 2, links={"model": (4, MODEL)}),
-        Node(11, "GuidanceKit_CFGSchedule", 2, {"schedule": "cosine_increasing"}, {"model": (10, MODEL)}),
-        Node(12, "GuidanceKit_GuidanceGuider", 3, {"cfg": 7.0},
-             {"model": (11, MODEL), "positive": (6, COND), "negative": (7, COND)}),
-        Node(13, "RandomNoise", 3, {"noise_seed": SEED}),
-        Node(14, "KSamplerSelect", 3, {"sampler_name": p["sampler_name"]}),
-        Node(15, "BasicScheduler", 3, {"scheduler": p["scheduler"], "steps": p["steps"]}, {"model": (4, MODEL)}),
-        Node(16, "SamplerCustomAdvanced", 4, links={"noise": (13, "NOISE"), "guider": (12, "GUIDER"),
-                                                    "sampler": (14, "SAMPLER"), "sigmas": (15, "SIGMAS"),
-                                                    "latent_image": (5, LATENT)}),
-        Node(8, "VAEDecode", 5, links={"samples": (16, "output"), "vae": (4, VAE)}),
-        Node(9, "SaveImage", 6, {"filename_prefix": f"guidance_kit/{name}"}, {"images": (8, IMAGE)}),
-    ]
-    return Workflow(name, "Guidance Guider (TCFG + cosine schedule) with SamplerCustomAdvanced",
-                    "SDXL", nodes)
+    return custom_sampler_workflow(
+        "guidance_guider_sdxl", "Guidance Guider (TCFG + cosine schedule) with SamplerCustomAdvanced", "SDXL", SDXL,
+        [("GuidanceKit_TCFG", {}), ("GuidanceKit_CFGSchedule", {"schedule": "cosine_increasing"})],
+        ("KSamplerSelect", {"sampler_name": SDXL["sampler_name"]}), 7.0,
+        "a watercolor map of a fantasy harbour town, fine ink lines, compass rose, muted colours", NEG_SD)
 
 
 def wf_stack_apg_schedule_rescale_sdxl() -> Workflow:

@@ -7,15 +7,20 @@ from ..graph import MODEL, Node, Workflow
 from .common import GUIDANCE_ID, NEG_SD, SD15, SDXL, checkpoint_workflow
 
 
+def with_second_checkpoint(wf: Workflow, ckpt: str, title: str, input_name: str) -> Workflow:
+    """A second Load Checkpoint (id 31, first column) feeding the Guidance Kit node's ``input_name``."""
+    wf.nodes.insert(1, Node(31, "CheckpointLoaderSimple", 0, {"ckpt_name": ckpt}, title=title))
+    wf.node(GUIDANCE_ID).links[input_name] = (31, MODEL)
+    return wf
+
+
 def wf_autoguidance_sd15() -> Workflow:
     wf = checkpoint_workflow(
         "autoguidance_sd15", "Autoguidance: a fine-tune guided away from a weaker model (its base)", "SD1.5", SD15,
         [("GuidanceKit_Autoguidance", {"scale": 1.0})],
         "a cozy cabin by a lake in autumn, morning fog, golden light, detailed", NEG_SD,
         ckpt="dreamshaper_8.safetensors", cfg=5.0)
-    wf.nodes.insert(1, Node(31, "CheckpointLoaderSimple", 0, {"ckpt_name": SD15["ckpt"]}, title="Weak model"))
-    wf.node(GUIDANCE_ID).links["weak_model"] = (31, MODEL)
-    return wf
+    return with_second_checkpoint(wf, SD15["ckpt"], "Weak model", "weak_model")
 
 
 def wf_unconditional_prior_sdxl() -> Workflow:
@@ -24,9 +29,7 @@ def wf_unconditional_prior_sdxl() -> Workflow:
         [("GuidanceKit_UnconditionalPrior", {"scale": 1.0})],
         "a knight in ornate silver armor in a misty forest, dramatic lighting, highly detailed", NEG_SD,
         ckpt="juggernautXL_v9.safetensors", cfg=6.0)
-    wf.nodes.insert(1, Node(31, "CheckpointLoaderSimple", 0, {"ckpt_name": SDXL["ckpt"]}, title="Base model (uncond)"))
-    wf.node(GUIDANCE_ID).links["uncond_model"] = (31, MODEL)
-    return wf
+    return with_second_checkpoint(wf, SDXL["ckpt"], "Base model (uncond)", "uncond_model")
 
 
 def wf_unconditional_prior_lora_sd15() -> Workflow:
