@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 # isort: off
 import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit, finds ComfyUI)
 from tests.comfyui.harness import FAMILIES, counted, ksample, out, tiny_model  # noqa: E402
+from guidance_kit.nodes import cfg_extensions as ce  # noqa: E402
 from guidance_kit.nodes import cfg_methods as cm  # noqa: E402
 # isort: on
 
@@ -46,6 +47,14 @@ CASES = {
     "stack: TCFG+APG+FDG+Rescale": [(cm.TCFGNode, {}), (cm.APGNode, dict(eta=0.0, norm_threshold=15.0,
                                                                          momentum=-0.5)),
                                     (cm.FDGNode, dict(scales="8, 3")), (cm.RescaleNode, dict(multiplier=0.7))],
+    "Dynamic Thresholding (mimic)": [(ce.DynamicThresholdingNode, dict(
+        mode="mimic (sd-dynamic-thresholding)", mimic_scale=2.0, threshold_percentile=0.98, per_channel=True,
+        interpolate_phi=1.0, imagen_range=1.0))],
+    "Skimmed CFG": [(ce.SkimmedCFGNode, dict(skimming_cfg=2.0, full_skim_negative=False, flipping_filter=True))],
+    "Power-law CFG": [(ce.PowerLawCFGNode, dict(alpha=0.9))],
+    "ADG": [(ce.ADGNode, dict(max_angle=3.14 / 3))],
+    "Momentum Guidance": [(ce.MomentumGuidanceNode, dict(alpha=0.5, beta=0.5))],
+    "SMC-CFG": [(ce.SMCCFGNode, dict(smc_lambda=5.0, smc_k=0.2))],
 }
 
 
