@@ -3,9 +3,13 @@
 its paper. A node imports the class and adds an instance to the plan; nothing else lists the methods.
 
 Stage 0, evaluations:     ``adaptive_guidance`` (AG / LinearAG)
-Stage 1, the uncond:      ``icg``, ``uncond_model`` (sources); ``tcfg``, ``cfg_zero_star`` (rewrites)
-Stage 2, CFG direction:   ``fdg`` (band split), ``cfg_schedule`` (increment), ``beta_cfg``, ``scfg``
-                          (weight factors), ``apg`` (direction transform)
-Stage 3, extra terms:     ``extra_guidance`` (perturbation guidance, Autoguidance)
-Stage 4, corrections:     ``rescale``; ``cfg_zero_star``'s zero-init takes whole steps over
+Stage 1, the uncond:      ``icg``, ``uncond_model`` (sources); ``tcfg``, ``cfg_zero_star``, ``skimmed_cfg``
+                          (rewrites)
+Stage 2, CFG direction:   ``fdg`` (band split), ``cfg_schedule`` (increment), ``beta_cfg``, ``power_law_cfg``,
+                          ``scfg``, ``skimmed_cfg`` (weight factors), ``apg``, ``adg``, ``smc_cfg`` (direction
+                          transforms; the last two read the final weight: ``weighted_transform``)
+Stage 3, extra terms:     ``extra_guidance`` (perturbation guidance, Autoguidance), ``momentum_guidance`` (no
+                          branch: it extrapolates the guided velocity, after the additive terms)
+Stage 4, corrections:     ``dynamic_thresholding``, ``rescale``; ``cfg_zero_star``'s zero-init takes whole steps
+                          over
 """

@@ -63,7 +63,7 @@ class SMCCFG(WeightedTransform):
                             state: GuidanceState) -> torch.Tensor:
         cond, direction = to_f32(cond), to_f32(direction)
         weight = self.band_weight(state, band, cond)
-        sigma = per_sample(self.step_direction(state).step.sigma, cond)
+        sigma = per_sample(self.step_sigma(state), cond)
         key = f"{self.KEY}/{band}"
         error = -direction / sigma  # p_c − p_u = ((x − C) − (x − U))/σ
         corrected = sliding_mode_error(error, state.momentum.get(key), self.lam, self.gain)

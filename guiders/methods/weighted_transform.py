@@ -2,8 +2,8 @@
 
 The combine hands a transform the band's direction g and C only (``G = C + (W − 1)·T(g)``). A rule defined on
 ``U + W·g'`` (ADG's rotation by an angle ∝ W − 1, SMC-CFG's switching term times W) reads W from the same
-step's stage-2 weights: as the last weight factor it records them (unchanged) with the step's inputs in the
-run state, and its ``transform_direction`` reads them back for its band.
+step's stage-2 weights: as the last weight factor it records them (unchanged) with the step's σ in the run
+state, and its ``transform_direction`` reads them back for its band.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ class WeightedTransform(WeightFactor, DirectionTransform):
         return f"{self.KEY}/step"
 
     def scale_weights(self, weights: list, direction: DirectionInputs) -> list:
-        direction.state.method_state[self._slot()] = (list(weights), direction)
+        direction.state.method_state[self._slot()] = (list(weights), direction.step.sigma)
         return weights
 
-    def step_direction(self, state: GuidanceState) -> DirectionInputs:
+    def step_sigma(self, state: GuidanceState) -> torch.Tensor:
+        """The σ of the step whose weights were recorded."""
         return state.method_state[self._slot()][1]
 
     def band_weight(self, state: GuidanceState, band: int, like: torch.Tensor, per_sample: bool = False
