@@ -54,7 +54,7 @@ CASES = {
     "Power-law CFG": [(ce.PowerLawCFGNode, dict(alpha=0.9))],
     "ADG": [(ce.ADGNode, dict(max_angle=3.14 / 3))],
     "Momentum Guidance": [(ce.MomentumGuidanceNode, dict(alpha=0.5, beta=0.5))],
-    "SMC-CFG": [(ce.SMCCFGNode, dict(smc_lambda=5.0, smc_k=0.2))],
+    "SMC-CFG": [(ce.SMCCFGNode, dict(smc_lambda=5.0, smc_k=-1.0))],
 }
 
 

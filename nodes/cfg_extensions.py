@@ -271,23 +271,27 @@ class SMCCFGNode(io.ComfyNode):
                 "SMC-CFG (Wang et al., 'CFG-Ctrl', CVPR 2026, arXiv 2603.03281; official code hanyang-21/CFG-Ctrl): "
                 "treats the guidance e = v_c − v_u as an error signal and adds a switching control −K·sign(s) with "
                 "the sliding surface s = (e − e_prev) + λ·e_prev, so the guidance stays stable at large cfg instead "
-                "of oscillating and overshooting. Then ordinary CFG with the corrected error. The previous error "
+                "of oscillating and overshooting. Then ordinary CFG with the corrected error. K is automatic by "
+                "default: the official 0.2 on flow models, 0.02 on eps/v models (SD1.5, SDXL). The previous error "
                 "restarts with every sampler call."),
             inputs=[
                 model_input(),
                 io.Float.Input("smc_lambda", default=5.0, min=0.0, max=50.0, step=0.05,
                                tooltip="λ, the decay rate of the sliding surface (official recommendation 5 for "
                                        "SD3.5, Flux, Qwen-Image and WAN; code default 0.05)."),
-                io.Float.Input("smc_k", default=0.2, min=0.0, max=5.0, step=0.01,
-                               tooltip="K, the switching gain in velocity units (official recommendation 0.2; 0 = "
-                                       "plain CFG)."),
+                io.Float.Input("smc_k", default=-1.0, min=-1.0, max=5.0, step=0.01,
+                               tooltip="K, the switching gain in velocity (ε) units; 0 = plain CFG. −1 = automatic: "
+                                       "0.2 on flow models (SD3.5, Flux, WAN, Qwen-Image: the official "
+                                       "recommendation), 0.02 on eps/v models (SD1.5, SDXL: the pack's choice, "
+                                       "their runs span ~15× more σ, so the same K moves the image ~15× further)."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
     def execute(cls, model, smc_lambda, smc_k):
-        return io.NodeOutput(add_method(model, SMCCFG(smc_lambda, smc_k, cls.LABEL)))
+        gain = None if smc_k < 0 else smc_k  # −1: automatic, resolved for the sampled model
+        return io.NodeOutput(add_method(model, SMCCFG(smc_lambda, gain, cls.LABEL)))
 
 
 NODES = [DynamicThresholdingNode, SkimmedCFGNode, PowerLawCFGNode, ADGNode, MomentumGuidanceNode, SMCCFGNode]

@@ -472,3 +472,14 @@ def test_each_stacks_with_cfg_zero_star_and_apg_in_any_order(method):
     assert torch.equal(forward, two_steps(plan_of(*reversed(partners), method)))
     assert not torch.allclose(forward, two_steps(plan_of(*partners)), atol=1e-4)
     assert not torch.allclose(forward, two_steps(plan_of(method)), atol=1e-4)
+
+
+def test_smc_cfg_automatic_gain_is_the_official_one_on_flow_models_and_smaller_on_eps_models():
+    assert SMCCFG().for_model("flow").gain == 0.2
+    assert SMCCFG().for_model("ve").gain == pytest.approx(0.02)
+    assert SMCCFG(gain=0.1).for_model("ve").gain == 0.1
+    x, c, u = random_triplet((2, 4, 8, 8))
+    state = GuidanceState()
+    resolved = GuidancePlan.of(SMCCFG()).for_model("ve")
+    got = run(resolved, step_inputs(x, c, u, sigma=3.0, cond_scale=5.0), state)
+    assert torch.allclose((got - cfg_reference(c, u, 5.0)).abs(), torch.full_like(c, 5.0 * 3.0 * 0.02), atol=1e-4)
