@@ -22,6 +22,7 @@ import torch
 from ...guiders import attention_ops
 from ...guiders.schedules import Window
 from ..runtime import install as installer
+from ..runtime import lumina
 from ..runtime.attention_layout import attention_view, from_token_major, heads_of, token_major, tokens
 from ..runtime.blocks import block_layout, unet_layers
 from ..runtime.engine import check_window_reachable
@@ -188,6 +189,9 @@ class NagInput:
         chunks, per_chunk = len(forward.chunks), forward.chunk_size
         negative = self._negative_context(c_crossattn, per_chunk, chunks)
         kwargs = self._with_text_mask(kwargs, c_crossattn.shape[1], negative.shape[1], per_chunk, chunks)
+        if spec.block_hook == "layers" and isinstance(kwargs.get("num_tokens"), int):
+            # Lumina2 (ComfyUI 0.3.x) keeps only the first num_tokens caption tokens when no mask is given
+            kwargs = {**kwargs, "num_tokens": kwargs["num_tokens"] + negative.shape[1]}
         nag = NagForward(self.settings, rows, x.shape[0], c_crossattn.shape[1], negative.shape[1])
         if self.settings.modulation is not None:
             nag.modulation = self.settings.modulation.prepare(executor.class_obj, x, kwargs, nag, per_chunk)
@@ -447,6 +451,8 @@ def install(model_patcher, spec: FamilySpec, settings: NagSettings) -> None:
         installer.attention(model_patcher, NAG)
         if spec.text_refiner:
             installer.module_patch(model_patcher, f"diffusion_model.{spec.text_refiner}", TextRefinerPerPrompt)
+        if spec.block_hook == "layers":
+            lumina.nag_captions(model_patcher, spec)
     elif spec.nag == "cross":
         found = 0
         for name, _module in net.named_modules():

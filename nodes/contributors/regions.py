@@ -190,10 +190,11 @@ def install(model_patcher, spec: FamilySpec, dit_blocks: int) -> tuple:
         installer.unet_attention(model_patcher, "attn2", keys, REGIONS)
         return tuple(keys)
     layout = block_layout(model_patcher, spec)
-    doubles = layout.dit_blocks.get("double", 0)
-    if doubles == 0:
+    group = "single" if spec.block_hook == "layers" else "double"  # Lumina2: one joint stream per layer
+    count = layout.dit_blocks.get(group, 0)
+    if count == 0:
         raise FamilyError(f"S-CFG: this {spec.name} model has no joint (double) blocks.")
-    chosen = [("double", i) for i in range(max(0, doubles - dit_blocks), doubles)]
+    chosen = [(group, i) for i in range(max(0, count - dit_blocks), count)]
     installer.dit_blocks(model_patcher, spec, layout, chosen, REGIONS)
     installer.attention(model_patcher, REGIONS)
     installer.latent_shape(model_patcher)

@@ -84,6 +84,7 @@ class FamilySpec:
     rope: bool = True  # positions applied inside every block (token shuffling needs this)
     patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
     transformer_options_in_blocks: bool = True
+    block_hook: str = "dit"  # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2)
     # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
     # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
     # block's self-attention); "" = no NAG hook for this family.
@@ -106,6 +107,8 @@ class FamilySpec:
     scfg_start_token: bool = False  # the text starts with CLIP's [SOT]: S-CFG's official foreground split applies
     time_embedding: TimeEmbeddingSite | None = None  # TSG's paper mode
     time_embedding_refusal: str = ""  # why TSG's paper mode cannot apply (no embedding module of its own)
+    refusal: str = ""  # perturbations=False: why the block methods do not serve this family
+    nag_refusal: str = ""  # nag="": why NAG does not serve this family
 
     @property
     def is_unet(self) -> bool:
@@ -146,9 +149,19 @@ _LTXV = dict(kind="dit", groups=(("double", "transformer_blocks"),), patch=(1, 1
              stg_blocks=((28, 19), (48, 28)))
 
 
-def _time_only(name: str, path: str, tuple_output: bool = False) -> FamilySpec:
-    """A family served only by TSG's paper mode (its time-embedding module): no block hooks."""
-    return FamilySpec(name, "dit", perturbations=False, time_embedding=TimeEmbeddingSite(name, path, tuple_output))
+def _time_only(name: str, path: str, refusal: str, nag_refusal: str = "", tuple_output: bool = False) -> FamilySpec:
+    """A family served only by TSG's paper mode (its time-embedding module): no block hooks (``refusal``: why)."""
+    return FamilySpec(name, "dit", perturbations=False, time_embedding=TimeEmbeddingSite(name, path, tuple_output),
+                      refusal=refusal, nag_refusal=nag_refusal or refusal)
+
+
+# Lumina2 / NextDiT: NAG's auto values. No official setting (the NAG authors give none for Lumina2 or Z-Image);
+# ComfyUI-NAG pull request #64 (Z-Image-Turbo, cfg 1): scale 1.5-2.3, tau 2.5, alpha 0.25, and NAG stopped for the
+# last steps (sigma_end 0.7-0.9); scale 3 and above distorts. The middle of that range.
+NAG_LUMINA2 = NagDefaults(2.0, 2.5, 0.25, "ComfyUI-NAG pull request #64 (Z-Image-Turbo at cfg 1: scale 1.5-2.3, "
+                                          "tau 2.5, alpha 0.25); no official setting")
+_NOT_PORTED = ("its blocks pass ComfyUI's transformer_options and attention goes through the override, but Guidance "
+               "Kit's block hooks have not been ported to its {what} and tested yet")
 
 
 TABLE: dict[str, FamilySpec] = {
@@ -179,7 +192,9 @@ TABLE: dict[str, FamilySpec] = {
     _ldm("wan.model.CameraWanModel"): FamilySpec("WAN camera", **_WAN_NAG),
     _ldm("wan.model.HumoWanModel"): FamilySpec("WAN HuMo", **_WAN_NAG),
     _ldm("wan.model_animate.AnimateWanModel"): FamilySpec("WAN animate", **_WAN_NAG),
-    _ldm("wan.model.WanModel_S2V"): FamilySpec("WAN S2V", **_WAN, transformer_options_in_blocks=False),
+    _ldm("wan.model.WanModel_S2V"): FamilySpec("WAN S2V", **_WAN, transformer_options_in_blocks=False,
+                                               refusal="its blocks receive no transformer_options, so no "
+                                                       "perturbation can be applied per branch"),
     _ldm("hunyuan_video.model.HunyuanVideo"): FamilySpec(
         "HunyuanVideo", "dit", (("double", "double_blocks"), ("single", "single_blocks")), joint=True,
         image_first=True, patch=(1, 2, 2), nag="joint", text_refiner="txt_in", block_parts=_FLUX_PARTS,
@@ -195,17 +210,34 @@ TABLE: dict[str, FamilySpec] = {
     _ldm("lightricks.model.LTXVImageModel"): FamilySpec("LTXV", **_LTXV),  # ComfyUI 0.38: image-only, same blocks
     _ldm("cosmos.predict2.MiniTrainDIT"): FamilySpec(
         "Cosmos Predict2", "dit", (("double", "blocks"),), patch=(1, 2, 2), nag="cross", cross_attention="cross_attn",
-        perturbations=False, nag_defaults=NAG_OFFICIAL_DIT,
+        perturbations=False, nag_defaults=NAG_OFFICIAL_DIT, refusal=_NOT_PORTED.format(what="blocks (self-attention "
+                                                                                        "through its own attn_op)"),
         time_embedding=TimeEmbeddingSite("Cosmos Predict2", "t_embedder.1", tuple_output=True)),
-    _ldm("lumina.model.NextDiT"): _time_only("Lumina2", "t_embedder"),
-    _ldm("hidream.model.HiDreamImageTransformer2DModel"): _time_only("HiDream", "t_embedder"),
-    _ldm("pixart.pixartms.PixArtMS"): _time_only("PixArt", "t_embedder"),
-    _ldm("hydit.models.HunYuanDiT"): _time_only("HunyuanDiT", "t_embedder"),
-    _ldm("genmo.joint_model.asymm_models_joint.AsymmDiTJoint"): _time_only("Mochi", "t_embedder"),
-    _ldm("cosmos.model.GeneralDIT"): _time_only("Cosmos", "t_embedder.1", tuple_output=True),
+    _ldm("lumina.model.NextDiT"): FamilySpec(
+        "Lumina2", "dit", (("single", "layers"),), joint=True, block_hook="layers", nag="joint",
+        block_parts=(("single", "attention"),), label="Lumina2/Z-Image", slg_singles=False, nag_defaults=NAG_LUMINA2,
+        scfg=True, time_embedding=TimeEmbeddingSite("Lumina2", "t_embedder")),
+    _ldm("hidream.model.HiDreamImageTransformer2DModel"): _time_only(
+        "HiDream", "t_embedder", _NOT_PORTED.format(what="double/single stream blocks (mixture-of-experts "
+                                                         "feed-forward, four text encoders' tokens per block)")),
+    _ldm("pixart.pixartms.PixArtMS"): _time_only(
+        "PixArt", "t_embedder", "its blocks receive no transformer_options (no per-branch state can reach their "
+                                "attention) and it has no block-replace patch"),
+    _ldm("hydit.models.HunYuanDiT"): _time_only(
+        "HunyuanDiT", "t_embedder", _NOT_PORTED.format(what="blocks (long skip connections between the block "
+                                                            "halves)")),
+    _ldm("genmo.joint_model.asymm_models_joint.AsymmDiTJoint"): _time_only(
+        "Mochi", "t_embedder", _NOT_PORTED.format(what="asymmetric joint blocks (separate text and video widths)")),
+    _ldm("cosmos.model.GeneralDIT"): _time_only(
+        "Cosmos", "t_embedder.1", _NOT_PORTED.format(what="blocks (tokens in [T, H, W, B, D] order)"),
+        tuple_output=True),
     _ldm("cascade.stage_c.StageC"): FamilySpec("Stable Cascade", "dit", perturbations=False,
                                                time_embedding_refusal="its time embedding is computed without a "
-                                                                      "module (gen_r_embedding)"),
+                                                                      "module (gen_r_embedding)",
+                                               refusal="a UNet of its own (ResBlocks with attention) without "
+                                                       "ComfyUI's attention patches or transformer_options",
+                                               nag_refusal="its text conditioning enters through its own attention "
+                                                           "blocks without ComfyUI's attention patches"),
 }
 TABLE[_ldm("cascade.stage_b.StageB")] = TABLE[_ldm("cascade.stage_c.StageC")]
 
@@ -232,7 +264,7 @@ MODEL_VARIANTS: tuple[tuple[frozenset[str], ModelVariant], ...] = (
 
 # Families without any block hook, by class name (any module): the name users know them by
 UNSUPPORTED = {
-    "NextDiT": "Lumina2", "NextDiTPixelSpace": "Z-Image (pixel space)", "HiDreamImageTransformer2DModel": "HiDream",
+    "NextDiTPixelSpace": "Z-Image (pixel space)", "HiDreamImageTransformer2DModel": "HiDream",
     "MiniTrainDIT": "Cosmos Predict2", "GeneralDIT": "Cosmos", "PixArtMS": "PixArt", "HunYuanDiT": "HunyuanDiT",
     "StageC": "Stable Cascade", "StageB": "Stable Cascade", "AsymmDiTJoint": "Mochi", "Kandinsky5": "Kandinsky 5",
     "QwenImage21Transformer2DModel": "Qwen-Image 2.1", "MageFlowTransformer2DModel": "MageFlow",
@@ -337,6 +369,10 @@ def family_of(model_patcher, owner: str) -> FamilySpec:
     net = diffusion_model_of(model_patcher)
     spec = exact_spec(FAMILIES, net)
     if spec is None:
+        known = exact_spec(TABLE, net)
+        if known is not None and known.refusal:
+            raise FamilyError(f"{owner}: this model family has no block hook we support: {known.name}. Why: "
+                              f"{known.refusal}. Use {ALTERNATIVES}.")
         raise FamilyError(unserved_message(owner, net, "block", FAMILIES, ALTERNATIVES))
     if not spec.transformer_options_in_blocks:
         raise FamilyError(f"{owner}: {spec.name} blocks do not pass ComfyUI's transformer_options, so no "
@@ -351,6 +387,10 @@ def nag_family_of(model_patcher, owner: str) -> FamilySpec:
     if spec is None or not spec.nag or not spec.transformer_options_in_blocks:
         family = spec.name if spec is not None else describe(net)
         instead = "the sampler's negative prompt with cfg > 1 (and the CFG-space methods)"
+        known = exact_spec(TABLE, net)
+        if known is not None and known.nag_refusal and not known.nag:
+            raise FamilyError(f"{owner}: NAG has no attention hook for {known.name}. Why: {known.nag_refusal}. NAG "
+                              f"works on {NAG_FAMILIES}. On {known.name}, use {instead}.")
         if spec is None and served_ancestor(NAG_TABLE, net) is not None:  # a newer subclass (LTX-2, Anima ...)
             raise FamilyError(unserved_message(owner, net, "NAG", NAG_TABLE, f"{instead}; NAG works on {NAG_FAMILIES}"))
         raise FamilyError(f"{owner}: NAG has no attention hook for {family}. NAG works on {NAG_FAMILIES}. On "
@@ -405,7 +445,7 @@ def auto_layers(method: str, spec: FamilySpec, layout) -> str:
     double = layout.dit_blocks.get("double", 0)
     single = layout.dit_blocks.get("single", 0)
     if method == "S²-Guidance":
-        return "double all" + (", single all" if single else "")
+        return ", ".join(f"{group} all" for group, count in (("double", double), ("single", single)) if count)
     if spec.stg_blocks and method in ("PAG", "SLG"):
         block = dict(spec.stg_blocks).get(double, 19)
         if block < double:
