@@ -29,7 +29,7 @@ def scfg(model, downsample=DOWNSAMPLE, order=4, reference=S.AUTO, rate_min=0.8, 
                                   dit_blocks, start, end))
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2"])
 def test_changes_the_output_in_one_call_per_step(family):
     base = tiny_model(family)
     plain = ksample(base, family, CFG, steps=STEPS)
