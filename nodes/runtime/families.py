@@ -160,8 +160,8 @@ def _time_only(name: str, path: str, refusal: str, nag_refusal: str = "", tuple_
 # last steps (sigma_end 0.7-0.9); scale 3 and above distorts. The middle of that range.
 NAG_LUMINA2 = NagDefaults(2.0, 2.5, 0.25, "ComfyUI-NAG pull request #64 (Z-Image-Turbo at cfg 1: scale 1.5-2.3, "
                                           "tau 2.5, alpha 0.25); no official setting")
-_NOT_PORTED = ("its blocks pass ComfyUI's transformer_options and attention goes through the override, but Guidance "
-               "Kit's block hooks have not been ported to its {what} and tested yet")
+_NOT_PORTED = ("not ported yet: Guidance Kit's hooks have not been fitted to its {what} and tested (its blocks do "
+               "pass transformer_options)")
 
 
 TABLE: dict[str, FamilySpec] = {
@@ -279,6 +279,24 @@ REFUSED_SUBCLASSES = {
                                                       "block patches and transformer_options"),
     "Anima": ("Anima", "its text conditioning is rewritten by an adapter inside the model"),
 }
+# Families that exist only in newer ComfyUI (read in the newest stored Comfy-Org/ComfyUI, not runnable on the
+# test ComfyUI): (family, class, how the pack treats it). "source-checked, not run": the class is one the table
+# serves and its blocks take the same arguments; refused ones stop at the node with the family named.
+NEWER_ONLY = (
+    ("Flux 2", "flux.model.Flux", "served through the Flux row (same class and block arguments; source-checked, "
+                                  "not run); SEG stops on reference-image tokens"),
+    ("HunyuanVideo 1.5", "hunyuan_video.model.HunyuanVideo", "served through the HunyuanVideo row (source-checked, "
+                                                             "not run); NAG stops when byT5 glyph tokens are present"),
+    ("Z-Image / Z-Image-Turbo", "lumina.model.NextDiT", "served through the Lumina2 row: caption and image padding, "
+                                                        "block_index/block_type and the attention tensor containers "
+                                                        "of newer ComfyUI handled (source-checked, not run)"),
+    ("Qwen-Image 2.1", "qwen_image21.model.QwenImage21Transformer2DModel",
+     "refused at the node: one stream with block-causal attention run as several calls per block"),
+    ("LTX-2", "lightricks.av_model.LTXAVModel", "refused at the node: " + REFUSED_SUBCLASSES["LTXAVModel"][1]),
+    ("Kandinsky 5", "Kandinsky5", "refused at the node: its block-replace passes 'x'/'context' instead of "
+                                  "ComfyUI's img/txt arguments and its text runs in separate encoder blocks; "
+                                  "no tested path matches"),
+)
 # What works instead where it is narrower than the general alternatives
 REFUSED_ALTERNATIVES = {
     "LTXAVModel": "the CFG-space methods (APG, TCFG, CFG-Zero*, FDG, CFG schedules) on LTX-2; the perturbation "
