@@ -36,8 +36,8 @@ def wf_nag_zimage_turbo_cfg1() -> Workflow:
         Node(31, "CLIPLoader", 0, {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}),
         Node(32, "VAELoader", 0, {"vae_name": "ae.safetensors"}),
         note_node(name),
-        Node(6, "CLIPTextEncode", 1, {"text": "a portrait of a lighthouse keeper in a knitted sweater, stormy sea behind "
-                                              "him, golden hour light, 85mm photo"},
+        Node(6, "CLIPTextEncode", 1, {"text": "a portrait of a lighthouse keeper in a knitted sweater, stormy sea "
+                                              "behind him, golden hour light, 85mm photo"},
              {"clip": (31, CLIP)}, title="Positive prompt", color=PROMPT_COLORS["positive"]),
         Node(33, "CLIPTextEncode", 1, {"text": "beard"}, {"clip": (31, CLIP)}, title="NAG negative",
              color=PROMPT_COLORS["negative"]),
@@ -45,10 +45,12 @@ def wf_nag_zimage_turbo_cfg1() -> Workflow:
              color=PROMPT_COLORS["negative"]),
         Node(5, "EmptySD3LatentImage", 1, {"width": 1024, "height": 1024}),
         Node(30, "ModelSamplingAuraFlow", 2, {"shift": 3.0}, {"model": (4, MODEL)}),
-        Node(GUIDANCE_ID, "GuidanceKit_NAG", 2, {"sigma_end": 0.75}, {"model": (30, MODEL), "nag_negative": (33, COND)}),
+        Node(GUIDANCE_ID, "GuidanceKit_NAG", 2, {"sigma_end": 0.75},
+             {"model": (30, MODEL), "nag_negative": (33, COND)}),
         Node(3, "KSampler", 3, {"seed": SEED, "steps": 8, "cfg": 1.0, "sampler_name": "res_multistep",
                                 "scheduler": "simple"},
-             {"model": (GUIDANCE_ID, MODEL), "positive": (6, COND), "negative": (7, COND), "latent_image": (5, LATENT)}),
+             {"model": (GUIDANCE_ID, MODEL), "positive": (6, COND), "negative": (7, COND),
+              "latent_image": (5, LATENT)}),
         Node(8, "VAEDecode", 4, links={"samples": (3, LATENT), "vae": (32, VAE)}),
         Node(9, "SaveImage", 5, {"filename_prefix": f"guidance_kit/{name}"}, {"images": (8, IMAGE)}),
     ]
