@@ -29,7 +29,9 @@ HunyuanVideo        hunyuan_video.model.HunyuanVideo (also HunyuanVideo 1.5 and 
 Qwen-Image          qwen_image.model.QwenImageTransformer2DModel
 LTXV                lightricks.model.LTXVModel, lightricks.model.LTXVImageModel (0.38; same block)
 Cosmos Predict2     cosmos.predict2.MiniTrainDIT (NAG and TSG only)
-TSG only            Lumina2, HiDream, PixArt, HunyuanDiT, Mochi, Cosmos (their time-embedding module)
+Lumina2 / Z-Image   lumina.model.NextDiT (no block-replace: object patches of its layers, ``runtime/lumina.py``)
+Mochi               genmo.joint_model.asymm_models_joint.AsymmDiTJoint (block methods and TSG; NAG refused)
+TSG only            HiDream, PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
 ==================  ====================================================================================
 """
 
@@ -224,10 +226,14 @@ TABLE: dict[str, FamilySpec] = {
         "PixArt", "t_embedder", "its blocks receive no transformer_options (no per-branch state can reach their "
                                 "attention) and it has no block-replace patch"),
     _ldm("hydit.models.HunYuanDiT"): _time_only(
-        "HunyuanDiT", "t_embedder", _NOT_PORTED.format(what="blocks (long skip connections between the block "
-                                                            "halves)")),
-    _ldm("genmo.joint_model.asymm_models_joint.AsymmDiTJoint"): _time_only(
-        "Mochi", "t_embedder", _NOT_PORTED.format(what="asymmetric joint blocks (separate text and video widths)")),
+        "HunyuanDiT", "t_embedder", "its block-replace passes no transformer_options and its blocks take none, so "
+                                    "no per-branch state can reach their attention"),
+    _ldm("genmo.joint_model.asymm_models_joint.AsymmDiTJoint"): FamilySpec(
+        "Mochi", "dit", (("double", "blocks"),), joint=True, image_first=True, patch=(1, 2, 2),
+        block_parts=(("double", "attn"),), slg_singles=False,
+        nag_refusal="its joint attention keeps only the caption's first num_tokens tokens (crop_y), so appended "
+                    "NAG tokens never reach it",
+        time_embedding=TimeEmbeddingSite("Mochi", "t_embedder")),
     _ldm("cosmos.model.GeneralDIT"): _time_only(
         "Cosmos", "t_embedder.1", _NOT_PORTED.format(what="blocks (tokens in [T, H, W, B, D] order)"),
         tuple_output=True),
@@ -266,7 +272,7 @@ MODEL_VARIANTS: tuple[tuple[frozenset[str], ModelVariant], ...] = (
 UNSUPPORTED = {
     "NextDiTPixelSpace": "Z-Image (pixel space)", "HiDreamImageTransformer2DModel": "HiDream",
     "MiniTrainDIT": "Cosmos Predict2", "GeneralDIT": "Cosmos", "PixArtMS": "PixArt", "HunYuanDiT": "HunyuanDiT",
-    "StageC": "Stable Cascade", "StageB": "Stable Cascade", "AsymmDiTJoint": "Mochi", "Kandinsky5": "Kandinsky 5",
+    "StageC": "Stable Cascade", "StageB": "Stable Cascade", "Kandinsky5": "Kandinsky 5",
     "QwenImage21Transformer2DModel": "Qwen-Image 2.1", "MageFlowTransformer2DModel": "MageFlow",
 }
 # Subclasses of served classes that newer ComfyUI versions add, with why they cannot be served

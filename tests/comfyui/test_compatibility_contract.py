@@ -442,6 +442,8 @@ DIT_ARGS = {
     "ltxv": ({"img", "txt", "vec", "pe", "transformer_options"}, None,
              {"img", "txt", "vec", "pe", "attention_mask", "transformer_options", "self_attention_mask",
               "prompt_timestep"}),
+    "mochi": ({"img", "txt", "vec", "transformer_options"}, None,
+              {"img", "txt", "vec", "rope_cos", "rope_sin", "num_tokens", "transformer_options"}),
 }
 
 

@@ -42,7 +42,7 @@ harness.CONFIGS.setdefault("cosmos_predict2", (comfy.supported_models.CosmosT2IP
     use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False)))
 harness.LATENT_SHAPES.setdefault("cosmos_predict2", (1, 16, 1, 8, 8))
 harness.CONTEXT.setdefault("cosmos_predict2", 64)
-NAG_FAMILIES = ALL_FAMILIES + NEW_FAMILIES + ("cosmos_predict2",)
+NAG_FAMILIES = ALL_FAMILIES + tuple(f for f in NEW_FAMILIES if f != "mochi") + ("cosmos_predict2",)
 
 
 def nag(model, negative, scale=AUTO, tau=AUTO, alpha=AUTO, start=0.0, end=1.0, sigma_end=0.0):
