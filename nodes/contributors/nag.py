@@ -246,6 +246,10 @@ class NagInput:
         if mask is None:
             return kwargs
         owner, spec = self.settings.owner, self.settings.spec
+        if spec.block_hook == "layers":  # Lumina2 0.3.x keeps each row's first sum(mask) caption tokens
+            raise FamilyError(f"{owner}: this {spec.name} prompt carries a padding mask, which ComfyUI applies by "
+                              f"keeping the first unmasked-count caption tokens, so the NAG negative's tokens would "
+                              f"be cut; encode the prompt without padding, or remove the NAG node.")
         if spec.text_mask != "padding":
             raise FamilyError(f"{owner}: {spec.name} conditioning with an attention mask (regional prompting) "
                               f"cannot be combined with NAG; remove the mask or the NAG node.")

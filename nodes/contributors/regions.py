@@ -174,16 +174,18 @@ REGIONS = RegionReaders()
 REGION_EVALUATION = RegionEvaluation()
 
 
-def install(model_patcher, spec: FamilySpec, dit_blocks: int) -> tuple:
+def install(model_patcher, spec: FamilySpec, dit_blocks: int, single_blocks: int = 0, unet_keys=None) -> tuple:
     """Install S-CFG's map readers on a cloned ModelPatcher; returns the observed blocks/layers.
 
     UNet: our attn1 (self-attention queries/keys) and attn2 (text keys) replaces on every transformer
-    layer. Joint DiTs: the last ``dit_blocks`` double blocks and the attention dispatcher.
+    layer (``unet_keys``: only these). Joint DiTs: the last ``dit_blocks`` double blocks (Lumina2: main layers),
+    plus the last ``single_blocks`` single blocks (Flux, Chroma: text and image in one stream), and the attention
+    dispatcher.
     """
     net = diffusion_model_of(model_patcher)
     add_evaluation_hook(model_patcher, REGION_EVALUATION)
     if spec.is_unet:
-        keys = list(unet_layers(net))
+        keys = list(unet_layers(net)) if unet_keys is None else list(unet_keys)
         if not keys:
             raise FamilyError("S-CFG: this UNet has no transformer layers with cross-attention.")
         installer.unet_attention(model_patcher, "attn1", keys, REGIONS)
@@ -195,6 +197,12 @@ def install(model_patcher, spec: FamilySpec, dit_blocks: int) -> tuple:
     if count == 0:
         raise FamilyError(f"S-CFG: this {spec.name} model has no joint (double) blocks.")
     chosen = [(group, i) for i in range(max(0, count - dit_blocks), count)]
+    if single_blocks:
+        singles = layout.dit_blocks.get("single", 0) if group == "double" else 0
+        if singles == 0:
+            raise FamilyError(f"S-CFG: this {spec.name} model has no single blocks after its joint blocks; set "
+                              f"single_blocks to 0.")
+        chosen += [("single", i) for i in range(max(0, singles - single_blocks), singles)]
     installer.dit_blocks(model_patcher, spec, layout, chosen, REGIONS)
     installer.attention(model_patcher, REGIONS)
     installer.latent_shape(model_patcher)

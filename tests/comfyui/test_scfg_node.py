@@ -24,9 +24,9 @@ DOWNSAMPLE = 2
 
 
 def scfg(model, downsample=DOWNSAMPLE, order=4, reference=S.AUTO, rate_min=0.8, rate_max=3.0, max_weight=15.0,
-         smoothing=True, dit_blocks=3, start=0.0, end=1.0):
+         smoothing=True, dit_blocks=3, start=0.0, end=1.0, **optional):
     return out(S.SCFGNode.execute(model, downsample, order, reference, rate_min, rate_max, max_weight, smoothing,
-                                  dit_blocks, start, end))
+                                  dit_blocks, start, end, **optional))
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2"])
@@ -102,6 +102,35 @@ def test_batch_of_two():
     assert both.shape[0] == 2 and torch.isfinite(both).all()
     regions = patched.model_options[REGION_STORE_KEY].get(-1)
     assert regions.assignment.shape == (2, 8, 8) and regions.scale.shape == (2, 1, 16, 16)
+
+
+def test_flux_single_blocks_are_read_too():
+    """single_blocks reads the last single blocks' joint stream as well: other maps, still one call per step."""
+    family = "flux"
+    base = tiny_model(family)
+    doubles_only = ksample(scfg(base, dit_blocks=1), family, CFG, steps=STEPS)
+    patched, counter = counted(scfg(base, dit_blocks=1, single_blocks=2))
+    with_singles = ksample(patched, family, CFG, steps=STEPS)
+    assert torch.isfinite(with_singles).all() and counter.calls == STEPS
+    assert rel_diff(with_singles, doubles_only) > 1e-4
+    dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert {("single_block", 0), ("single_block", 1), ("double_block", 1)} <= set(dit)
+    with pytest.raises(ValueError, match="has no single blocks"):
+        scfg(tiny_model("sd3"), single_blocks=1)
+
+
+def test_unet_layers_limit_the_layers_read():
+    family = "sd15"
+    base = tiny_model(family)
+    every = ksample(scfg(base), family, CFG, steps=STEPS)
+    patched, counter = counted(scfg(base, unet_layers="middle all"))
+    middle_only = ksample(patched, family, CFG, steps=STEPS)
+    assert counter.calls == STEPS and rel_diff(middle_only, every) > 1e-4
+    replaces = patched.model_options["transformer_options"]["patches_replace"]
+    assert set(replaces["attn1"]) == set(replaces["attn2"]) == {("middle", 0, 0)}
+    assert torch.equal(ksample(scfg(base, unet_layers="auto"), family, CFG, steps=STEPS), every)
+    with pytest.raises(ValueError, match="^S-CFG: .*double"):
+        scfg(base, unet_layers="double 3")
 
 
 def test_unsupported_family_fails_at_the_node():
