@@ -28,7 +28,8 @@ WAN                 wan.model.WanModel / VaceWanModel / CameraWanModel / HumoWan
 HunyuanVideo        hunyuan_video.model.HunyuanVideo (also HunyuanVideo 1.5 and HunyuanImage 2.1)
 Qwen-Image          qwen_image.model.QwenImageTransformer2DModel
 LTXV                lightricks.model.LTXVModel, lightricks.model.LTXVImageModel (0.38; same block)
-Cosmos Predict2     cosmos.predict2.MiniTrainDIT (NAG and TSG only)
+Cosmos Predict2     cosmos.predict2.MiniTrainDIT (no block-replace: object patches of its blocks'
+                    forward, ``runtime/block_forward.py``)
 Lumina2 / Z-Image   lumina.model.NextDiT (no block-replace: object patches of its layers, ``runtime/lumina.py``)
 Mochi               genmo.joint_model.asymm_models_joint.AsymmDiTJoint (block methods and TSG; NAG refused)
 TSG only            HiDream, PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
@@ -86,7 +87,9 @@ class FamilySpec:
     rope: bool = True  # positions applied inside every block (token shuffling needs this)
     patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
     transformer_options_in_blocks: bool = True
-    block_hook: str = "dit"  # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2)
+    # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2, runtime/lumina.py); "forward":
+    # object patches of each block's forward (Cosmos Predict2, runtime/block_forward.py)
+    block_hook: str = "dit"
     # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
     # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
     # block's self-attention); "" = no NAG hook for this family.
@@ -212,8 +215,7 @@ TABLE: dict[str, FamilySpec] = {
     _ldm("lightricks.model.LTXVImageModel"): FamilySpec("LTXV", **_LTXV),  # ComfyUI 0.38: image-only, same blocks
     _ldm("cosmos.predict2.MiniTrainDIT"): FamilySpec(
         "Cosmos Predict2", "dit", (("double", "blocks"),), patch=(1, 2, 2), nag="cross", cross_attention="cross_attn",
-        perturbations=False, nag_defaults=NAG_OFFICIAL_DIT, refusal=_NOT_PORTED.format(what="blocks (self-attention "
-                                                                                        "through its own attn_op)"),
+        block_hook="forward", block_parts=(("double", "self_attn"),), nag_defaults=NAG_OFFICIAL_DIT,
         time_embedding=TimeEmbeddingSite("Cosmos Predict2", "t_embedder.1", tuple_output=True)),
     _ldm("lumina.model.NextDiT"): FamilySpec(
         "Lumina2", "dit", (("single", "layers"),), joint=True, block_hook="layers", nag="joint",

@@ -71,6 +71,11 @@ def dit_blocks(model_patcher, spec: FamilySpec, layout, keys, contributor: Contr
 
         lumina.layers(model_patcher, spec, keys, contributor)
         return
+    if spec.block_hook == "forward":
+        from . import block_forward
+
+        block_forward.blocks(model_patcher, spec, keys, contributor)
+        return
     replace = _replace_patches(model_patcher)
     dit = dict(replace.get("dit", {}))
     recorder = text_length_block(spec, layout, keys)

@@ -23,6 +23,7 @@ registered on the slot at installation (``install.py``) and called in ``ORDER`` 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -311,7 +312,7 @@ class DitBlockHook(Slot):
         args = call.args
         if call.context is not None:
             call.context.image = call.attention_image()
-            call.context.tokens = None if self.spec.joint else args["img"].shape[1]
+            call.context.tokens = None if self.spec.joint else math.prod(args["img"].shape[1:-1])  # [B, (T, H, W,) D]
             local = dict(to)
             local[BLOCK_CONTEXT_KEY] = call.context
             args["transformer_options"] = local

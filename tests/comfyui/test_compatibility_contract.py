@@ -641,6 +641,30 @@ def _():
     assert isinstance(seen["num_tokens"], int), seen
 
 
+@internal("Cosmos Predict2 MiniTrainDIT: blocks called as block(x [B, T, H, W, D], emb, crossattn, "
+          "transformer_options=...); the self-attention is a block's first attention call, over T·H·W tokens")
+def _():
+    model = tiny_model("cosmos_predict2")
+    net = model.model.diffusion_model
+    seen = {"block": [], "override": []}
+    hook = net.blocks[0].register_forward_pre_hook(lambda _m, a, k: seen["block"].append((a, k)), with_kwargs=True)
+
+    def override(func, *args, **kwargs):
+        seen["override"].append(args[1].shape[2] if kwargs.get("skip_reshape") else args[1].shape[1])
+        return func(*args, **kwargs)
+
+    model.model_options.setdefault("transformer_options", {})[slots.OVERRIDE_KEY] = override
+    try:
+        ksample(model, "cosmos_predict2", 4.0, 1)
+    finally:
+        hook.remove()
+    args, kwargs = seen["block"][0]
+    assert args[0].ndim == 5 and isinstance(kwargs.get("transformer_options"), dict), (args[0].shape, sorted(kwargs))
+    tokens = args[0].shape[1] * args[0].shape[2] * args[0].shape[3]
+    assert seen["override"][0] == tokens  # self-attention first (keys = the block's tokens), then cross-attention
+    families.check_blocks(net, families.exact_spec(families.FAMILIES, net), "contract")
+
+
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
 def test_internal(name):
     CONTRACT[name]()

@@ -34,15 +34,7 @@ STEPS = 3
 CFG = 4.0
 AUTO = N.AUTO
 
-# Cosmos Predict2 (MiniTrainDIT) is not in the shared harness: NAG is its only Guidance Kit hook
-harness.CONFIGS.setdefault("cosmos_predict2", (comfy.supported_models.CosmosT2IPredict2, dict(
-    image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
-    patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
-    crossattn_emb_channels=64, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
-    use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False)))
-harness.LATENT_SHAPES.setdefault("cosmos_predict2", (1, 16, 1, 8, 8))
-harness.CONTEXT.setdefault("cosmos_predict2", 64)
-NAG_FAMILIES = ALL_FAMILIES + tuple(f for f in NEW_FAMILIES if f != "mochi") + ("cosmos_predict2",)
+NAG_FAMILIES = ALL_FAMILIES + tuple(f for f in NEW_FAMILIES if f != "mochi")  # Mochi: NAG refused
 
 
 def nag(model, negative, scale=AUTO, tau=AUTO, alpha=AUTO, start=0.0, end=1.0, sigma_end=0.0):

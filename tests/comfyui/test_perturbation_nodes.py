@@ -95,7 +95,8 @@ def separate_forward(model):
     return m
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "hunyuan_video", "qwen_image", "lumina2", "mochi"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "hunyuan_video", "qwen_image", "lumina2", "mochi",
+                                    "cosmos_predict2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_batched_branch_equals_a_separate_forward(family, method):
     if method == "TPG" and family in NO_ROPE:
