@@ -160,3 +160,40 @@ def test_nodes_leave_the_input_model_untouched():
     with_every_method(base)
     assert dict(base.object_patches) == before
     assert ksample(base, FAMILY, CFG, 1).shape == latent(FAMILY).shape
+
+
+class _NewerLayer(torch.nn.Module):
+    """A main layer with newer ComfyUI's signature (timestep_zero_index; block_index set in transformer_options)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, x_mask, freqs_cis, adaln_input=None, timestep_zero_index=None, transformer_options={}):
+        self.calls.append((timestep_zero_index, transformer_options.get("block_index")))
+        return x * 2
+
+
+def test_the_layer_patch_passes_newer_comfyuis_arguments_through():
+    from guidance_kit.nodes.contributors.block_perturbation import CONTRIBUTOR
+
+    spec = families.exact_spec(families.FAMILIES, tiny_model(FAMILY).model.diffusion_model)
+    layer = _NewerLayer()
+    patch = lumina.LayerForward(layer, spec, ("single", 0), None).with_contributor(CONTRIBUTOR)
+    x = torch.ones(2, 6 + 4, 3)
+    options = {"block_index": 0, "block_type": "double"}
+    assert torch.equal(patch(x, None, torch.zeros(1), None, timestep_zero_index=None, transformer_options=options),
+                       x * 2)  # no branch in this forward: the layer runs as it is
+    assert layer.calls == [(None, 0)]
+    # a forward whose second chunk is a skip-layer branch on this layer: the block path, the same arguments
+    from guidance_kit.guiders.plan import Branch
+    from guidance_kit.nodes.contributors.block_perturbation import Perturbation
+    from guidance_kit.nodes.runtime.rows import BRANCH_MAP_KEY
+    from guidance_kit.nodes.runtime.slots import LATENT_SHAPE_KEY
+
+    skip = Perturbation("SLG", "skip", "Lumina2", blocks=(("single", 0),))
+    options = {"block_index": 0, "cond_or_uncond": [0, 2], BRANCH_MAP_KEY: {2: Branch("slg", "cond", skip)},
+               LATENT_SHAPE_KEY: (2, 16, 4, 4)}
+    out = patch(x, None, torch.zeros(1), None, timestep_zero_index=None, transformer_options=options)
+    assert torch.equal(out[0], x[0] * 2) and torch.equal(out[1], x[1])  # the branch row keeps its input
+    assert layer.calls[-1] == (None, 0)
