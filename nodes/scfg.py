@@ -103,7 +103,7 @@ class SCFGNode(io.ComfyNode):
         "cross-/self-attention (official rule: regions matched to the foreground's mean guidance norm, r ∈ [0.8, "
         '3], cfg·r ≤ 15); the map node shows the regions or scales of the last run; on a one-token conditioning '
         '(class-conditional models) it equals CFG and says so',
-        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2/Z-Image',
+        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2/Z-Image, HunyuanVideo (per-frame regions)',
         'none: maps read inside the same call, no N×N attention matrix (tiny CPU models: +22…73% per step, mostly '
         'fixed overhead)',
     )
@@ -124,7 +124,8 @@ class SCFGNode(io.ComfyNode):
                 "patch to a text token; each region's guidance is rescaled so its mean strength matches the "
                 "foreground's (clamped to [0.8, 3]×cfg, at most 15 in total): D = U + cfg·r(x)·(C − U). Evens out "
                 "under-guided objects and over-guided background. Maps are read inside the same batched model "
-                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2; needs cfg > 1. "
+                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2, HunyuanVideo (per "
+                "frame); needs cfg > 1. "
                 "Stacks with APG, TCFG, FDG, schedules and perturbation terms (KSampler or Guidance Guider). See the "
                 "region map with 'S-CFG Map'."),
             inputs=[
@@ -177,7 +178,7 @@ class SCFGNode(io.ComfyNode):
                     tooltip="S-CFG acts until this progress (ComfyUI's percent of sigma, 1 = sigma 0)."),
                 io.Int.Input(
                     "single_blocks", default=0, min=0, max=64, optional=True,
-                    tooltip="Flux and Chroma only: also read the maps from the last N single blocks (text and "
+                    tooltip="Flux, Chroma, HunyuanVideo: also read the maps from the last N single blocks (text and "
                             "image in one stream, after the double blocks). 0 = the double blocks only. Each read "
                             "block costs about two extra attention calls per prompt row."),
                 io.String.Input(

@@ -38,7 +38,7 @@ class RegionEvaluation(EvaluationHook):
 
     def begin(self, plan, position, sigma, x, guided: bool):
         sc = plan.get(SCFG.KEY)
-        if sc is None or not guided or x.ndim != 4 or not sc.active(position.progress, sigma_value(sigma)):
+        if sc is None or not guided or x.ndim not in (4, 5) or not sc.active(position.progress, sigma_value(sigma)):
             return None
         return RegionRecorder(tuple(x.shape[-2:]), sc.downsample, sc.order, sc.reference,
                               step_index=position.step_index)
@@ -76,13 +76,16 @@ def _unet_layer_grid(extra_options: dict, recorder) -> tuple[int, int] | None:
     return grid if recorder.wants_layer(grid) else None
 
 
-def _record(recorder, entry: int, q_img, k_text, self_qk, grid) -> None:
-    """Text map of one chunk → (foreground channels only for a foreground-only chunk) → completion."""
+def _record(recorder, entry: int, q_img, k_text, self_qk, grid, frames: int = 1) -> None:
+    """Text map of one chunk → (foreground channels only for a foreground-only chunk) → completion (over all the
+    video's tokens: spatio-temporal) → one map per frame (``frames`` > 1: folded into the batch)."""
     maps = region_guidance.cross_attention_map(q_img, k_text)
     if entry != 0:
         maps = torch.stack([maps[..., 0], maps[..., 1:].sum(dim=-1)], dim=-1)
     q_self, k_self = self_qk if self_qk is not None else (None, None)
     maps = region_guidance.propagate(q_self, k_self, maps, recorder.order)
+    if frames > 1:
+        maps = maps.reshape(maps.shape[0] * frames, maps.shape[1] // frames, maps.shape[2])
     if entry == 0:
         recorder.add(entry, maps, grid)
     else:
@@ -114,13 +117,14 @@ class RegionReaders(Contributor):
         """A joint attention call: image queries × prompt text keys, image × image completion."""
         ctx = call.ctx
         image = ctx.image
-        if image is None or ctx.grid is None or len(ctx.grid) != 2:
+        if image is None or ctx.grid is None or len(ctx.grid) not in (2, 3):
             return
-        grid = (int(ctx.grid[0]), int(ctx.grid[1]))
+        frames = int(ctx.grid[0]) if len(ctx.grid) == 3 else 1  # video: per-frame maps (HunyuanVideo)
+        grid = (int(ctx.grid[-2]), int(ctx.grid[-1]))
         args, kwargs = call.args, call.kwargs
         q, k = args[0], args[1]
         total = tokens(q, kwargs)
-        if image.stop - image.start != grid[0] * grid[1]:
+        if image.stop - image.start != frames * grid[0] * grid[1]:
             return
         nag_layout = ctx.parts.get(NAG)
         if ctx.spec.image_first:
@@ -139,7 +143,7 @@ class RegionReaders(Contributor):
                 q_img = qh[rows, :, image]
                 k_img = kh[rows, :, image]
                 self_qk = (q_img, k_img) if recorder.order > 0 else None
-                _record(recorder, entry, q_img, kh[rows, :, text], self_qk, grid)
+                _record(recorder, entry, q_img, kh[rows, :, text], self_qk, grid, frames)
 
     def unet_self_attention(self, call, inner):
         recorder = call.options.get(REGION_RECORDER_KEY)

@@ -204,7 +204,7 @@ TABLE: dict[str, FamilySpec] = {
         "HunyuanVideo", "dit", (("double", "double_blocks"), ("single", "single_blocks")), joint=True,
         image_first=True, patch=(1, 2, 2), nag="joint", text_refiner="txt_in", block_parts=_FLUX_PARTS,
         nag_defaults=NagDefaults(9.0, 2.5, 0.12, "ComfyUI-NAG HunyuanVideo workflow"),
-        nag_pooled=PooledSite("HunyuanVideo", "vector_in", "vec_in_dim"),
+        nag_pooled=PooledSite("HunyuanVideo", "vector_in", "vec_in_dim"), scfg=True,
         time_embedding=TimeEmbeddingSite("HunyuanVideo", "time_in")),
     _ldm("qwen_image.model.QwenImageTransformer2DModel"): FamilySpec(
         "Qwen-Image", "dit", (("double", "transformer_blocks"),), joint=True, patch=(1, 2, 2), nag="joint",

@@ -169,8 +169,8 @@ class _NewerLayer(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, x_mask, freqs_cis, adaln_input=None, timestep_zero_index=None, transformer_options={}):
-        self.calls.append((timestep_zero_index, transformer_options.get("block_index")))
+    def forward(self, x, x_mask, freqs_cis, adaln_input=None, timestep_zero_index=None, transformer_options=None):
+        self.calls.append((timestep_zero_index, (transformer_options or {}).get("block_index")))
         return x * 2
 
 

@@ -29,7 +29,7 @@ def scfg(model, downsample=DOWNSAMPLE, order=4, reference=S.AUTO, rate_min=0.8, 
                                   dit_blocks, start, end, **optional))
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2", "hunyuan_video"])
 def test_changes_the_output_in_one_call_per_step(family):
     base = tiny_model(family)
     plain = ksample(base, family, CFG, steps=STEPS)
@@ -57,7 +57,7 @@ def test_input_model_is_not_mutated():
     assert patched.clone().model_options[REGION_STORE_KEY] is patched.model_options[REGION_STORE_KEY]
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "hunyuan_video"])
 def test_rate_one_is_plain_cfg(family):
     """Clamping every factor to 1 must give back CFG exactly: the map path itself changes nothing."""
     base = tiny_model(family)
@@ -117,6 +117,18 @@ def test_flux_single_blocks_are_read_too():
     assert {("single_block", 0), ("single_block", 1), ("double_block", 1)} <= set(dit)
     with pytest.raises(ValueError, match="has no single blocks"):
         scfg(tiny_model("sd3"), single_blocks=1)
+
+
+def test_video_regions_are_per_frame():
+    """HunyuanVideo (5-D latents): the maps are completed over all the video's tokens, then split per frame; each
+    frame gets its own regions and scale map, and the factor multiplies the CFG weight frame by frame."""
+    family = "hunyuan_video"
+    patched = scfg(tiny_model(family))
+    result = ksample(patched, family, CFG, steps=STEPS, batch=2)
+    assert result.shape == (2, 16, 3, 8, 8) and torch.isfinite(result).all()
+    regions = patched.model_options[REGION_STORE_KEY].get(-1)
+    assert regions.assignment.shape == (2 * 3, 4, 4)  # (batch × frames) maps on the latent/2 grid
+    assert regions.scale.shape == (2 * 3, 1, 8, 8)
 
 
 def test_unet_layers_limit_the_layers_read():
