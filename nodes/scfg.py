@@ -103,7 +103,7 @@ class SCFGNode(io.ComfyNode):
         "cross-/self-attention (official rule: regions matched to the foreground's mean guidance norm, r ∈ [0.8, "
         '3], cfg·r ≤ 15); the map node shows the regions or scales of the last run; on a one-token conditioning '
         '(class-conditional models) it equals CFG and says so',
-        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2/Z-Image, HunyuanVideo (per-frame regions)',
+        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2/Z-Image; video with per-frame regions: HunyuanVideo, WAN, LTXV',
         'none: maps read inside the same call, no N×N attention matrix (tiny CPU models: +22…73% per step, mostly '
         'fixed overhead)',
     )
@@ -124,8 +124,8 @@ class SCFGNode(io.ComfyNode):
                 "patch to a text token; each region's guidance is rescaled so its mean strength matches the "
                 "foreground's (clamped to [0.8, 3]×cfg, at most 15 in total): D = U + cfg·r(x)·(C − U). Evens out "
                 "under-guided objects and over-guided background. Maps are read inside the same batched model "
-                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2, HunyuanVideo (per "
-                "frame); needs cfg > 1. "
+                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2; per frame on "
+                "HunyuanVideo, WAN and LTXV; needs cfg > 1. "
                 "Stacks with APG, TCFG, FDG, schedules and perturbation terms (KSampler or Guidance Guider). See the "
                 "region map with 'S-CFG Map'."),
             inputs=[
@@ -164,8 +164,8 @@ class SCFGNode(io.ComfyNode):
                             "seams."),
                 io.Int.Input(
                     "dit_blocks", default=3, min=1, max=64,
-                    tooltip="DiTs only (Flux, Chroma, SD3, Lumina2): read the maps from the last N joint (double; "
-                            "Lumina2: main) blocks. "
+                    tooltip="DiTs only: read the maps from the last N blocks (Flux, Chroma, SD3, HunyuanVideo: "
+                            "joint double blocks; Lumina2: main layers; WAN, LTXV: their cross-attention). "
                             "Each read block costs about two extra attention calls per prompt row. Ignored on "
                             "UNets."),
                 io.Float.Input(

@@ -33,6 +33,9 @@ from ..runtime.slots import BlockCall, Contributor, ModulePatch
 NAG_KEY = "guidance_kit_nag"  # transformer_options: the NagForward of this model call
 NAG_WRAPPER_KEY = "guidance_kit_nag"  # APPLY_MODEL wrapper key of NagInput
 CROSS_ATTENTION_KEY = "guidance_kit_cross_attention"  # set inside a marked text cross-attention module
+# forwards whose text cross-attention calls are marked: NAG's, and those where S-CFG reads maps
+# (contributors/regions.REGION_RECORDER_KEY; that module imports this one)
+MARKED_FOR = (NAG_KEY, "guidance_kit_scfg")
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,14 +271,15 @@ class NagInput:
 class CrossAttentionForward(ModulePatch):
     """Object patch of a text cross-attention module's ``forward`` (WAN, LTXV, Cosmos Predict2).
 
-    In a NAG forward it marks the module's attention calls (``CROSS_ATTENTION_KEY``) so the
-    attention dispatcher applies NAG to the call whose keys are the text tokens; the module's own
-    forward runs unchanged. Outside NAG forwards it only calls that forward.
+    In a NAG forward (or one where S-CFG reads maps) it marks the module's attention calls
+    (``CROSS_ATTENTION_KEY``) so the attention dispatcher applies NAG to the call whose keys are the text
+    tokens (S-CFG reads its text map there); the module's own forward runs unchanged. Outside those forwards
+    it only calls that forward.
     """
 
     def __call__(self, *args, **kwargs):
         to = kwargs.get("transformer_options")
-        if isinstance(to, dict) and NAG_KEY in to:
+        if isinstance(to, dict) and any(key in to for key in MARKED_FOR):
             kwargs["transformer_options"] = {**to, CROSS_ATTENTION_KEY: True}
         return self.original(*args, **kwargs)
 

@@ -13,6 +13,8 @@ values (``guiders/region_guidance.py`` does the math). After the call the maps b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...guiders import region_guidance
@@ -25,7 +27,7 @@ from ..runtime.engine import EvaluationHook, GuidanceRuntimeError, add_evaluatio
 from ..runtime.families import FamilyError, FamilySpec, diffusion_model_of
 from ..runtime.rows import Forward, sigma_value
 from ..runtime.slots import BlockCall, Contributor
-from .nag import NAG, NAG_KEY
+from .nag import CROSS_ATTENTION_KEY, NAG, NAG_KEY, CrossAttentionForward
 
 REGION_RECORDER_KEY = "guidance_kit_scfg"  # transformer_options: the S-CFG RegionRecorder of this evaluation
 REGION_STORE_KEY = "guidance_kit_scfg_maps"  # model_options: the RegionMapStore of an S-CFG node
@@ -104,14 +106,56 @@ class RegionReaders(Contributor):
     def block(self, call: BlockCall) -> None:
         recorder = call.options.get(REGION_RECORDER_KEY)
         if recorder is not None:
-            call.attention_context().parts[self] = recorder
+            ctx = call.attention_context()
+            ctx.parts[self] = recorder
+            if not call.spec.joint:
+                call.undo_after(lambda out: self._read_text(ctx, recorder, out))
 
     def attention(self, call, inner):
         ctx = call.ctx
         recorder = ctx.parts.get(self) if ctx is not None else None
         if recorder is not None and call.index == 1 and ctx.spec.joint:
             self._observe_joint(call, recorder)
+        elif recorder is not None and not ctx.spec.joint:
+            self._observe_cross(call, recorder)
         return inner(call)
+
+    def _observe_cross(self, call, recorder) -> None:
+        """A block with its text in a cross-attention module (WAN, LTXV): the block's first attention call is its
+        self-attention (kept for the completion); the last marked cross-attention call of the block is its text
+        (WAN i2v attends to the image context first), read when the block returns (``_read_text``)."""
+        ctx, args, kwargs = call.ctx, call.args, call.kwargs
+        grid = ctx.grid
+        if grid is None or len(grid) not in (2, 3):
+            return
+        count = math.prod(int(g) for g in grid)
+        heads = heads_of(args, kwargs)
+        skip_reshape = kwargs.get("skip_reshape", False)
+        if call.index == 1:
+            if recorder.order > 0 and tokens(args[0], kwargs) == tokens(args[1], kwargs) == count:
+                ctx.parts[(self, "self")] = tuple(to_bhld(a, heads, skip_reshape) for a in args[:2])
+            return
+        if call.options.get(CROSS_ATTENTION_KEY) and tokens(args[0], kwargs) == count:
+            ctx.parts[(self, "text")] = (to_bhld(args[0], heads, skip_reshape), to_bhld(args[1], heads, skip_reshape),
+                                         call.options)
+
+    def _read_text(self, ctx, recorder, out):
+        """After a WAN/LTXV block: its text map from the last marked cross-attention call (see ``_observe_cross``)."""
+        text = ctx.parts.pop((self, "text"), None)
+        if text is None:
+            return out
+        qh, kh, options = text
+        frames = int(ctx.grid[0]) if len(ctx.grid) == 3 else 1
+        hw = (int(ctx.grid[-2]), int(ctx.grid[-1]))
+        nag = options.get(NAG_KEY)
+        if nag is not None and kh.shape[2] == nag.context_tokens:
+            kh = kh[:, :, :nag.positive_tokens]  # the prompt's text, never the NAG negative's
+        self_qk = ctx.parts.get((self, "self"))
+        with torch.no_grad():
+            for entry, rows in Forward(options, qh.shape[0]).entry_rows(recorder.wants_entry):
+                pair = (self_qk[0][rows], self_qk[1][rows]) if self_qk is not None else None
+                _record(recorder, entry, qh[rows], kh[rows], pair, hw, frames)
+        return out
 
     def _observe_joint(self, call, recorder) -> None:
         """A joint attention call: image queries × prompt text keys, image × image completion."""
@@ -196,6 +240,10 @@ def install(model_patcher, spec: FamilySpec, dit_blocks: int, single_blocks: int
         installer.unet_attention(model_patcher, "attn2", keys, REGIONS)
         return tuple(keys)
     layout = block_layout(model_patcher, spec)
+    if spec.nag == "cross":  # WAN, LTXV: the text map comes from the blocks' cross-attention modules
+        for name, _module in net.named_modules():
+            if name.rsplit(".", 1)[-1] == spec.cross_attention:
+                installer.module_patch(model_patcher, f"diffusion_model.{name}", CrossAttentionForward)
     group = "single" if spec.block_hook == "layers" else "double"  # Lumina2: one joint stream per layer
     count = layout.dit_blocks.get(group, 0)
     if count == 0:

@@ -146,8 +146,8 @@ _WAN_TIME = TimeEmbeddingSite("WAN", "time_embedding")
 _WAN = dict(kind="dit", groups=(("double", "blocks"),), patch=(1, 2, 2), label="WAN 2.1/2.2", slg_blocks=(9, 9),
             slg_singles=False, time_embedding=_WAN_TIME)
 _WAN_NAG = dict(_WAN, nag="cross", cross_attention="cross_attn", block_parts=(("double", "self_attn"),),
-                nag_defaults=NAG_WAN)
-_LTXV = dict(kind="dit", groups=(("double", "transformer_blocks"),), patch=(1, 1, 1), nag="cross",
+                nag_defaults=NAG_WAN, scfg=True)
+_LTXV = dict(kind="dit", groups=(("double", "transformer_blocks"),), patch=(1, 1, 1), nag="cross", scfg=True,
              cross_attention="attn2", block_parts=(("double", "attn1"),), nag_defaults=NAG_OFFICIAL_DIT,
              # LTX-Video's STG default (Lightricks/LTX-Video configs, stg_mode "attention_values" = PAG's operator):
              # ltxv-2b-0.9*.yaml skip_block_list [19] (28 blocks); ltxv-13b-0.9.8-dev.yaml [28] (48 blocks)

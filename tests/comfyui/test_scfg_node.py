@@ -29,7 +29,7 @@ def scfg(model, downsample=DOWNSAMPLE, order=4, reference=S.AUTO, rate_min=0.8, 
                                   dit_blocks, start, end, **optional))
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2", "hunyuan_video"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2", "hunyuan_video", "wan21", "ltxv"])
 def test_changes_the_output_in_one_call_per_step(family):
     base = tiny_model(family)
     plain = ksample(base, family, CFG, steps=STEPS)
@@ -131,6 +131,23 @@ def test_video_regions_are_per_frame():
     assert regions.scale.shape == (2 * 3, 1, 8, 8)
 
 
+@pytest.mark.parametrize("family", ["wan21", "ltxv"])
+def test_cross_attention_video_families_read_per_frame_maps_and_stack_with_nag(family):
+    """WAN and LTXV: the text map from the blocks' cross-attention modules, completed by the block's
+    self-attention, one map per latent frame; with NAG the negative's tokens are left out of the map."""
+    base = tiny_model(family)
+    patched = scfg(base)
+    ksample(patched, family, CFG, steps=STEPS)
+    regions = patched.model_options[REGION_STORE_KEY].get(-1)
+    frames = harness.LATENT_SHAPES[family][2]
+    assert regions.assignment.shape[0] == frames and regions.tokens == 6  # the prompt's 6 tokens
+    with_nag, counter = counted(scfg(N.NAGNode.execute(base, conditioning(family, 7, tokens=5), N.AUTO, N.AUTO,
+                                                       N.AUTO, 0.0, 1.0, 0.0)[0]))
+    result = ksample(with_nag, family, CFG, steps=STEPS)
+    assert torch.isfinite(result).all() and counter.calls == STEPS
+    assert with_nag.model_options[REGION_STORE_KEY].get(-1).tokens == 6  # not 6 + the NAG negative's 5
+
+
 def test_unet_layers_limit_the_layers_read():
     family = "sd15"
     base = tiny_model(family)
@@ -146,8 +163,8 @@ def test_unet_layers_limit_the_layers_read():
 
 
 def test_unsupported_family_fails_at_the_node():
-    with pytest.raises(ValueError, match="no cross-attention map hook we support: WAN"):
-        scfg(tiny_model("wan21"))
+    with pytest.raises(ValueError, match="no cross-attention map hook we support: Qwen-Image"):
+        scfg(tiny_model("qwen_image"))
 
 
 def test_no_layer_at_the_resolution_fails_clearly_at_sampling():
