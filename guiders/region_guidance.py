@@ -368,6 +368,10 @@ def fit_to(rate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The factor on the spatial size of ``like`` (an FDG band may be smaller): area-averaged."""
     if rate.shape[-2:] == like.shape[-2:]:
         return rate
+    if rate.ndim == 5:  # video [B, 1, T, H, W]: per frame
+        b, c, t = rate.shape[:3]
+        pooled = F.adaptive_avg_pool2d(rate.movedim(2, 1).reshape(b * t, c, *rate.shape[-2:]), like.shape[-2:])
+        return pooled.reshape(b, t, c, *like.shape[-2:]).movedim(1, 2)
     return F.adaptive_avg_pool2d(rate, like.shape[-2:])
 
 

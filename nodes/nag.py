@@ -81,7 +81,7 @@ class NAGNode(io.ComfyNode):
         "α·norm_τ(s·Z⁺ − (s−1)·Z⁻) + (1−α)·Z⁺`; on Flux/SD3/HunyuanVideo the negative's text is modulated with its "
         'own pooled vector (as ComfyUI-NAG); works at cfg 1 (Flux schnell/dev, SD3.5 Turbo, SDXL Lightning/DMD2, '
         'distilled WAN) and with CFG; plain KSampler',
-        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Qwen-Image, HunyuanVideo, WAN, LTXV, Cosmos Predict2',
+        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Qwen-Image, HunyuanVideo, WAN, LTXV, Cosmos Predict2, Lumina2/Z-Image',
         "none: the negative's tokens join the same call (per step at cfg 1 on tiny CPU models, "
         '`benchmarks/nag_cost.py`: +0–18% on cross-attention models, +26–57% on joint-attention DiTs)',
     )
@@ -101,7 +101,8 @@ class NAGNode(io.ComfyNode):
                 "Z̃ = s·Z⁺ − (s − 1)·Z⁻, its L1 norm per token capped at tau × ‖Z⁺‖₁, blended with Z⁺ by alpha. "
                 "The negative's tokens run in the same model call (no second forward); with CFG only the "
                 "conditional rows get NAG. Works on SD1.5/SDXL, Flux, Chroma, SD3/3.5, Qwen-Image, HunyuanVideo, "
-                "WAN 2.1/2.2, LTXV and Cosmos Predict2, with KSampler, every sampler and the Guidance Guider."),
+                "WAN 2.1/2.2, LTXV, Cosmos Predict2 and Lumina2/Z-Image (Z-Image-Turbo at cfg 1), with KSampler, "
+                "every sampler and the Guidance Guider."),
             inputs=[
                 model_input(),
                 io.Conditioning.Input(
@@ -113,7 +114,8 @@ class NAGNode(io.ComfyNode):
                 io.Float.Input(
                     "scale", default=AUTO, min=AUTO, max=100.0, step=0.1, round=0.01,
                     tooltip="Extrapolation scale s (Z̃ = s·Z⁺ − (s − 1)·Z⁻). -1 = the family default (Flux, Chroma, "
-                            "SD3.5, SD1.5: 5; SDXL: 3; WAN, HunyuanVideo: 9). 1 = off (no extra cost). Higher = "
+                            "SD3.5, SD1.5: 5; SDXL: 3; WAN, HunyuanVideo: 9; Lumina2/Z-Image: 2). 1 = off (no extra "
+                            "cost). Higher = "
                             "stronger negative guidance; tune this one first."),
                 io.Float.Input(
                     "tau", default=AUTO, min=AUTO, max=10.0, step=0.05, round=0.01,

@@ -175,7 +175,7 @@ class PAGNode(LayeredMethodNode):
                 "detail, also with cfg 1. On joint-attention DiTs (Flux, SD3, Qwen-Image, HunyuanVideo) image "
                 "tokens attend to themselves and to the text (diffusers' joint PAG). The branch runs in the same "
                 "batched model call as cond and uncond. Works on SD1.5/SDXL and Flux, Chroma, SD3, AuraFlow, WAN, "
-                "HunyuanVideo, Qwen-Image, LTXV."),
+                "HunyuanVideo, Qwen-Image, LTXV, Lumina2/Z-Image, Mochi, Cosmos Predict2."),
             inputs=[
                 model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the PAG term. Paper/diffusers: 3 with CFG 4–7 on SD1.5/SDXL; "

@@ -26,6 +26,7 @@ import math
 import torch
 from comfy_api.latest import io
 
+from ..guiders.layers import LayerError, parse_layers, resolve
 from ..guiders.methods.scfg import SCFG
 from ..guiders.plan import PlanError
 from ..guiders.region_guidance import REFERENCES, RegionMapStore, region_colors
@@ -33,6 +34,7 @@ from ..guiders.schedules import ScheduleError, Window
 from .common import CATEGORY_ROOT, NODE_PREFIX, add_method, model_input, node_error
 from .contributors import regions
 from .contributors.regions import REGION_STORE_KEY
+from .runtime.blocks import block_layout
 from .runtime.families import FamilyError, FamilySpec, scfg_family_of
 
 CATEGORY_SCFG = CATEGORY_ROOT + "/attention"
@@ -65,6 +67,17 @@ def resolve_reference(reference: str, spec: FamilySpec) -> str:
     return REFERENCES[0] if spec.scfg_start_token else "whole image"
 
 
+def unet_reader_layers(label: str, layers: str, model, spec: FamilySpec) -> tuple[tuple, ...]:
+    """The UNet transformer layers S-CFG reads (``unet_layers`` in the layer syntax), an error naming the node."""
+    try:
+        keys = resolve(parse_layers(layers, label), block_layout(model, spec), label)
+    except LayerError as e:
+        raise node_error(str(e)) from None
+    if not keys:
+        raise node_error(f"{label}: unet_layers '{layers}' selects no transformer layer on {spec.name}")
+    return keys
+
+
 def build_settings(label: str, downsample: int, order: int, reference: str, rate_min: float, rate_max: float,
                    max_weight: float, smoothing: bool, dit_blocks: int, start_percent: float,
                    end_percent: float) -> SCFG:
@@ -90,7 +103,7 @@ class SCFGNode(io.ComfyNode):
         "cross-/self-attention (official rule: regions matched to the foreground's mean guidance norm, r ∈ [0.8, "
         '3], cfg·r ≤ 15); the map node shows the regions or scales of the last run; on a one-token conditioning '
         '(class-conditional models) it equals CFG and says so',
-        'SD1.5/SDXL, Flux, Chroma, SD3/3.5',
+        'SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2/Z-Image; video with per-frame regions: HunyuanVideo, WAN, LTXV',
         'none: maps read inside the same call, no N×N attention matrix (tiny CPU models: +22…73% per step, mostly '
         'fixed overhead)',
     )
@@ -111,8 +124,9 @@ class SCFGNode(io.ComfyNode):
                 "patch to a text token; each region's guidance is rescaled so its mean strength matches the "
                 "foreground's (clamped to [0.8, 3]×cfg, at most 15 in total): D = U + cfg·r(x)·(C − U). Evens out "
                 "under-guided objects and over-guided background. Maps are read inside the same batched model "
-                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5; needs cfg > 1. Stacks "
-                "with APG, TCFG, FDG, schedules and perturbation terms (KSampler or Guidance Guider). See the "
+                "call (no extra pass, no N×N matrices). SD1.5/SDXL, Flux, Chroma, SD3/3.5, Lumina2; per frame on "
+                "HunyuanVideo, WAN and LTXV; needs cfg > 1. "
+                "Stacks with APG, TCFG, FDG, schedules and perturbation terms (KSampler or Guidance Guider). See the "
                 "region map with 'S-CFG Map'."),
             inputs=[
                 model_input(),
@@ -150,7 +164,8 @@ class SCFGNode(io.ComfyNode):
                             "seams."),
                 io.Int.Input(
                     "dit_blocks", default=3, min=1, max=64,
-                    tooltip="DiTs only (Flux, Chroma, SD3): read the maps from the last N joint (double) blocks. "
+                    tooltip="DiTs only: read the maps from the last N blocks (Flux, Chroma, SD3, HunyuanVideo: "
+                            "joint double blocks; Lumina2: main layers; WAN, LTXV: their cross-attention). "
                             "Each read block costs about two extra attention calls per prompt row. Ignored on "
                             "UNets."),
                 io.Float.Input(
@@ -161,6 +176,17 @@ class SCFGNode(io.ComfyNode):
                 io.Float.Input(
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                     tooltip="S-CFG acts until this progress (ComfyUI's percent of sigma, 1 = sigma 0)."),
+                io.Int.Input(
+                    "single_blocks", default=0, min=0, max=64, optional=True,
+                    tooltip="Flux, Chroma, HunyuanVideo: also read the maps from the last N single blocks (text and "
+                            "image in one stream, after the double blocks). 0 = the double blocks only. Each read "
+                            "block costs about two extra attention calls per prompt row."),
+                io.String.Input(
+                    "unet_layers", default=AUTO, optional=True,
+                    tooltip="SD1.5/SDXL only: the transformer layers whose maps are read, in the perturbation "
+                            "nodes' layer syntax ('middle all', 'input 7-8, middle 0'); auto = every layer at "
+                            "1/downsample or coarser (official). Layers at a finer resolution are still skipped. On "
+                            "SDXL at 1024 px auto reads 60 layers; 'middle all' reads 10 and costs far less."),
             ],
             outputs=[io.Model.Output(tooltip="The model with S-CFG in its guidance plan (the input model is "
                                              "unchanged). Feed it to a sampler, and the same model to 'S-CFG Map' "
@@ -181,7 +207,7 @@ class SCFGNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, downsample, self_attention_order, reference, rate_min, rate_max, max_weight, smoothing,
-                dit_blocks, start_percent, end_percent):
+                dit_blocks, start_percent, end_percent, single_blocks=0, unet_layers=AUTO):
         try:
             spec = scfg_family_of(model, cls.LABEL)
         except FamilyError as e:
@@ -191,9 +217,12 @@ class SCFGNode(io.ComfyNode):
                              f"got {reference!r}")
         settings = build_settings(cls.LABEL, downsample, self_attention_order, resolve_reference(reference, spec),
                                   rate_min, rate_max, max_weight, smoothing, dit_blocks, start_percent, end_percent)
+        unet_keys = None
+        if spec.is_unet and unet_layers.strip().lower() != AUTO:
+            unet_keys = unet_reader_layers(cls.LABEL, unet_layers, model, spec)
         patched = add_method(model, settings)
         try:
-            regions.install(patched, spec, settings.dit_blocks)
+            regions.install(patched, spec, settings.dit_blocks, int(single_blocks), unet_keys)
         except FamilyError as e:
             raise node_error(str(e)) from None
         patched.model_options[REGION_STORE_KEY] = SCFGMapStore()

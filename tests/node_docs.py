@@ -13,6 +13,9 @@ tooltips).
   per step)``, in the order of ``node_list()``, its first cell the node's short display name (the display name
   before " · ") in bold, plus " (sampler)" for SAMPLER nodes and "(+ **name**)" for each node that declares
   ``README_JOIN = "<node id of that row>"`` (a helper node listed with its method, e.g. S-CFG Map).
+* ``README.md``: the model-family table between the ``families-table`` marker comments, generated here from the
+  family table ``nodes/runtime/families.py`` (``TABLE``: one row per family spec, what serves it or why not;
+  ``NEWER_ONLY``: the families only newer ComfyUI builds).
 
     python -m tests.node_docs            # from the pack folder: rewrite the generated parts, report the rest
     python -m tests.node_docs --check    # report only; exit 1 when anything is off (tests/comfyui/test_node_docs.py)
@@ -37,6 +40,8 @@ BEGIN = ("<!-- generated:inputs: from the node's schema (its define_schema) by `
 END = "<!-- /generated:inputs -->"
 TABLE_BEGIN = "<!-- methods-table"
 TABLE_END = "<!-- /methods-table -->"
+FAMILIES_BEGIN = "<!-- families-table"
+FAMILIES_END = "<!-- /families-table -->"
 MIN_PROSE = 300  # characters of hand-written text a help page needs besides its generated parts
 COMMAND = "python -m tests.node_docs"
 
@@ -131,12 +136,12 @@ def readme_rows(readme: str) -> list[tuple[int, list[str]]]:
     return rows[1:]  # the first row is the header
 
 
-def _table_span(readme: str) -> tuple[int, int]:
+def _table_span(readme: str, begin: str = TABLE_BEGIN, end_marker: str = TABLE_END) -> tuple[int, int]:
     """Where the table's text starts (after the marker comment's line) and ends (at the closing marker)."""
-    start = readme.find(TABLE_BEGIN)
-    end = readme.find(TABLE_END)
+    start = readme.find(begin)
+    end = readme.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"README.md has no methods table between '{TABLE_BEGIN} ... -->' and '{TABLE_END}'")
+        raise ValueError(f"README.md has no table between '{begin} ... -->' and '{end_marker}'")
     return readme.index("\n", start) + 1, end
 
 
@@ -184,9 +189,56 @@ def readme_table(nodes: list) -> str:
     return "\n" + TABLE_HEADER + "".join(rows) + "\n"
 
 
+FAMILIES_HEADER = ("| Family | ComfyUI class (`comfy.ldm.…`) | PAG, SEG, TPG, Skip-Layer, S² | NAG | S-CFG | TSG |\n"
+                   "|---|---|---|---|---|---|\n")
+
+
+def _family_cells(spec) -> list[str]:
+    """What serves one family spec: the block methods, NAG, S-CFG, TSG (or why not)."""
+    if spec.perturbations and spec.transformer_options_in_blocks:
+        blocks = "yes" if spec.rope else "yes; TPG refused (no rotary positions)"
+    else:
+        blocks = "refused: " + (spec.refusal or "no block hook")
+    if spec.nag and spec.transformer_options_in_blocks:
+        nag = "yes (" + {"attn2": "cross-attention", "joint": "joint attention", "cross": "cross-attention"}[spec.nag]
+        nag += f"; auto {spec.nag_defaults.scale:g} / {spec.nag_defaults.tau:g} / {spec.nag_defaults.alpha:g})"
+    elif spec.nag_refusal and spec.nag_refusal == spec.refusal:
+        nag = "refused: the same reason"
+    else:
+        nag = "refused: " + (spec.nag_refusal or spec.refusal or "no text-attention hook")
+    scfg = "yes" if spec.scfg else "—"
+    if spec.time_embedding is not None:
+        tsg = f"yes (`{spec.time_embedding.path}`)"
+    else:
+        tsg = "legacy time-input mode" + (f" ({spec.time_embedding_refusal})" if spec.time_embedding_refusal else "")
+    return [blocks, nag, scfg, tsg]
+
+
+def families_table() -> str:
+    """The README family table from ``nodes/runtime/families.py``: every family the table knows (one row per
+    spec, its exact classes), then the families only newer ComfyUI builds."""
+    from guidance_kit.nodes.runtime import families
+
+    classes: dict[int, list[str]] = {}
+    specs = {}
+    for qualified, spec in families.TABLE.items():
+        classes.setdefault(id(spec), []).append("`" + qualified.removeprefix("comfy.ldm.") + "`")
+        specs[id(spec)] = spec
+    rows = []
+    for key, spec in specs.items():
+        cells = [spec.name, ", ".join(classes[key]), *_family_cells(spec)]
+        rows.append("| " + " | ".join(_markdown(c) for c in cells) + " |\n")
+    for family, cls, status in families.NEWER_ONLY:
+        cells = [f"{family} (newer ComfyUI)", f"`{cls}`", status, "see left", "see left", "see left"]
+        rows.append("| " + " | ".join(_markdown(c) for c in cells) + " |\n")
+    return "\n" + FAMILIES_HEADER + "".join(rows) + "\n"
+
+
 def render_readme(readme: str, nodes: list) -> str:
     start, end = _table_span(readme)
-    return readme[:start] + readme_table(nodes) + readme[end:]
+    readme = readme[:start] + readme_table(nodes) + readme[end:]
+    start, end = _table_span(readme, FAMILIES_BEGIN, FAMILIES_END)
+    return readme[:start] + families_table() + readme[end:]
 
 
 def _shown(path: Path) -> str:
@@ -220,8 +272,12 @@ def problems(nodes: list, docs: Path = DOCS, readme: Path = README) -> list[str]
             found.append(f"{_shown(page)}: no node has the id {page.stem!r}")
     try:
         text = readme.read_text(encoding="utf-8")
-        if render_readme(text, nodes) != text:
+        start, end = _table_span(text)
+        if text[start:end] != readme_table(nodes):
             found.append(f"README.md: the methods table differs from the nodes' README_ROW (run {COMMAND})")
+        start, end = _table_span(text, FAMILIES_BEGIN, FAMILIES_END)
+        if text[start:end] != families_table():
+            found.append(f"README.md: the family table differs from nodes/runtime/families.py (run {COMMAND})")
     except ValueError as e:
         found.append(str(e))
     return found

@@ -65,9 +65,15 @@ class SCFG(WeightFactor):
         regions = direction.step.regions
         if regions is None:
             return weights
-        rate = region_scale_map(direction.difference, regions, max(direction.base_weights), self.rate_min,
-                                self.rate_max, self.max_weight, self.smoothing)
-        regions.scale = rate  # for the S-CFG Map node
+        diff = direction.difference
+        frames = diff.shape[2] if diff.ndim == 5 else 0
+        if frames:  # video [B, C, T, H, W]: one region map per frame, the readers folded the frames into the batch
+            diff = diff.movedim(2, 1).reshape(-1, diff.shape[1], *diff.shape[-2:])
+        rate = region_scale_map(diff, regions, max(direction.base_weights), self.rate_min, self.rate_max,
+                                self.max_weight, self.smoothing)
+        regions.scale = rate  # for the S-CFG Map node (video: one image per frame)
+        if frames:
+            rate = rate.reshape(-1, frames, *rate.shape[1:]).movedim(1, 2)  # [B, 1, T, H, W]
         return [w * rate for w in weights]
 
     def windows(self) -> tuple[tuple[str, Schedule], ...]:

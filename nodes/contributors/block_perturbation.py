@@ -190,6 +190,8 @@ class BlockPerturbations(Contributor):
     def _shuffle(self, call: BlockCall, shuffles) -> None:
         """TPG: permute the image tokens of the branch rows before the block, restore them after."""
         img = call.args["img"]
+        shape = img.shape
+        img = img.flatten(1, -2)  # [B, T, H, W, D] (Cosmos Predict2) → [B, L, D]
         span = call.image_span()
         span = slice(0, img.shape[1]) if span is None else span
         noise = Forward(call.options, call.batch_size).noise_key
@@ -200,14 +202,15 @@ class BlockPerturbations(Contributor):
             rows = rows.to(img.device)
             shuffled[rows] = attention_ops.shuffle_tokens(img[rows], perm, dim=1, span=span)
             applied.append((rows, attention_ops.inverse_permutation(perm)))
-        call.set("img", shuffled)
+        call.set("img", shuffled.view(shape))
 
         def undo(out: dict) -> dict:
             out = dict(out)
-            value = out["img"].clone()
+            result = out["img"].flatten(1, -2)
+            value = result.clone()
             for rows, inverse in applied:
-                value[rows] = attention_ops.shuffle_tokens(out["img"][rows], inverse, dim=1, span=span)
-            out["img"] = value
+                value[rows] = attention_ops.shuffle_tokens(result[rows], inverse, dim=1, span=span)
+            out["img"] = value.view(out["img"].shape)
             return out
 
         call.undo_after(undo)

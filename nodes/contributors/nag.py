@@ -22,6 +22,7 @@ import torch
 from ...guiders import attention_ops
 from ...guiders.schedules import Window
 from ..runtime import install as installer
+from ..runtime import lumina
 from ..runtime.attention_layout import attention_view, from_token_major, heads_of, token_major, tokens
 from ..runtime.blocks import block_layout, unet_layers
 from ..runtime.engine import check_window_reachable
@@ -32,6 +33,9 @@ from ..runtime.slots import BlockCall, Contributor, ModulePatch
 NAG_KEY = "guidance_kit_nag"  # transformer_options: the NagForward of this model call
 NAG_WRAPPER_KEY = "guidance_kit_nag"  # APPLY_MODEL wrapper key of NagInput
 CROSS_ATTENTION_KEY = "guidance_kit_cross_attention"  # set inside a marked text cross-attention module
+# forwards whose text cross-attention calls are marked: NAG's, and those where S-CFG reads maps
+# (contributors/regions.REGION_RECORDER_KEY; that module imports this one)
+MARKED_FOR = (NAG_KEY, "guidance_kit_scfg")
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,6 +192,9 @@ class NagInput:
         chunks, per_chunk = len(forward.chunks), forward.chunk_size
         negative = self._negative_context(c_crossattn, per_chunk, chunks)
         kwargs = self._with_text_mask(kwargs, c_crossattn.shape[1], negative.shape[1], per_chunk, chunks)
+        if spec.block_hook == "layers" and isinstance(kwargs.get("num_tokens"), int):
+            # Lumina2 (ComfyUI 0.3.x) keeps only the first num_tokens caption tokens when no mask is given
+            kwargs = {**kwargs, "num_tokens": kwargs["num_tokens"] + negative.shape[1]}
         nag = NagForward(self.settings, rows, x.shape[0], c_crossattn.shape[1], negative.shape[1])
         if self.settings.modulation is not None:
             nag.modulation = self.settings.modulation.prepare(executor.class_obj, x, kwargs, nag, per_chunk)
@@ -242,6 +249,10 @@ class NagInput:
         if mask is None:
             return kwargs
         owner, spec = self.settings.owner, self.settings.spec
+        if spec.block_hook == "layers":  # Lumina2 0.3.x keeps each row's first sum(mask) caption tokens
+            raise FamilyError(f"{owner}: this {spec.name} prompt carries a padding mask, which ComfyUI applies by "
+                              f"keeping the first unmasked-count caption tokens, so the NAG negative's tokens would "
+                              f"be cut; encode the prompt without padding, or remove the NAG node.")
         if spec.text_mask != "padding":
             raise FamilyError(f"{owner}: {spec.name} conditioning with an attention mask (regional prompting) "
                               f"cannot be combined with NAG; remove the mask or the NAG node.")
@@ -260,14 +271,15 @@ class NagInput:
 class CrossAttentionForward(ModulePatch):
     """Object patch of a text cross-attention module's ``forward`` (WAN, LTXV, Cosmos Predict2).
 
-    In a NAG forward it marks the module's attention calls (``CROSS_ATTENTION_KEY``) so the
-    attention dispatcher applies NAG to the call whose keys are the text tokens; the module's own
-    forward runs unchanged. Outside NAG forwards it only calls that forward.
+    In a NAG forward (or one where S-CFG reads maps) it marks the module's attention calls
+    (``CROSS_ATTENTION_KEY``) so the attention dispatcher applies NAG to the call whose keys are the text
+    tokens (S-CFG reads its text map there); the module's own forward runs unchanged. Outside those forwards
+    it only calls that forward.
     """
 
     def __call__(self, *args, **kwargs):
         to = kwargs.get("transformer_options")
-        if isinstance(to, dict) and NAG_KEY in to:
+        if isinstance(to, dict) and any(key in to for key in MARKED_FOR):
             kwargs["transformer_options"] = {**to, CROSS_ATTENTION_KEY: True}
         return self.original(*args, **kwargs)
 
@@ -447,6 +459,8 @@ def install(model_patcher, spec: FamilySpec, settings: NagSettings) -> None:
         installer.attention(model_patcher, NAG)
         if spec.text_refiner:
             installer.module_patch(model_patcher, f"diffusion_model.{spec.text_refiner}", TextRefinerPerPrompt)
+        if spec.block_hook == "layers":
+            lumina.nag_captions(model_patcher, spec)
     elif spec.nag == "cross":
         found = 0
         for name, _module in net.named_modules():

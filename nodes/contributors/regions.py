@@ -13,6 +13,8 @@ values (``guiders/region_guidance.py`` does the math). After the call the maps b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...guiders import region_guidance
@@ -25,7 +27,7 @@ from ..runtime.engine import EvaluationHook, GuidanceRuntimeError, add_evaluatio
 from ..runtime.families import FamilyError, FamilySpec, diffusion_model_of
 from ..runtime.rows import Forward, sigma_value
 from ..runtime.slots import BlockCall, Contributor
-from .nag import NAG, NAG_KEY
+from .nag import CROSS_ATTENTION_KEY, NAG, NAG_KEY, CrossAttentionForward
 
 REGION_RECORDER_KEY = "guidance_kit_scfg"  # transformer_options: the S-CFG RegionRecorder of this evaluation
 REGION_STORE_KEY = "guidance_kit_scfg_maps"  # model_options: the RegionMapStore of an S-CFG node
@@ -38,7 +40,7 @@ class RegionEvaluation(EvaluationHook):
 
     def begin(self, plan, position, sigma, x, guided: bool):
         sc = plan.get(SCFG.KEY)
-        if sc is None or not guided or x.ndim != 4 or not sc.active(position.progress, sigma_value(sigma)):
+        if sc is None or not guided or x.ndim not in (4, 5) or not sc.active(position.progress, sigma_value(sigma)):
             return None
         return RegionRecorder(tuple(x.shape[-2:]), sc.downsample, sc.order, sc.reference,
                               step_index=position.step_index)
@@ -76,13 +78,16 @@ def _unet_layer_grid(extra_options: dict, recorder) -> tuple[int, int] | None:
     return grid if recorder.wants_layer(grid) else None
 
 
-def _record(recorder, entry: int, q_img, k_text, self_qk, grid) -> None:
-    """Text map of one chunk → (foreground channels only for a foreground-only chunk) → completion."""
+def _record(recorder, entry: int, q_img, k_text, self_qk, grid, frames: int = 1) -> None:
+    """Text map of one chunk → (foreground channels only for a foreground-only chunk) → completion (over all the
+    video's tokens: spatio-temporal) → one map per frame (``frames`` > 1: folded into the batch)."""
     maps = region_guidance.cross_attention_map(q_img, k_text)
     if entry != 0:
         maps = torch.stack([maps[..., 0], maps[..., 1:].sum(dim=-1)], dim=-1)
     q_self, k_self = self_qk if self_qk is not None else (None, None)
     maps = region_guidance.propagate(q_self, k_self, maps, recorder.order)
+    if frames > 1:
+        maps = maps.reshape(maps.shape[0] * frames, maps.shape[1] // frames, maps.shape[2])
     if entry == 0:
         recorder.add(entry, maps, grid)
     else:
@@ -101,26 +106,69 @@ class RegionReaders(Contributor):
     def block(self, call: BlockCall) -> None:
         recorder = call.options.get(REGION_RECORDER_KEY)
         if recorder is not None:
-            call.attention_context().parts[self] = recorder
+            ctx = call.attention_context()
+            ctx.parts[self] = recorder
+            if not call.spec.joint:
+                call.undo_after(lambda out: self._read_text(ctx, recorder, out))
 
     def attention(self, call, inner):
         ctx = call.ctx
         recorder = ctx.parts.get(self) if ctx is not None else None
         if recorder is not None and call.index == 1 and ctx.spec.joint:
             self._observe_joint(call, recorder)
+        elif recorder is not None and not ctx.spec.joint:
+            self._observe_cross(call, recorder)
         return inner(call)
+
+    def _observe_cross(self, call, recorder) -> None:
+        """A block with its text in a cross-attention module (WAN, LTXV): the block's first attention call is its
+        self-attention (kept for the completion); the last marked cross-attention call of the block is its text
+        (WAN i2v attends to the image context first), read when the block returns (``_read_text``)."""
+        ctx, args, kwargs = call.ctx, call.args, call.kwargs
+        grid = ctx.grid
+        if grid is None or len(grid) not in (2, 3):
+            return
+        count = math.prod(int(g) for g in grid)
+        heads = heads_of(args, kwargs)
+        skip_reshape = kwargs.get("skip_reshape", False)
+        if call.index == 1:
+            if recorder.order > 0 and tokens(args[0], kwargs) == tokens(args[1], kwargs) == count:
+                ctx.parts[(self, "self")] = tuple(to_bhld(a, heads, skip_reshape) for a in args[:2])
+            return
+        if call.options.get(CROSS_ATTENTION_KEY) and tokens(args[0], kwargs) == count:
+            ctx.parts[(self, "text")] = (to_bhld(args[0], heads, skip_reshape), to_bhld(args[1], heads, skip_reshape),
+                                         call.options)
+
+    def _read_text(self, ctx, recorder, out):
+        """After a WAN/LTXV block: its text map from the last marked cross-attention call (see ``_observe_cross``)."""
+        text = ctx.parts.pop((self, "text"), None)
+        if text is None:
+            return out
+        qh, kh, options = text
+        frames = int(ctx.grid[0]) if len(ctx.grid) == 3 else 1
+        hw = (int(ctx.grid[-2]), int(ctx.grid[-1]))
+        nag = options.get(NAG_KEY)
+        if nag is not None and kh.shape[2] == nag.context_tokens:
+            kh = kh[:, :, :nag.positive_tokens]  # the prompt's text, never the NAG negative's
+        self_qk = ctx.parts.get((self, "self"))
+        with torch.no_grad():
+            for entry, rows in Forward(options, qh.shape[0]).entry_rows(recorder.wants_entry):
+                pair = (self_qk[0][rows], self_qk[1][rows]) if self_qk is not None else None
+                _record(recorder, entry, qh[rows], kh[rows], pair, hw, frames)
+        return out
 
     def _observe_joint(self, call, recorder) -> None:
         """A joint attention call: image queries × prompt text keys, image × image completion."""
         ctx = call.ctx
         image = ctx.image
-        if image is None or ctx.grid is None or len(ctx.grid) != 2:
+        if image is None or ctx.grid is None or len(ctx.grid) not in (2, 3):
             return
-        grid = (int(ctx.grid[0]), int(ctx.grid[1]))
+        frames = int(ctx.grid[0]) if len(ctx.grid) == 3 else 1  # video: per-frame maps (HunyuanVideo)
+        grid = (int(ctx.grid[-2]), int(ctx.grid[-1]))
         args, kwargs = call.args, call.kwargs
         q, k = args[0], args[1]
         total = tokens(q, kwargs)
-        if image.stop - image.start != grid[0] * grid[1]:
+        if image.stop - image.start != frames * grid[0] * grid[1]:
             return
         nag_layout = ctx.parts.get(NAG)
         if ctx.spec.image_first:
@@ -139,7 +187,7 @@ class RegionReaders(Contributor):
                 q_img = qh[rows, :, image]
                 k_img = kh[rows, :, image]
                 self_qk = (q_img, k_img) if recorder.order > 0 else None
-                _record(recorder, entry, q_img, kh[rows, :, text], self_qk, grid)
+                _record(recorder, entry, q_img, kh[rows, :, text], self_qk, grid, frames)
 
     def unet_self_attention(self, call, inner):
         recorder = call.options.get(REGION_RECORDER_KEY)
@@ -174,26 +222,39 @@ REGIONS = RegionReaders()
 REGION_EVALUATION = RegionEvaluation()
 
 
-def install(model_patcher, spec: FamilySpec, dit_blocks: int) -> tuple:
+def install(model_patcher, spec: FamilySpec, dit_blocks: int, single_blocks: int = 0, unet_keys=None) -> tuple:
     """Install S-CFG's map readers on a cloned ModelPatcher; returns the observed blocks/layers.
 
     UNet: our attn1 (self-attention queries/keys) and attn2 (text keys) replaces on every transformer
-    layer. Joint DiTs: the last ``dit_blocks`` double blocks and the attention dispatcher.
+    layer (``unet_keys``: only these). Joint DiTs: the last ``dit_blocks`` double blocks (Lumina2: main layers),
+    plus the last ``single_blocks`` single blocks (Flux, Chroma: text and image in one stream), and the attention
+    dispatcher.
     """
     net = diffusion_model_of(model_patcher)
     add_evaluation_hook(model_patcher, REGION_EVALUATION)
     if spec.is_unet:
-        keys = list(unet_layers(net))
+        keys = list(unet_layers(net)) if unet_keys is None else list(unet_keys)
         if not keys:
             raise FamilyError("S-CFG: this UNet has no transformer layers with cross-attention.")
         installer.unet_attention(model_patcher, "attn1", keys, REGIONS)
         installer.unet_attention(model_patcher, "attn2", keys, REGIONS)
         return tuple(keys)
     layout = block_layout(model_patcher, spec)
-    doubles = layout.dit_blocks.get("double", 0)
-    if doubles == 0:
+    if spec.nag == "cross":  # WAN, LTXV: the text map comes from the blocks' cross-attention modules
+        for name, _module in net.named_modules():
+            if name.rsplit(".", 1)[-1] == spec.cross_attention:
+                installer.module_patch(model_patcher, f"diffusion_model.{name}", CrossAttentionForward)
+    group = "single" if spec.block_hook == "layers" else "double"  # Lumina2: one joint stream per layer
+    count = layout.dit_blocks.get(group, 0)
+    if count == 0:
         raise FamilyError(f"S-CFG: this {spec.name} model has no joint (double) blocks.")
-    chosen = [("double", i) for i in range(max(0, doubles - dit_blocks), doubles)]
+    chosen = [(group, i) for i in range(max(0, count - dit_blocks), count)]
+    if single_blocks:
+        singles = layout.dit_blocks.get("single", 0) if group == "double" else 0
+        if singles == 0:
+            raise FamilyError(f"S-CFG: this {spec.name} model has no single blocks after its joint blocks; set "
+                              f"single_blocks to 0.")
+        chosen += [("single", i) for i in range(max(0, singles - single_blocks), singles)]
     installer.dit_blocks(model_patcher, spec, layout, chosen, REGIONS)
     installer.attention(model_patcher, REGIONS)
     installer.latent_shape(model_patcher)

@@ -28,8 +28,11 @@ WAN                 wan.model.WanModel / VaceWanModel / CameraWanModel / HumoWan
 HunyuanVideo        hunyuan_video.model.HunyuanVideo (also HunyuanVideo 1.5 and HunyuanImage 2.1)
 Qwen-Image          qwen_image.model.QwenImageTransformer2DModel
 LTXV                lightricks.model.LTXVModel, lightricks.model.LTXVImageModel (0.38; same block)
-Cosmos Predict2     cosmos.predict2.MiniTrainDIT (NAG and TSG only)
-TSG only            Lumina2, HiDream, PixArt, HunyuanDiT, Mochi, Cosmos (their time-embedding module)
+Cosmos Predict2     cosmos.predict2.MiniTrainDIT (no block-replace: object patches of its blocks'
+                    forward, ``runtime/block_forward.py``)
+Lumina2 / Z-Image   lumina.model.NextDiT (no block-replace: object patches of its layers, ``runtime/lumina.py``)
+Mochi               genmo.joint_model.asymm_models_joint.AsymmDiTJoint (block methods and TSG; NAG refused)
+TSG only            HiDream, PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
 ==================  ====================================================================================
 """
 
@@ -84,6 +87,9 @@ class FamilySpec:
     rope: bool = True  # positions applied inside every block (token shuffling needs this)
     patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
     transformer_options_in_blocks: bool = True
+    # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2, runtime/lumina.py); "forward":
+    # object patches of each block's forward (Cosmos Predict2, runtime/block_forward.py)
+    block_hook: str = "dit"
     # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
     # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
     # block's self-attention); "" = no NAG hook for this family.
@@ -106,6 +112,8 @@ class FamilySpec:
     scfg_start_token: bool = False  # the text starts with CLIP's [SOT]: S-CFG's official foreground split applies
     time_embedding: TimeEmbeddingSite | None = None  # TSG's paper mode
     time_embedding_refusal: str = ""  # why TSG's paper mode cannot apply (no embedding module of its own)
+    refusal: str = ""  # perturbations=False: why the block methods do not serve this family
+    nag_refusal: str = ""  # nag="": why NAG does not serve this family
 
     @property
     def is_unet(self) -> bool:
@@ -138,17 +146,27 @@ _WAN_TIME = TimeEmbeddingSite("WAN", "time_embedding")
 _WAN = dict(kind="dit", groups=(("double", "blocks"),), patch=(1, 2, 2), label="WAN 2.1/2.2", slg_blocks=(9, 9),
             slg_singles=False, time_embedding=_WAN_TIME)
 _WAN_NAG = dict(_WAN, nag="cross", cross_attention="cross_attn", block_parts=(("double", "self_attn"),),
-                nag_defaults=NAG_WAN)
-_LTXV = dict(kind="dit", groups=(("double", "transformer_blocks"),), patch=(1, 1, 1), nag="cross",
+                nag_defaults=NAG_WAN, scfg=True)
+_LTXV = dict(kind="dit", groups=(("double", "transformer_blocks"),), patch=(1, 1, 1), nag="cross", scfg=True,
              cross_attention="attn2", block_parts=(("double", "attn1"),), nag_defaults=NAG_OFFICIAL_DIT,
              # LTX-Video's STG default (Lightricks/LTX-Video configs, stg_mode "attention_values" = PAG's operator):
              # ltxv-2b-0.9*.yaml skip_block_list [19] (28 blocks); ltxv-13b-0.9.8-dev.yaml [28] (48 blocks)
              stg_blocks=((28, 19), (48, 28)))
 
 
-def _time_only(name: str, path: str, tuple_output: bool = False) -> FamilySpec:
-    """A family served only by TSG's paper mode (its time-embedding module): no block hooks."""
-    return FamilySpec(name, "dit", perturbations=False, time_embedding=TimeEmbeddingSite(name, path, tuple_output))
+def _time_only(name: str, path: str, refusal: str, nag_refusal: str = "", tuple_output: bool = False) -> FamilySpec:
+    """A family served only by TSG's paper mode (its time-embedding module): no block hooks (``refusal``: why)."""
+    return FamilySpec(name, "dit", perturbations=False, time_embedding=TimeEmbeddingSite(name, path, tuple_output),
+                      refusal=refusal, nag_refusal=nag_refusal or refusal)
+
+
+# Lumina2 / NextDiT: NAG's auto values. No official setting (the NAG authors give none for Lumina2 or Z-Image);
+# ComfyUI-NAG pull request #64 (Z-Image-Turbo, cfg 1): scale 1.5-2.3, tau 2.5, alpha 0.25, and NAG stopped for the
+# last steps (sigma_end 0.7-0.9); scale 3 and above distorts. The middle of that range.
+NAG_LUMINA2 = NagDefaults(2.0, 2.5, 0.25, "ComfyUI-NAG pull request #64 (Z-Image-Turbo at cfg 1: scale 1.5-2.3, "
+                                          "tau 2.5, alpha 0.25); no official setting")
+_NOT_PORTED = ("not ported yet: Guidance Kit's hooks have not been fitted to its {what} and tested (its blocks do "
+               "pass transformer_options)")
 
 
 TABLE: dict[str, FamilySpec] = {
@@ -179,12 +197,14 @@ TABLE: dict[str, FamilySpec] = {
     _ldm("wan.model.CameraWanModel"): FamilySpec("WAN camera", **_WAN_NAG),
     _ldm("wan.model.HumoWanModel"): FamilySpec("WAN HuMo", **_WAN_NAG),
     _ldm("wan.model_animate.AnimateWanModel"): FamilySpec("WAN animate", **_WAN_NAG),
-    _ldm("wan.model.WanModel_S2V"): FamilySpec("WAN S2V", **_WAN, transformer_options_in_blocks=False),
+    _ldm("wan.model.WanModel_S2V"): FamilySpec("WAN S2V", **_WAN, transformer_options_in_blocks=False,
+                                               refusal="its blocks receive no transformer_options, so no "
+                                                       "perturbation can be applied per branch"),
     _ldm("hunyuan_video.model.HunyuanVideo"): FamilySpec(
         "HunyuanVideo", "dit", (("double", "double_blocks"), ("single", "single_blocks")), joint=True,
         image_first=True, patch=(1, 2, 2), nag="joint", text_refiner="txt_in", block_parts=_FLUX_PARTS,
         nag_defaults=NagDefaults(9.0, 2.5, 0.12, "ComfyUI-NAG HunyuanVideo workflow"),
-        nag_pooled=PooledSite("HunyuanVideo", "vector_in", "vec_in_dim"),
+        nag_pooled=PooledSite("HunyuanVideo", "vector_in", "vec_in_dim"), scfg=True,
         time_embedding=TimeEmbeddingSite("HunyuanVideo", "time_in")),
     _ldm("qwen_image.model.QwenImageTransformer2DModel"): FamilySpec(
         "Qwen-Image", "dit", (("double", "transformer_blocks"),), joint=True, patch=(1, 2, 2), nag="joint",
@@ -195,17 +215,37 @@ TABLE: dict[str, FamilySpec] = {
     _ldm("lightricks.model.LTXVImageModel"): FamilySpec("LTXV", **_LTXV),  # ComfyUI 0.38: image-only, same blocks
     _ldm("cosmos.predict2.MiniTrainDIT"): FamilySpec(
         "Cosmos Predict2", "dit", (("double", "blocks"),), patch=(1, 2, 2), nag="cross", cross_attention="cross_attn",
-        perturbations=False, nag_defaults=NAG_OFFICIAL_DIT,
+        block_hook="forward", block_parts=(("double", "self_attn"),), nag_defaults=NAG_OFFICIAL_DIT,
         time_embedding=TimeEmbeddingSite("Cosmos Predict2", "t_embedder.1", tuple_output=True)),
-    _ldm("lumina.model.NextDiT"): _time_only("Lumina2", "t_embedder"),
-    _ldm("hidream.model.HiDreamImageTransformer2DModel"): _time_only("HiDream", "t_embedder"),
-    _ldm("pixart.pixartms.PixArtMS"): _time_only("PixArt", "t_embedder"),
-    _ldm("hydit.models.HunYuanDiT"): _time_only("HunyuanDiT", "t_embedder"),
-    _ldm("genmo.joint_model.asymm_models_joint.AsymmDiTJoint"): _time_only("Mochi", "t_embedder"),
-    _ldm("cosmos.model.GeneralDIT"): _time_only("Cosmos", "t_embedder.1", tuple_output=True),
+    _ldm("lumina.model.NextDiT"): FamilySpec(
+        "Lumina2", "dit", (("single", "layers"),), joint=True, block_hook="layers", nag="joint",
+        block_parts=(("single", "attention"),), label="Lumina2/Z-Image", slg_singles=False, nag_defaults=NAG_LUMINA2,
+        scfg=True, time_embedding=TimeEmbeddingSite("Lumina2", "t_embedder")),
+    _ldm("hidream.model.HiDreamImageTransformer2DModel"): _time_only(
+        "HiDream", "t_embedder", _NOT_PORTED.format(what="double/single stream blocks (mixture-of-experts "
+                                                         "feed-forward, four text encoders' tokens per block)")),
+    _ldm("pixart.pixartms.PixArtMS"): _time_only(
+        "PixArt", "t_embedder", "its blocks receive no transformer_options (no per-branch state can reach their "
+                                "attention) and it has no block-replace patch"),
+    _ldm("hydit.models.HunYuanDiT"): _time_only(
+        "HunyuanDiT", "t_embedder", "its block-replace passes no transformer_options and its blocks take none, so "
+                                    "no per-branch state can reach their attention"),
+    _ldm("genmo.joint_model.asymm_models_joint.AsymmDiTJoint"): FamilySpec(
+        "Mochi", "dit", (("double", "blocks"),), joint=True, image_first=True, patch=(1, 2, 2),
+        block_parts=(("double", "attn"),), slg_singles=False,
+        nag_refusal="its joint attention keeps only the caption's first num_tokens tokens (crop_y), so appended "
+                    "NAG tokens never reach it",
+        time_embedding=TimeEmbeddingSite("Mochi", "t_embedder")),
+    _ldm("cosmos.model.GeneralDIT"): _time_only(
+        "Cosmos", "t_embedder.1", _NOT_PORTED.format(what="blocks (tokens in [T, H, W, B, D] order)"),
+        tuple_output=True),
     _ldm("cascade.stage_c.StageC"): FamilySpec("Stable Cascade", "dit", perturbations=False,
                                                time_embedding_refusal="its time embedding is computed without a "
-                                                                      "module (gen_r_embedding)"),
+                                                                      "module (gen_r_embedding)",
+                                               refusal="a UNet of its own (ResBlocks with attention) without "
+                                                       "ComfyUI's attention patches or transformer_options",
+                                               nag_refusal="its text conditioning enters through its own attention "
+                                                           "blocks without ComfyUI's attention patches"),
 }
 TABLE[_ldm("cascade.stage_b.StageB")] = TABLE[_ldm("cascade.stage_c.StageC")]
 
@@ -232,9 +272,9 @@ MODEL_VARIANTS: tuple[tuple[frozenset[str], ModelVariant], ...] = (
 
 # Families without any block hook, by class name (any module): the name users know them by
 UNSUPPORTED = {
-    "NextDiT": "Lumina2", "NextDiTPixelSpace": "Z-Image (pixel space)", "HiDreamImageTransformer2DModel": "HiDream",
+    "NextDiTPixelSpace": "Z-Image (pixel space)", "HiDreamImageTransformer2DModel": "HiDream",
     "MiniTrainDIT": "Cosmos Predict2", "GeneralDIT": "Cosmos", "PixArtMS": "PixArt", "HunYuanDiT": "HunyuanDiT",
-    "StageC": "Stable Cascade", "StageB": "Stable Cascade", "AsymmDiTJoint": "Mochi", "Kandinsky5": "Kandinsky 5",
+    "StageC": "Stable Cascade", "StageB": "Stable Cascade", "Kandinsky5": "Kandinsky 5",
     "QwenImage21Transformer2DModel": "Qwen-Image 2.1", "MageFlowTransformer2DModel": "MageFlow",
 }
 # Subclasses of served classes that newer ComfyUI versions add, with why they cannot be served
@@ -247,6 +287,24 @@ REFUSED_SUBCLASSES = {
                                                       "block patches and transformer_options"),
     "Anima": ("Anima", "its text conditioning is rewritten by an adapter inside the model"),
 }
+# Families that exist only in newer ComfyUI (read in the newest stored Comfy-Org/ComfyUI, not runnable on the
+# test ComfyUI): (family, class, how the pack treats it). "source-checked, not run": the class is one the table
+# serves and its blocks take the same arguments; refused ones stop at the node with the family named.
+NEWER_ONLY = (
+    ("Flux 2", "flux.model.Flux", "served through the Flux row (same class and block arguments; source-checked, "
+                                  "not run); SEG stops on reference-image tokens"),
+    ("HunyuanVideo 1.5", "hunyuan_video.model.HunyuanVideo", "served through the HunyuanVideo row (source-checked, "
+                                                             "not run); NAG stops when byT5 glyph tokens are present"),
+    ("Z-Image / Z-Image-Turbo", "lumina.model.NextDiT", "served through the Lumina2 row: caption and image padding, "
+                                                        "block_index/block_type and the attention tensor containers "
+                                                        "of newer ComfyUI handled (source-checked, not run)"),
+    ("Qwen-Image 2.1", "qwen_image21.model.QwenImage21Transformer2DModel",
+     "refused at the node: one stream with block-causal attention run as several calls per block"),
+    ("LTX-2", "lightricks.av_model.LTXAVModel", "refused at the node: " + REFUSED_SUBCLASSES["LTXAVModel"][1]),
+    ("Kandinsky 5", "Kandinsky5", "refused at the node: its block-replace passes 'x'/'context' instead of "
+                                  "ComfyUI's img/txt arguments and its text runs in separate encoder blocks; "
+                                  "no tested path matches"),
+)
 # What works instead where it is narrower than the general alternatives
 REFUSED_ALTERNATIVES = {
     "LTXAVModel": "the CFG-space methods (APG, TCFG, CFG-Zero*, FDG, CFG schedules) on LTX-2; the perturbation "
@@ -337,6 +395,10 @@ def family_of(model_patcher, owner: str) -> FamilySpec:
     net = diffusion_model_of(model_patcher)
     spec = exact_spec(FAMILIES, net)
     if spec is None:
+        known = exact_spec(TABLE, net)
+        if known is not None and known.refusal:
+            raise FamilyError(f"{owner}: this model family has no block hook we support: {known.name}. Why: "
+                              f"{known.refusal}. Use {ALTERNATIVES}.")
         raise FamilyError(unserved_message(owner, net, "block", FAMILIES, ALTERNATIVES))
     if not spec.transformer_options_in_blocks:
         raise FamilyError(f"{owner}: {spec.name} blocks do not pass ComfyUI's transformer_options, so no "
@@ -351,6 +413,10 @@ def nag_family_of(model_patcher, owner: str) -> FamilySpec:
     if spec is None or not spec.nag or not spec.transformer_options_in_blocks:
         family = spec.name if spec is not None else describe(net)
         instead = "the sampler's negative prompt with cfg > 1 (and the CFG-space methods)"
+        known = exact_spec(TABLE, net)
+        if known is not None and known.nag_refusal and not known.nag:
+            raise FamilyError(f"{owner}: NAG has no attention hook for {known.name}. Why: {known.nag_refusal}. NAG "
+                              f"works on {NAG_FAMILIES}. On {known.name}, use {instead}.")
         if spec is None and served_ancestor(NAG_TABLE, net) is not None:  # a newer subclass (LTX-2, Anima ...)
             raise FamilyError(unserved_message(owner, net, "NAG", NAG_TABLE, f"{instead}; NAG works on {NAG_FAMILIES}"))
         raise FamilyError(f"{owner}: NAG has no attention hook for {family}. NAG works on {NAG_FAMILIES}. On "
@@ -405,7 +471,7 @@ def auto_layers(method: str, spec: FamilySpec, layout) -> str:
     double = layout.dit_blocks.get("double", 0)
     single = layout.dit_blocks.get("single", 0)
     if method == "S²-Guidance":
-        return "double all" + (", single all" if single else "")
+        return ", ".join(f"{group} all" for group, count in (("double", double), ("single", single)) if count)
     if spec.stg_blocks and method in ("PAG", "SLG"):
         block = dict(spec.stg_blocks).get(double, 19)
         if block < double:

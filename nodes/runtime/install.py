@@ -66,6 +66,16 @@ def attention(model_patcher, contributor: Contributor) -> None:
 def dit_blocks(model_patcher, spec: FamilySpec, layout, keys, contributor: Contributor) -> None:
     """Register ``contributor`` on the DiT block hooks of ``keys`` ((group, index)); joint single blocks also hook
     the last double block (it records the text length they need)."""
+    if spec.block_hook == "layers":
+        from . import lumina
+
+        lumina.layers(model_patcher, spec, keys, contributor)
+        return
+    if spec.block_hook == "forward":
+        from . import block_forward
+
+        block_forward.blocks(model_patcher, spec, keys, contributor)
+        return
     replace = _replace_patches(model_patcher)
     dit = dict(replace.get("dit", {}))
     recorder = text_length_block(spec, layout, keys)

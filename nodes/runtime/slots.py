@@ -23,6 +23,7 @@ registered on the slot at installation (``install.py``) and called in ``ORDER`` 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -39,6 +40,7 @@ BLOCK_CONTEXT_KEY = "guidance_kit_block"  # transformer_options of a block call:
 TEXT_LENGTH_KEY = "guidance_kit_text_length"  # transformer_options: text tokens of the joint double blocks
 LATENT_SHAPE_KEY = "guidance_kit_latent_shape"  # transformer_options: the latent's shape (token grids)
 APPLIED_KEY = "guidance_kit_applied"  # transformer_options: the Guarded effects that acted in this forward
+IMAGE_TOKENS_KEY = "guidance_kit_image_tokens"  # transformer_options: Lumina2's image tokens after its caption
 
 
 class Contributor:
@@ -260,6 +262,8 @@ class BlockCall:
         if text is None:
             raise RuntimeError(f"Guidance Kit: the text length of {self.spec.name} single blocks is unknown")
         total = self.args["img"].shape[1]
+        if self.spec.block_hook == "layers":  # Lumina2: the image tokens may be followed by pad tokens
+            return slice(text, text + self.options[IMAGE_TOKENS_KEY])
         return slice(0, total - text) if self.spec.image_first else slice(text, total)
 
     def attention_image(self) -> slice | None:
@@ -308,7 +312,7 @@ class DitBlockHook(Slot):
         args = call.args
         if call.context is not None:
             call.context.image = call.attention_image()
-            call.context.tokens = None if self.spec.joint else args["img"].shape[1]
+            call.context.tokens = None if self.spec.joint else math.prod(args["img"].shape[1:-1])  # [B, (T, H, W,) D]
             local = dict(to)
             local[BLOCK_CONTEXT_KEY] = call.context
             args["transformer_options"] = local

@@ -73,14 +73,33 @@ CONFIGS.update({
         in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2, caption_channels=64,
         num_layers=2)),
 })
+CONFIGS.update({
+    "lumina2": (comfy.supported_models.Lumina2, dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=4, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,
+        axes_dims=[8, 12, 12], axes_lens=[300, 512, 512])),
+    # ComfyUI 0.3.64's Mochi asserts the real MLP width (1536 × 8): two blocks of the real width, 32-wide text
+    "mochi": (comfy.supported_models.GenmoMochi, dict(
+        image_model="mochi_preview", depth=2, patch_size=2, num_heads=2, hidden_size_x=1536, hidden_size_y=32,
+        mlp_ratio_x=8.0, mlp_ratio_y=2.0, in_channels=12, qk_norm=True, qkv_bias=False, out_bias=True,
+        patch_embed_bias=True, timestep_mlp_bias=True, timestep_scale=1000.0, t5_feat_dim=64, t5_token_length=16,
+        rope_theta=10000.0, use_t5=True, learn_sigma=False)),
+    "cosmos_predict2": (comfy.supported_models.CosmosT2IPredict2, dict(
+        image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
+        crossattn_emb_channels=64, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
+        use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False)),
+})
 MORE_FAMILIES = ("chroma", "hunyuan_video", "qwen_image", "ltxv")
+NEW_FAMILIES = ("lumina2", "mochi", "cosmos_predict2")  # issue 16: the families users run today
 ALL_FAMILIES = FAMILIES + MORE_FAMILIES
 
 LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8),
                  "chroma": (1, 16, 16, 16), "hunyuan_video": (1, 16, 3, 8, 8), "qwen_image": (1, 16, 1, 16, 16),
-                 "ltxv": (1, 128, 2, 4, 4)}
+                 "ltxv": (1, 128, 2, 4, 4), "lumina2": (1, 16, 12, 16),
+                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8)}
 CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096, "chroma": 64, "hunyuan_video": 64, "qwen_image": 64,
-           "ltxv": 64}
+           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64}
 
 
 def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -127,7 +146,7 @@ def conditioning(family: str, seed: int, tokens: int = 6) -> list:
         extra["pooled_output"] = torch.randn(1, 32, generator=g)
     if family in ("flux", "hunyuan_video"):
         extra["guidance"] = 3.5
-    if family == "ltxv":
+    if family in ("ltxv", "lumina2", "mochi"):  # Lumina2 and Mochi read their caption length from the mask
         extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
     return [[torch.randn(1, tokens, CONTEXT[family], generator=g), extra]]
 

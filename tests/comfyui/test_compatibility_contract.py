@@ -33,7 +33,7 @@ import torch
 from guidance_kit.nodes.contributors import row_delta, time_input
 from guidance_kit.nodes.runtime import blocks as model_blocks
 from guidance_kit.nodes.runtime import families, slots
-from tests.comfyui.harness import ALL_FAMILIES, conditioning, ksample, tiny_model
+from tests.comfyui.harness import ALL_FAMILIES, NEW_FAMILIES, conditioning, ksample, tiny_model
 
 CONTRACT: dict[str, object] = {}
 
@@ -442,6 +442,8 @@ DIT_ARGS = {
     "ltxv": ({"img", "txt", "vec", "pe", "transformer_options"}, None,
              {"img", "txt", "vec", "pe", "attention_mask", "transformer_options", "self_attention_mask",
               "prompt_timestep"}),
+    "mochi": ({"img", "txt", "vec", "transformer_options"}, None,
+              {"img", "txt", "vec", "rope_cos", "rope_sin", "num_tokens", "transformer_options"}),
 }
 
 
@@ -515,7 +517,7 @@ def _time_embedding_case(family: str):
     return check
 
 
-for _family in ALL_FAMILIES:
+for _family in ALL_FAMILIES + NEW_FAMILIES:
     if _family != "chroma":  # no time embedding of its own: TSG refuses paper mode there (test_tsg_icg.py)
         internal(f"TSG time-embedding module called in a forward: {_family}")(_time_embedding_case(_family))
 
@@ -550,6 +552,117 @@ def _():
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "contract", spy)
     ksample(model, "flux", 4.0, 1)
     assert "y" in seen["keys"], sorted(seen["keys"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Lumina2 / NextDiT (nodes/runtime/lumina.py): no block-replace; object patches of its layers' forward.
+# Source-checked against the newest stored Comfy-Org/ComfyUI comfy/ldm/lumina/model.py (not runnable here): the
+# main layers are still called as layer(img, mask, freqs_cis, adaln_input, timestep_zero_index=...,
+# transformer_options=...) with block_index/block_type set in transformer_options; context_refiner layers as
+# layer(cap_feats, cap_mask, cap_freqs_cis, transformer_options=...); captions padded by pad_zimage with
+# cap_pad_token to pad_tokens_multiple after cap_embedder; image tokens padded with x_pad_token at position 0;
+# q/k/v reach the override as tensors (wrap_attn unpacks its AttentionTensorContainer).
+# ------------------------------------------------------------------------------------------------
+
+def _lumina_calls():
+    """What a Lumina2 forward hands its first main layer and first caption-refiner layer, and the override."""
+    model = tiny_model("lumina2")
+    net = model.model.diffusion_model
+    seen = {"layer": [], "refiner": [], "override": []}
+    hooks = [net.layers[0].register_forward_pre_hook(lambda _m, a, k: seen["layer"].append((a, k)), with_kwargs=True),
+             net.context_refiner[0].register_forward_pre_hook(lambda _m, a, k: seen["refiner"].append((a, k)),
+                                                              with_kwargs=True)]
+
+    def override(func, *args, **kwargs):
+        seen["override"].append((args, kwargs))
+        return func(*args, **kwargs)
+
+    model.model_options.setdefault("transformer_options", {})[slots.OVERRIDE_KEY] = override
+    try:
+        ksample(model, "lumina2", 4.0, 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return net, seen
+
+
+@internal("Lumina2 NextDiT: main layers called as layer(x, x_mask, freqs_cis, adaln_input, transformer_options=)")
+def _():
+    from comfy.ldm.lumina.model import JointTransformerBlock
+
+    positional(JointTransformerBlock.forward, "x", "x_mask", "freqs_cis", "adaln_input")
+    keywords(JointTransformerBlock.forward, "transformer_options")
+    net, seen = _lumina_calls()
+    args, kwargs = seen["layer"][0]
+    assert len(args) == 4 and set(kwargs) <= {"transformer_options", "timestep_zero_index"}, (len(args), kwargs)
+    assert torch.is_tensor(args[0]) and args[0].ndim == 3
+    assert isinstance(kwargs["transformer_options"], dict)
+    families.check_blocks(net, families.exact_spec(families.FAMILIES, net), "contract")
+
+
+@internal("Lumina2 NextDiT: context_refiner layers called as layer(cap, cap_mask, cap_freqs, transformer_options=)")
+def _():
+    _net, seen = _lumina_calls()
+    args, kwargs = seen["refiner"][0]
+    assert len(args) == 3 and set(kwargs) == {"transformer_options"}, (len(args), kwargs)
+    assert args[2].shape[1] == args[0].shape[1]  # one rotary table per caption token
+
+
+@internal("Lumina2 NextDiT: rotary tables [B, L, 1, D/2, 2, 2]; caption tokens differ on the sequence axis only")
+def _():
+    net, seen = _lumina_calls()
+    freqs = seen["layer"][0][0][2]
+    assert freqs.ndim == 6 and freqs.shape[-2:] == (2, 2), tuple(freqs.shape)
+    sequence_axis = net.axes_dims[0] // 2
+    eye = torch.eye(2)
+    assert torch.allclose(freqs[:, 1:4, :, sequence_axis:].float(), eye.expand_as(freqs[:, 1:4, :, sequence_axis:]))
+
+
+@internal("Lumina2 NextDiT: one attention call per layer through the override, [B, H, L, D] with skip_reshape")
+def _():
+    net, seen = _lumina_calls()
+    layer_calls = [(a, k) for a, k in seen["override"] if k.get("skip_reshape")]
+    assert layer_calls and all(a[0].ndim == 4 for a, _k in layer_calls)
+    # caption refiner, noise refiner and main layers: one call each per model call
+    assert len(seen["override"]) == len(net.context_refiner) + len(net.noise_refiner) + len(net.layers)
+
+
+@internal("Lumina2: the model call gets num_tokens (0.3.x keeps only that many caption tokens without a mask)")
+def _():
+    seen = {}
+
+    def spy(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        seen["num_tokens"] = kwargs.get("num_tokens")
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    model = tiny_model("lumina2")
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "contract", spy)
+    ksample(model, "lumina2", 4.0, 1)
+    assert isinstance(seen["num_tokens"], int), seen
+
+
+@internal("Cosmos Predict2 MiniTrainDIT: blocks called as block(x [B, T, H, W, D], emb, crossattn, "
+          "transformer_options=...); the self-attention is a block's first attention call, over T·H·W tokens")
+def _():
+    model = tiny_model("cosmos_predict2")
+    net = model.model.diffusion_model
+    seen = {"block": [], "override": []}
+    hook = net.blocks[0].register_forward_pre_hook(lambda _m, a, k: seen["block"].append((a, k)), with_kwargs=True)
+
+    def override(func, *args, **kwargs):
+        seen["override"].append(args[1].shape[2] if kwargs.get("skip_reshape") else args[1].shape[1])
+        return func(*args, **kwargs)
+
+    model.model_options.setdefault("transformer_options", {})[slots.OVERRIDE_KEY] = override
+    try:
+        ksample(model, "cosmos_predict2", 4.0, 1)
+    finally:
+        hook.remove()
+    args, kwargs = seen["block"][0]
+    assert args[0].ndim == 5 and isinstance(kwargs.get("transformer_options"), dict), (args[0].shape, sorted(kwargs))
+    tokens = args[0].shape[1] * args[0].shape[2] * args[0].shape[3]
+    assert seen["override"][0] == tokens  # self-attention first (keys = the block's tokens), then cross-attention
+    families.check_blocks(net, families.exact_spec(families.FAMILIES, net), "contract")
 
 
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))

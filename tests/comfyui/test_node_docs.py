@@ -84,6 +84,21 @@ def test_the_check_reports_what_is_off(tmp_path):
     assert "GuidanceKit_APG.md: title or Inputs block differs" in problems
     assert "no node has the id 'GuidanceKit_Removed'" in problems
     assert "README.md: the methods table differs from the nodes' README_ROW" in problems
+    assert "family table" not in problems
+
+
+def test_the_family_table_follows_the_family_module(tmp_path, monkeypatch):
+    """The README family table is generated from nodes/runtime/families.py: a changed family row makes it stale."""
+    from guidance_kit.nodes.runtime import families
+
+    readme = node_docs.README.read_text(encoding="utf-8")
+    assert "| Lumina2 | `lumina.model.NextDiT` | yes |" in readme
+    (tmp_path / "README.md").write_text(readme, encoding="utf-8")
+    assert node_docs.problems(NODES, readme=tmp_path / "README.md") == []
+    monkeypatch.setattr(families, "NEWER_ONLY", families.NEWER_ONLY[:-1])
+    problems = node_docs.problems(NODES, readme=tmp_path / "README.md")
+    assert problems == ["README.md: the family table differs from nodes/runtime/families.py (run python -m "
+                        "tests.node_docs)"]
 
 
 def test_a_new_node_gets_a_skeleton_page_that_the_check_rejects_until_written(tmp_path):

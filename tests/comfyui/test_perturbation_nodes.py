@@ -16,6 +16,7 @@ from guidance_kit.nodes.runtime import blocks as model_blocks
 from guidance_kit.nodes.runtime import families, slots
 from tests.comfyui.harness import (
     ALL_FAMILIES,
+    NEW_FAMILIES,
     conditioning,
     counted,
     custom_advanced,
@@ -65,7 +66,7 @@ NO_ROPE = ("sd3",)
 
 
 def cases():
-    for family in ALL_FAMILIES:
+    for family in ALL_FAMILIES + NEW_FAMILIES:
         for name in METHODS:
             if name == "TPG" and family in NO_ROPE:
                 continue
@@ -94,7 +95,8 @@ def separate_forward(model):
     return m
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "hunyuan_video", "qwen_image"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "hunyuan_video", "qwen_image", "lumina2", "mochi",
+                                    "cosmos_predict2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_batched_branch_equals_a_separate_forward(family, method):
     if method == "TPG" and family in NO_ROPE:
@@ -108,7 +110,7 @@ def test_batched_branch_equals_a_separate_forward(family, method):
     assert rel_diff(together, separate) <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "ltxv"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "ltxv", "lumina2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_result_survives_comfyui_splitting_the_batch(family, method, monkeypatch):
     base = tiny_model(family)
@@ -203,14 +205,17 @@ def test_tpg_on_a_family_without_rotary_positions_is_a_clear_error():
 
 
 def test_unsupported_family_is_a_clear_error_naming_the_node_and_alternatives():
-    class NextDiT(torch.nn.Module):
+    class PixArtMS(torch.nn.Module):
         pass
+
+    PixArtMS.__module__, PixArtMS.__qualname__ = "comfy.ldm.pixart.pixartms", "PixArtMS"
 
     class Fake:
         class model:  # noqa: N801
-            diffusion_model = NextDiT()
+            diffusion_model = PixArtMS()
 
-    with pytest.raises(families.FamilyError, match=r"^PAG: .*Lumina2.* CFG-space methods"):
+    with pytest.raises(families.FamilyError, match=r"^PAG: .*PixArt\. Why: its blocks receive no transformer_options"
+                                                   r".* CFG-space methods"):
         families.family_of(Fake, "PAG")
 
 
@@ -276,7 +281,7 @@ def test_skip_layer_equals_comfyui_core_on_dits(family, layers):
     assert rel_diff(ksample(ours, family, CFG, STEPS), ksample(core_model, family, CFG, STEPS)) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "wan21"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "lumina2"])
 def test_perturbation_terms_stack_with_cfg_space_terms_and_core_nodes(family):
     from comfy_extras.nodes_model_advanced import RescaleCFG
 

@@ -24,12 +24,12 @@ DOWNSAMPLE = 2
 
 
 def scfg(model, downsample=DOWNSAMPLE, order=4, reference=S.AUTO, rate_min=0.8, rate_max=3.0, max_weight=15.0,
-         smoothing=True, dit_blocks=3, start=0.0, end=1.0):
+         smoothing=True, dit_blocks=3, start=0.0, end=1.0, **optional):
     return out(S.SCFGNode.execute(model, downsample, order, reference, rate_min, rate_max, max_weight, smoothing,
-                                  dit_blocks, start, end))
+                                  dit_blocks, start, end, **optional))
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "sd3", "chroma", "lumina2", "hunyuan_video", "wan21", "ltxv"])
 def test_changes_the_output_in_one_call_per_step(family):
     base = tiny_model(family)
     plain = ksample(base, family, CFG, steps=STEPS)
@@ -57,7 +57,7 @@ def test_input_model_is_not_mutated():
     assert patched.clone().model_options[REGION_STORE_KEY] is patched.model_options[REGION_STORE_KEY]
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "hunyuan_video"])
 def test_rate_one_is_plain_cfg(family):
     """Clamping every factor to 1 must give back CFG exactly: the map path itself changes nothing."""
     base = tiny_model(family)
@@ -104,9 +104,67 @@ def test_batch_of_two():
     assert regions.assignment.shape == (2, 8, 8) and regions.scale.shape == (2, 1, 16, 16)
 
 
+def test_flux_single_blocks_are_read_too():
+    """single_blocks reads the last single blocks' joint stream as well: other maps, still one call per step."""
+    family = "flux"
+    base = tiny_model(family)
+    doubles_only = ksample(scfg(base, dit_blocks=1), family, CFG, steps=STEPS)
+    patched, counter = counted(scfg(base, dit_blocks=1, single_blocks=2))
+    with_singles = ksample(patched, family, CFG, steps=STEPS)
+    assert torch.isfinite(with_singles).all() and counter.calls == STEPS
+    assert rel_diff(with_singles, doubles_only) > 1e-4
+    dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert {("single_block", 0), ("single_block", 1), ("double_block", 1)} <= set(dit)
+    with pytest.raises(ValueError, match="has no single blocks"):
+        scfg(tiny_model("sd3"), single_blocks=1)
+
+
+def test_video_regions_are_per_frame():
+    """HunyuanVideo (5-D latents): the maps are completed over all the video's tokens, then split per frame; each
+    frame gets its own regions and scale map, and the factor multiplies the CFG weight frame by frame."""
+    family = "hunyuan_video"
+    patched = scfg(tiny_model(family))
+    result = ksample(patched, family, CFG, steps=STEPS, batch=2)
+    assert result.shape == (2, 16, 3, 8, 8) and torch.isfinite(result).all()
+    regions = patched.model_options[REGION_STORE_KEY].get(-1)
+    assert regions.assignment.shape == (2 * 3, 4, 4)  # (batch × frames) maps on the latent/2 grid
+    assert regions.scale.shape == (2 * 3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("family", ["wan21", "ltxv"])
+def test_cross_attention_video_families_read_per_frame_maps_and_stack_with_nag(family):
+    """WAN and LTXV: the text map from the blocks' cross-attention modules, completed by the block's
+    self-attention, one map per latent frame; with NAG the negative's tokens are left out of the map."""
+    base = tiny_model(family)
+    patched = scfg(base)
+    ksample(patched, family, CFG, steps=STEPS)
+    regions = patched.model_options[REGION_STORE_KEY].get(-1)
+    frames = harness.LATENT_SHAPES[family][2]
+    assert regions.assignment.shape[0] == frames and regions.tokens == 6  # the prompt's 6 tokens
+    with_nag, counter = counted(scfg(N.NAGNode.execute(base, conditioning(family, 7, tokens=5), N.AUTO, N.AUTO,
+                                                       N.AUTO, 0.0, 1.0, 0.0)[0]))
+    result = ksample(with_nag, family, CFG, steps=STEPS)
+    assert torch.isfinite(result).all() and counter.calls == STEPS
+    assert with_nag.model_options[REGION_STORE_KEY].get(-1).tokens == 6  # not 6 + the NAG negative's 5
+
+
+def test_unet_layers_limit_the_layers_read():
+    family = "sd15"
+    base = tiny_model(family)
+    every = ksample(scfg(base), family, CFG, steps=STEPS)
+    patched, counter = counted(scfg(base, unet_layers="middle all"))
+    middle_only = ksample(patched, family, CFG, steps=STEPS)
+    assert counter.calls == STEPS and rel_diff(middle_only, every) > 1e-4
+    replaces = patched.model_options["transformer_options"]["patches_replace"]
+    assert set(replaces["attn1"]) == set(replaces["attn2"]) == {("middle", 0, 0)}
+    assert torch.equal(ksample(scfg(base, unet_layers="auto"), family, CFG, steps=STEPS), every)
+    with pytest.raises(ValueError, match="^S-CFG: .*double"):
+        scfg(base, unet_layers="double 3")
+
+
 def test_unsupported_family_fails_at_the_node():
-    with pytest.raises(ValueError, match="no cross-attention map hook we support: WAN"):
-        scfg(tiny_model("wan21"))
+    with pytest.raises(ValueError, match="no cross-attention map hook we support: Qwen-Image"):
+        scfg(tiny_model("qwen_image"))
 
 
 def test_no_layer_at_the_resolution_fails_clearly_at_sampling():

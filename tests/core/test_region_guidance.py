@@ -287,6 +287,29 @@ def test_plan_stage_scales_the_cfg_weight():
     assert torch.allclose(stacked, guided, atol=1e-4)
 
 
+def test_video_latents_get_one_region_map_per_frame():
+    """5-D [B, C, T, H, W] predictions: the regions come per frame (frames folded into the batch, frame-major per
+    sample); the plan's result equals S-CFG on each frame as an image."""
+    g = gen(9)
+    b, t = 2, 3
+    cond, uncond = torch.randn(b, 4, t, 8, 8, generator=g), torch.randn(b, 4, t, 8, 8, generator=g)
+    token_maps, fore_maps = torch.rand(b * t, 5, 4, 4, generator=g), torch.rand(b * t, 2, 4, 4, generator=g)
+    plan = GuidancePlan().with_method(SCFG())
+    regions = R.regions_from_maps(token_maps, fore_maps)
+    guided, _ = combine(plan, step_inputs(cond, uncond, regions), GuidanceState())
+    assert guided.shape == cond.shape and regions.scale.shape == (b * t, 1, 8, 8)
+    for i in range(b):
+        for f in range(t):
+            k = i * t + f
+            frame = R.regions_from_maps(token_maps[k:k + 1], fore_maps[k:k + 1])
+            expected = R.scfg_combine(cond[i:i + 1, :, f], uncond[i:i + 1, :, f], frame, 5.0)
+            assert torch.allclose(guided[i:i + 1, :, f], expected, atol=1e-5)
+    rate = regions.scale.reshape(b, t, 1, 8, 8).movedim(1, 2)
+    pooled = R.fit_to(rate, torch.zeros(b, 4, t, 4, 4))
+    assert pooled.shape == (b, 1, t, 4, 4)
+    assert torch.allclose(pooled[:, :, 1], F.adaptive_avg_pool2d(rate[:, :, 1], (4, 4)))
+
+
 def test_plan_validation():
     with pytest.raises(PlanError, match="rate_min"):
         GuidancePlan().with_method(SCFG(rate_min=2.0, rate_max=1.0))

@@ -3,8 +3,8 @@ with APG, and Adaptive Guidance (nodes/adaptive.py)."""
 
 from __future__ import annotations
 
-from ..graph import Workflow
-from .common import NEG_SD, NEG_SD3, SD15, SD35, SDXL, checkpoint_workflow
+from ..graph import CLIP, COND, IMAGE, LATENT, MODEL, VAE, Node, Workflow
+from .common import NEG_SD, NEG_SD3, NEG_WAN, PROMPT_COLORS, SD15, SD35, SDXL, SEED, checkpoint_workflow, note_node
 
 
 def wf_pag_sdxl() -> Workflow:
@@ -65,3 +65,28 @@ def wf_stack_apg_pag_schedule_sdxl() -> Workflow:
          ("GuidanceKit_CFGSchedule", {"schedule": "cosine_increasing"})],
         "a bustling night market in the rain, neon signs reflected in puddles, cinematic", NEG_SD,
         cfg=8.0)
+
+
+def wf_pag_mochi_video() -> Workflow:
+    """Mochi as ComfyUI's own Mochi example loads it (UNETLoader, T5-XXL CLIPLoader type mochi, the Mochi VAE,
+    30 Euler steps at cfg 4.5), PAG on the middle block before the sampler."""
+    name = "pag_mochi_video"
+    nodes = [
+        Node(4, "UNETLoader", 0, {"unet_name": "mochi_preview_bf16.safetensors", "weight_dtype": "default"}),
+        Node(31, "CLIPLoader", 0, {"clip_name": "t5xxl_fp16.safetensors", "type": "mochi", "device": "default"}),
+        Node(32, "VAELoader", 0, {"vae_name": "mochi_vae.safetensors"}),
+        note_node(name),
+        Node(6, "CLIPTextEncode", 1, {"text": "a hummingbird hovers next to a red flower in a sunlit garden, slow "
+                                              "motion, shallow depth of field"},
+             {"clip": (31, CLIP)}, title="Positive prompt", color=PROMPT_COLORS["positive"]),
+        Node(7, "CLIPTextEncode", 1, {"text": NEG_WAN}, {"clip": (31, CLIP)}, title="Negative prompt",
+             color=PROMPT_COLORS["negative"]),
+        Node(5, "EmptyMochiLatentVideo", 1, {"width": 848, "height": 480, "length": 37}),
+        Node(10, "GuidanceKit_PAG", 2, {"scale": 1.5, "layers": "auto"}, {"model": (4, MODEL)}),
+        Node(3, "KSampler", 3, {"seed": SEED, "steps": 30, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple"},
+             {"model": (10, MODEL), "positive": (6, COND), "negative": (7, COND), "latent_image": (5, LATENT)}),
+        Node(8, "VAEDecode", 4, links={"samples": (3, LATENT), "vae": (32, VAE)}),
+        Node(9, "SaveAnimatedWEBP", 5, {"filename_prefix": f"guidance_kit/{name}", "fps": 24.0, "lossless": False,
+                                        "quality": 90, "method": "default"}, {"images": (8, IMAGE)}),
+    ]
+    return Workflow(name, "Video: PAG on Mochi (middle block, scale 1.5), SaveAnimatedWEBP", "Mochi", nodes)
