@@ -47,6 +47,7 @@ class StepPosition:
     step: float = 0.0
     n_steps: int = 1
     from_noise: bool = True
+    call_sigmas: tuple[float, ...] = ()  # the current sampler call's sigmas (empty when none were published)
 
     @property
     def step_index(self) -> int:
