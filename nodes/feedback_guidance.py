@@ -36,16 +36,16 @@ SAMPLER_NEGATIVE = ("The sampler's negative stays the unconditional prediction U
                     "core's PerpNegGuider's empty_conditioning).")
 
 
-def _negative_input(what: str):
+def _negative_input(name: str, what: str):
     return io.Conditioning.Input(
-        "negative", tooltip=f"What to steer away from, encoded with the same text encoder as the prompt (e.g. "
+        name, tooltip=f"What to steer away from, encoded with the same text encoder as the prompt (e.g. "
                             f"'blurry, extra fingers'). {what} {SAMPLER_NEGATIVE}")
 
 
-def _negative_branch(owner: str, key: str, model, negative):
-    """The branch evaluated with the node's negative, and a clone of ``model`` that brings it to the sampler."""
+def _negative_branch(owner: str, key: str, field: str, negative) -> Branch:
+    """The branch evaluated with the node's own negative prompt (input ``field``)."""
     try:
-        node_conditioning.checked(owner, "negative", negative)
+        node_conditioning.checked(owner, field, negative)
     except ValueError as e:
         raise node_error(str(e)) from None
     effect = node_conditioning.NodeConditioning(key, owner)
@@ -85,7 +85,8 @@ class PerpNegNode(io.ComfyNode):
                 "model call (one more pass)."),
             inputs=[
                 model_input(),
-                _negative_input("Only its component perpendicular to the prompt's direction is removed."),
+                _negative_input("perpneg_negative",
+                                "Only its component perpendicular to the prompt's direction is removed."),
                 io.Float.Input("neg_scale", default=1.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Strength s of the perpendicular negative, multiplied by the sampler's cfg as "
                                        "in core's PerpNegGuider (default 1, core's). 0 = off (no extra pass)."),
@@ -99,12 +100,12 @@ class PerpNegNode(io.ComfyNode):
         return validation_message(term_schedule, cls.LABEL, schedule, start_percent, end_percent)
 
     @classmethod
-    def execute(cls, model, negative, neg_scale, schedule, start_percent, end_percent):
-        branch = _negative_branch(cls.LABEL, "perp_neg", model, negative)
+    def execute(cls, model, perpneg_negative, neg_scale, schedule, start_percent, end_percent):
+        branch = _negative_branch(cls.LABEL, "perp_neg", "perpneg_negative", perpneg_negative)
         method = PerpNeg(branch, float(neg_scale), _schedule(cls.LABEL, schedule, start_percent, end_percent),
                          cls.LABEL)
         patched = add_method(model, method)
-        node_conditioning.install(patched, "perp_neg", negative)
+        node_conditioning.install(patched, "perp_neg", perpneg_negative)
         return io.NodeOutput(patched)
 
 
@@ -137,7 +138,7 @@ class DNGNode(io.ComfyNode):
                 "evaluated in the same batched model call (one more pass)."),
             inputs=[
                 model_input(),
-                _negative_input("Its weight per sample follows the tracked posterior."),
+                _negative_input("dng_negative", "Its weight per sample follows the tracked posterior."),
                 io.Float.Input("scale", default=5.0, min=0.0, max=100.0, step=0.1,
                                tooltip="λ: the negative's weight at p/(1 − p) = 1 (official example: 5). 0 = off."),
                 io.Float.Input("prior", default=0.01, min=1e-6, max=0.99, step=0.001, round=1e-6,
@@ -161,15 +162,15 @@ class DNGNode(io.ComfyNode):
         return validation_message(term_schedule, cls.LABEL, schedule, start_percent, end_percent)
 
     @classmethod
-    def execute(cls, model, negative, scale, prior, temperature, offset, p_max, schedule, start_percent,
+    def execute(cls, model, dng_negative, scale, prior, temperature, offset, p_max, schedule, start_percent,
                 end_percent):
-        branch = _negative_branch(cls.LABEL, "dng", model, negative)
+        branch = _negative_branch(cls.LABEL, "dng", "dng_negative", dng_negative)
         method = DynamicNegativeGuidance(branch, float(scale), float(prior), float(temperature), float(offset),
                                          p_max=float(p_max), p_min=min(1e-6, float(prior)),
                                          schedule=_schedule(cls.LABEL, schedule, start_percent, end_percent),
                                          label=cls.LABEL)
         patched = add_method(model, method)
-        node_conditioning.install(patched, "dng", negative)
+        node_conditioning.install(patched, "dng", dng_negative)
         return io.NodeOutput(patched)
 
 
