@@ -1,7 +1,7 @@
-"""Model-patch nodes for the negative-prompt, feedback and condition-noise methods: Perp-Neg, Dynamic Negative
-Guidance, Feedback Guidance and CADS. Each adds one method to the model's guidance plan (``guiders/methods/``:
-``perp_neg``, ``dng``, ``fbg``, ``cads``), so they stack with every other term and sample with the plain
-KSampler and the Guidance Guider.
+"""Model-patch nodes for the negative-prompt, feedback, condition-noise and sample-scoring methods: Perp-Neg,
+Dynamic Negative Guidance, Feedback Guidance, CADS and CFG-Rejection. Each adds one method to the model's guidance
+plan (``guiders/methods/``: ``perp_neg``, ``dng``, ``fbg``, ``cads``, ``cfg_rejection``), so they stack with every
+other term and sample with the plain KSampler and the Guidance Guider.
 
 Perp-Neg and DNG bring their own negative prompt (a CONDITIONING input): it joins the guider's conds for the
 sampler call (``contributors/node_conditioning.py``), ComfyUI processes it like the sampler's negative, and its
@@ -14,6 +14,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..guiders.methods.cads import CADS
+from ..guiders.methods.cfg_rejection import REJECTION_MODES, CFGRejection
 from ..guiders.methods.dng import DynamicNegativeGuidance
 from ..guiders.methods.fbg import FBG_MODES, FeedbackGuidance
 from ..guiders.methods.perp_neg import PerpNeg
@@ -298,4 +299,52 @@ class CADSNode(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-NODES = [PerpNegNode, DNGNode, FBGNode, CADSNode]
+class CFGRejectionNode(io.ComfyNode):
+    LABEL = "CFG-Rejection"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        'CFG-Rejection (Wang et al., arXiv 2505.23343): scores the samples of a batch by their accumulated '
+        '`‖ε_c − ε_u‖²` over the first steps; logs the ranking, or lets the weakest follow the strongest '
+        '(batch-coupled by design)',
+        'all',
+        'none',
+    )
+    COMPARE = {"key": "cfg_rejection"}
+    BATCH_COUPLED = ("it ranks the samples of a batch against each other by design (the weakest are named, or follow "
+                     "the strongest in mode 'replace'), so a batch differs from single runs")
+    STATE_ACROSS_SAMPLER_CALLS = ("the score is accumulated from the start of each sampler call, so the second part "
+                                  "of a split run starts its score again (and decides at reject_at of its own steps)")
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "CFGRejection",
+            display_name="CFG-Rejection · Early Sample Scoring",
+            category=CATEGORY_CFG,
+            description=(
+                "CFG-Rejection (Wang, Tang, Chang, arXiv 2505.23343): the accumulated difference between the "
+                "conditional and unconditional noise predictions over the first steps, Σ‖ε_c − ε_u‖², predicts which "
+                "samples of a batch end in high-density (better) regions. At reject_at the node logs every sample's "
+                "score and the weakest; in mode 'replace' the weakest then follow the strongest sample (they end as "
+                "copies of it). Batch-coupled by design; no extra model call."),
+            inputs=[
+                model_input(),
+                io.Combo.Input("mode", options=list(REJECTION_MODES), default=REJECTION_MODES[0],
+                               tooltip="'report': log the per-sample scores and the weakest samples (the images are "
+                                       "unchanged). 'replace': from reject_at on, the weakest samples follow the "
+                                       "strongest one (the batch keeps its size; they end as copies of it)."),
+                io.Float.Input("reject_at", default=0.2, min=0.01, max=0.99, step=0.01,
+                               tooltip="Progress (ComfyUI's percent of sigma) up to which the score is accumulated and "
+                                       "where the weakest are chosen (the pack's default 0.2: early, as the paper)."),
+                io.Float.Input("reject_fraction", default=0.5, min=0.0, max=0.95, step=0.05,
+                               tooltip="Fraction of the batch named weakest (rounded; at least one sample is kept)."),
+            ],
+            outputs=[model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, reject_at, reject_fraction):
+        return io.NodeOutput(add_method(model, CFGRejection(float(reject_at), float(reject_fraction), mode,
+                                                            cls.LABEL)))
+
+
+NODES = [PerpNegNode, DNGNode, FBGNode, CADSNode, CFGRejectionNode]

@@ -112,3 +112,20 @@ def test_bad_inputs_are_refused_with_the_node_name():
     assert "CADS" in F.CADSNode.validate_inputs(tau1=0.9, tau2=0.6)
     with pytest.raises(ValueError, match="Perp-Neg"):
         perp_neg(perp_neg(model, conditioning("sd15", 3)), conditioning("sd15", 3))
+
+
+def test_cfg_rejection_reports_the_batch_and_replace_copies_the_strongest(caplog):
+    family = "sd15"
+    plain = ksample(tiny_model(family), family, CFG, steps=STEPS, batch=4)
+    with caplog.at_level("WARNING", logger="guidance_kit"):
+        reported = ksample(out(F.CFGRejectionNode.execute(tiny_model(family), "report", 0.3, 0.5)), family, CFG,
+                           steps=STEPS, batch=4)
+    assert rel_diff(reported, plain) < 1e-5  # report only
+    lines = [r.getMessage() for r in caplog.records if "CFG-Rejection" in r.getMessage()]
+    assert lines and "0:" in lines[0] and "3:" in lines[0] and "weakest" in lines[0]
+    replaced = ksample(out(F.CFGRejectionNode.execute(tiny_model(family), "replace", 0.3, 0.5)), family, CFG,
+                       steps=STEPS, batch=4)
+    same = [[torch.allclose(replaced[i], replaced[j], atol=1e-4) for j in range(4)] for i in range(4)]
+    assert sum(sum(row) for row in same) == 4 + 2 * 3  # the two weakest and the strongest are one image
+    kept = [i for i in range(4) if sum(same[i]) == 1]
+    assert len(kept) == 1 and torch.allclose(replaced[kept], plain[kept], atol=1e-4)

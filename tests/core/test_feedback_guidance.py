@@ -1,6 +1,6 @@
-"""Perp-Neg, Dynamic Negative Guidance, Feedback Guidance and CADS on exact Gaussian-mixture denoisers and
-random tensors: each method's documented effect, its reference formula, batches, 5-D latents, dtypes, cfg 1
-and stacking with CFG-Zero*, APG and a perturbation term."""
+"""Perp-Neg, Dynamic Negative Guidance, Feedback Guidance, CADS and CFG-Rejection on exact Gaussian-mixture
+denoisers and random tensors: each method's documented effect, its reference formula, batches, 5-D latents,
+dtypes, cfg 1 and stacking with CFG-Zero*, APG and a perturbation term."""
 
 import math
 
@@ -10,6 +10,7 @@ import torch
 from guidance_kit.guiders.combine import GuidanceState, combine
 from guidance_kit.guiders.methods.apg import APG
 from guidance_kit.guiders.methods.cads import CADS, anneal_condition, annealing
+from guidance_kit.guiders.methods.cfg_rejection import CFGRejection, score_increment, weakest
 from guidance_kit.guiders.methods.cfg_zero_star import CFGZeroStar
 from guidance_kit.guiders.methods.dng import DynamicNegativeGuidance
 from guidance_kit.guiders.methods.extra_guidance import ExtraGuidance
@@ -459,3 +460,64 @@ def test_cads_gives_more_diverse_samples_at_high_cfg_on_the_mixture(mixture):
 
     assert spread(annealed) > spread(plain) + 0.01
     assert fraction_of_class(mixture, annealed, label) > 0.95
+
+
+# ------------------------------------------------------------------------------------------------
+# CFG-Rejection
+# ------------------------------------------------------------------------------------------------
+
+def test_cfg_rejection_score_and_weakest():
+    x, cond, uncond = random_triplet((4, 4, 8, 8), seed=24)
+    sigma = torch.full((4,), 2.0)
+    expected = ((uncond - cond) / 2.0).flatten(1).square().sum(1)
+    assert torch.allclose(score_increment(cond, uncond, sigma), expected)
+    assert weakest(torch.tensor([3.0, 1.0, 2.0, 5.0]), 0.5) == [1, 2]
+    assert weakest(torch.tensor([3.0]), 0.9) == []  # a batch of one keeps its sample
+    assert weakest(torch.tensor([3.0, 1.0]), 0.95) == [1]  # at least one sample is kept
+
+
+def test_cfg_rejection_keeps_the_samples_that_end_in_high_density(mixture):
+    """The paper's finding on the exact mixture: at cfg > 1 the samples with the highest early ASD end at a higher
+    density of p(x0 | c) than the ones CFG-Rejection names weakest."""
+    sigmas = karras_sigmas(30)
+    noise = torch.randn((512,) + SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    den = PlanDenoiser(GuidancePlan.of(CFGRejection(reject_at=0.2, reject_fraction=0.5)), mixture, 0, 4.0, sigmas)
+    samples = euler_sample(den, noise, sigmas, "ve")
+    tracked = den.state.method_state["cfg_rejection"]
+    assert tracked.decided and len(tracked.rejected) == 256
+    density = mixture.log_likelihoods(samples, torch.full((512,), 1e-9, dtype=torch.float64))[:, 0]
+    rejected = torch.zeros(512, dtype=torch.bool)
+    rejected[list(tracked.rejected)] = True
+    assert float(density[~rejected].mean()) > float(density[rejected].mean()) + 0.5
+    assert "CFG-Rejection" in GuidancePlan.of(CFGRejection()).step_notes(den.state, 4.0)[0][1]
+
+
+def test_cfg_rejection_replace_makes_the_weakest_follow_the_strongest(mixture):
+    sigmas = karras_sigmas(20)
+    noise = torch.randn((6,) + SHAPE, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    report = PlanDenoiser(GuidancePlan.of(CFGRejection(mode="report")), mixture, 0, 3.0, sigmas)
+    reported = euler_sample(report, noise, sigmas, "ve")
+    assert torch.allclose(reported, euler_sample(PlanDenoiser(GuidancePlan(), mixture, 0, 3.0, sigmas), noise,
+                                                 sigmas, "ve"))  # report only: the samples are unchanged
+    den = PlanDenoiser(GuidancePlan.of(CFGRejection(mode="replace")), mixture, 0, 3.0, sigmas)
+    samples = euler_sample(den, noise, sigmas, "ve")
+    tracked = den.state.method_state["cfg_rejection"]
+    assert len(tracked.rejected) == 3 and tracked.strongest not in tracked.rejected
+    for row in tracked.rejected:
+        assert torch.allclose(samples[row], samples[tracked.strongest], atol=1e-6)
+    kept = [i for i in range(6) if i not in tracked.rejected]
+    assert torch.allclose(samples[kept], reported[kept])  # the kept samples are untouched
+    # batch-coupled by design: the same sample alone is never replaced
+    alone = euler_sample(PlanDenoiser(GuidancePlan.of(CFGRejection(mode="replace")), mixture, 0, 3.0, sigmas),
+                         noise[tracked.rejected[0]:tracked.rejected[0] + 1], sigmas, "ve")
+    assert torch.allclose(alone[0], reported[tracked.rejected[0]])
+
+
+def test_cfg_rejection_declarations_and_bad_settings():
+    plan = GuidancePlan.of(CFGRejection())
+    assert plan.inactive_at_cfg_one(False) == ["CFG-Rejection"]  # no uncond at cfg 1: nothing to score
+    for bad in (dict(reject_at=0.0), dict(reject_fraction=1.0), dict(mode="drop")):
+        with pytest.raises(PlanError, match="CFG-Rejection"):
+            GuidancePlan.of(CFGRejection(**bad))
+    x, cond, uncond = random_triplet((2, 4, 3, 8, 8), seed=26, dtype=torch.float16)
+    assert run(plan, step_inputs(x, cond, uncond)).dtype == torch.float16
