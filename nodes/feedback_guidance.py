@@ -184,7 +184,7 @@ class FBGNode(io.ComfyNode):
         'all',
         'none',
     )
-    COMPARE = {"key": "fbg"}
+    COMPARE = {"key": "fbg", "exact": True}
     STATE_ACROSS_SAMPLER_CALLS = ("the log posterior is tracked over the steps of one sampler call and restarts at 0 "
                                   "in each call, and its offset and temperature are derived from that call's sigmas "
                                   "(a run split over two samplers differs)")
