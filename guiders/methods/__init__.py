@@ -2,10 +2,12 @@
 ``guiders/plan.py``), the functions the combine calls for that role, its declarations, its formula and
 its paper. A node imports the class and adds an instance to the plan; nothing else lists the methods.
 
-Stage 0, evaluations:     ``adaptive_guidance`` (AG / LinearAG)
+Stage 0, evaluations:     ``adaptive_guidance`` (AG / LinearAG), ``cfg_rejection`` (evaluation controls);
+                          ``cads`` (condition transform, applied inside the model call)
 Stage 1, the uncond:      ``icg``, ``uncond_model`` (sources); ``tcfg``, ``cfg_zero_star`` (rewrites)
-Stage 2, CFG direction:   ``fdg`` (band split), ``cfg_schedule`` (increment), ``beta_cfg``, ``scfg``
+Stage 2, CFG direction:   ``fdg`` (band split), ``cfg_schedule`` (increment), ``fbg``, ``beta_cfg``, ``scfg``
                           (weight factors), ``apg`` (direction transform)
-Stage 3, extra terms:     ``extra_guidance`` (perturbation guidance, Autoguidance)
+Stage 3, extra terms:     ``extra_guidance`` (perturbation guidance, Autoguidance), ``perp_neg``, ``dng``
+                          (a negative prompt of their own); ``posterior`` is FBG's and DNG's shared kernel
 Stage 4, corrections:     ``rescale``; ``cfg_zero_star``'s zero-init takes whole steps over
 """

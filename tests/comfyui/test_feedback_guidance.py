@@ -11,6 +11,7 @@ from comfy_extras import nodes_perpneg
 
 from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes import feedback_guidance as F
+from guidance_kit.nodes import guider as gd
 from guidance_kit.nodes import perturbation as P
 from tests.comfyui.harness import (
     conditioning,
@@ -129,3 +130,12 @@ def test_cfg_rejection_reports_the_batch_and_replace_copies_the_strongest(caplog
     assert sum(sum(row) for row in same) == 4 + 2 * 3  # the two weakest and the strongest are one image
     kept = [i for i in range(4) if sum(same[i]) == 1]
     assert len(kept) == 1 and torch.allclose(replaced[kept], plain[kept], atol=1e-4)
+
+
+def test_perp_neg_through_the_guidance_guider_equals_the_ksampler():
+    family = "sd15"
+    positive, empty, negative = conditioning(family, 1), conditioning(family, 2), conditioning(family, 3)
+    model = perp_neg(tiny_model(family), negative)
+    through_guider = custom_advanced(out(gd.GuidanceGuiderNode.execute(model, positive, empty, CFG)), family,
+                                     steps=STEPS)
+    assert rel_diff(through_guider, ksample(model, family, CFG, steps=STEPS, positive=positive, negative=empty)) < 1e-5
