@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit, finds ComfyUI)
+from tests.conftest import COMFYUI_PATH, comfy_setup  # noqa: E402  (registers the package as guidance_kit)
+
+comfy_setup.import_comfyui(COMFYUI_PATH, cpu=True)
 from guidance_kit.comparison.methods import apply_row, row_sampler  # noqa: E402
 from guidance_kit.comparison.report import metrics_report  # noqa: E402
 from guidance_kit.comparison.runs import EmbeddedRunner  # noqa: E402

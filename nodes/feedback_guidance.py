@@ -184,7 +184,8 @@ class FBGNode(io.ComfyNode):
         'all',
         'none',
     )
-    COMPARE = {"key": "fbg", "exact": True}
+    # the compare row: FBG alone with its largest weight at the column's scale (mode 'fbg' ignores the sampler's cfg)
+    COMPARE = {"key": "fbg", "exact": True, "overrides": {"max_guidance": "{max(scale, 1.5)}"}}
     STATE_ACROSS_SAMPLER_CALLS = ("the log posterior is tracked over the steps of one sampler call and restarts at 0 "
                                   "in each call, and its offset and temperature are derived from that call's sigmas "
                                   "(a run split over two samplers differs)")
