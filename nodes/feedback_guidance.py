@@ -69,7 +69,7 @@ class PerpNegNode(io.ComfyNode):
         'all',
         '+1 pass (the negative prompt, in the same batched call)',
     )
-    COMPARE = {"key": "perp_neg", "aliases": {"perpneg": "perp_neg"}}
+    COMPARE = {"key": "perp_neg", "aliases": {"perpneg": "perp_neg"}, "own_negative": True}
 
     @classmethod
     def define_schema(cls):
@@ -119,7 +119,7 @@ class DNGNode(io.ComfyNode):
         'all',
         '+1 pass (the negative prompt, in the same batched call)',
     )
-    COMPARE = {"key": "dng"}
+    COMPARE = {"key": "dng", "own_negative": True}
     STATE_ACROSS_SAMPLER_CALLS = ("the posterior of the negative is tracked over the steps of one sampler call and "
                                   "restarts at the prior in each call (a run split over two samplers starts the "
                                   "second part from the prior again)")
@@ -309,7 +309,10 @@ class CFGRejectionNode(io.ComfyNode):
         'all',
         'none',
     )
-    COMPARE = {"key": "cfg_rejection"}
+    COMPARE = {"key": "cfg_rejection",
+               "not_in_report": "batch-coupled: a digits run holds the ten digits in one batch, whose samples the "
+                                "ranking cannot compare (mode 'report' leaves the samples unchanged, 'replace' would "
+                                "copy one digit over another); run it with compare.py on a batch of one prompt"}
     BATCH_COUPLED = ("it ranks the samples of a batch against each other by design (the weakest are named, or follow "
                      "the strongest in mode 'replace'), so a batch differs from single runs")
     STATE_ACROSS_SAMPLER_CALLS = ("the score is accumulated from the start of each sampler call, so the second part "

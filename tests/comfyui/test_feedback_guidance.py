@@ -139,3 +139,23 @@ def test_perp_neg_through_the_guidance_guider_equals_the_ksampler():
     through_guider = custom_advanced(out(gd.GuidanceGuiderNode.execute(model, positive, empty, CFG)), family,
                                      steps=STEPS)
     assert rel_diff(through_guider, ksample(model, family, CFG, steps=STEPS, positive=positive, negative=empty)) < 1e-5
+
+
+def test_compare_rows_give_perp_neg_and_dng_a_confusable_digit_as_their_own_negative():
+    from guidance_kit.comparison.methods import parse_row
+    from guidance_kit.comparison.remote_digits import row_prompt
+    from guidance_kit.comparison.runs import CONFUSED_WITH
+
+    for text, node_type, field in (("perp_neg", "GuidanceKit_PerpNeg", "perpneg_negative"),
+                                   ("dng", "GuidanceKit_DNG", "dng_negative")):
+        prompt, _ = row_prompt(parse_row(text), 3.0, 0, 4, "euler", "normal", 1, (3, 8))
+        samplers = [n for n in prompt.values() if n["class_type"] == "KSampler"]
+        assert len(samplers) == 2
+        for sampler, digit in zip(samplers, (3, 8)):
+            method = prompt[sampler["inputs"]["model"][0]]
+            assert method["class_type"] == node_type
+            negative = prompt[method["inputs"][field][0]]
+            assert negative["inputs"]["digit"] == CONFUSED_WITH[digit] and method["inputs"][field][1] == 1
+            assert prompt[sampler["inputs"]["negative"][0]]["inputs"]["digit"] == 3  # the sampler keeps the null class
+    plain, _ = row_prompt(parse_row("apg"), 3.0, 0, 4, "euler", "normal", 1, (3, 8))
+    assert sum(n["class_type"] == "GuidanceKit_APG" for n in plain.values()) == 1  # other rows: one shared chain
