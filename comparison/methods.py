@@ -4,7 +4,8 @@ A row is a *stack*: ``apg`` · ``apg:eta=1,momentum=0`` · ``tcfg+apg+pag:scale=
 a Guidance Kit node whose ``execute`` patches the MODEL exactly as in a workflow; every input keeps
 the node's own default unless the row sets it. A value may use the column's cfg as ``{scale}``,
 e.g. ``fdg:scales={scale}, {scale/2}`` (arithmetic only). Conditioning inputs (NAG's negative) get
-the run's negative conditioning.
+the run's negative conditioning; a negative prompt of a method's own (Perp-Neg, DNG: ``own_negative``) gets, on
+the digits model, each sample's most confusable digit (the null class would be the uncond itself).
 
 Every call also takes ``cfg=VALUE``: the sampler's cfg for the row instead of the column's scale
 (``pag:scale={scale},cfg=1`` is PAG alone). Sampler methods (CFG++, PCG) replace the sampler of the
@@ -15,7 +16,9 @@ default maps the column's CFG scale onto it (see ``Method.cfg``); the equal-stre
 The method list comes from the nodes: a node class declares its row with a literal ``COMPARE`` dict
 (``key``; optional ``label`` (default: the class's ``LABEL``), ``overrides``, ``exact``, ``sampler``,
 ``cfg``, ``aliases``, ``report`` (its rows in ``compare.py metrics``, default the key) or
-``not_in_report`` (why none)). It is read from the node modules' source, so row parsing needs no ComfyUI.
+``not_in_report`` (why none), ``own_negative`` (its CONDITIONING input is a negative prompt of its own: on the
+digits model each sample's most confusable digit, ``runs.CONFUSED_WITH``)). It is read from the node modules'
+source, so row parsing needs no ComfyUI.
 """
 
 from __future__ import annotations
@@ -42,13 +45,15 @@ class Method:
     exact: bool = False  # has an exact counterpart on the Gaussian-mixture benchmark
     sampler: bool = False  # the node gives a SAMPLER (replaces the row's sampler) instead of patching the MODEL
     cfg: str | None = None  # the sampler cfg for a column scale, e.g. '{min(1, scale / 12.5)}'; None = the scale
+    own_negative: bool = False  # its CONDITIONING input is a negative prompt of its own (Perp-Neg, DNG), see runs.py
 
 
 PLAIN_CFG = Method("cfg", "CFG", None, exact=True)
 NODES_DIR = Path(__file__).resolve().parent.parent / "nodes"
 # the order of the method list (``compare.py methods``, the metrics report); other node modules follow by name
 NODE_MODULE_ORDER = ("cfg_methods", "perturbation", "adaptive", "nag", "model_guidance", "scfg", "samplers")
-COMPARE_KEYS = {"key", "label", "overrides", "exact", "sampler", "cfg", "aliases", "report", "not_in_report"}
+COMPARE_KEYS = {"key", "label", "overrides", "exact", "sampler", "cfg", "aliases", "report", "not_in_report",
+                "own_negative"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def _class_declaration(module: str, cls: ast.ClassDef) -> CompareDeclaration | N
         raise MethodSpecError(f"compare: {where} needs a 'label' (the class has no literal LABEL)")
     key = spec["key"]
     method = Method(key, label, f"{module}:{cls.name}", dict(spec.get("overrides", {})), bool(spec.get("exact")),
-                    bool(spec.get("sampler")), spec.get("cfg"))
+                    bool(spec.get("sampler")), spec.get("cfg"), bool(spec.get("own_negative")))
     not_in_report = spec.get("not_in_report")
     report = () if not_in_report else tuple(spec.get("report", (key,)))
     return CompareDeclaration(method, dict(spec.get("aliases", {})), report, not_in_report)
@@ -175,6 +180,11 @@ class Row:
             return float(value)
         except ValueError:
             raise MethodSpecError(f"compare: row {self.text!r}: cfg={expression!r} is not a number") from None
+
+    @property
+    def own_negative(self) -> bool:
+        """A method of the row takes a negative prompt of its own besides the sampler's (Perp-Neg, DNG)."""
+        return any(c.method.own_negative for c in self.calls)
 
     @property
     def sampler_call(self):

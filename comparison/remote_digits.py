@@ -20,7 +20,7 @@ import torch
 
 from .fanout import FanOut, Job, failure_text
 from .methods import Row, is_conditioning, is_model, node_arguments, node_class
-from .runs import CellFailed, CellRun, EmbeddedRunner
+from .runs import CONFUSED_WITH, CellFailed, CellRun, EmbeddedRunner
 
 LATENT_PREFIX = "guidance_kit_compare/digits"
 LOADER = "GuidanceKit_DigitsModelLoader"
@@ -39,23 +39,35 @@ def row_prompt(row: Row, scale: float, seed: int, steps: int, sampler_name: str,
         return node_id
 
     loader = add(LOADER, {"digit": digits[0], "weights": "digits"})
-    model, negative, weak = [loader, 0], [loader, 2], None
-    for call in row.calls:
-        if call.method.node is None or call.method.sampler:
-            continue
-        schema = node_class(call.method).define_schema()
-        second = {}
-        for spec in schema.inputs:
-            if is_model(spec) and spec.id != "model":
-                weak = weak or add(LOADER, {"digit": digits[0], "weights": WEAK_WEIGHTS}, "weak model")
-                second[spec.id] = [weak, 0]
-        arguments = node_arguments(call, scale, negative, seed, second)
-        inputs = {"model": model}
-        for spec in schema.inputs:
-            value = arguments.get(spec.id)
-            if spec.id != "model" and value is not None:
-                inputs[spec.id] = value if (is_conditioning(spec) or is_model(spec)) else _plain(value)
-        model = [add(schema.node_id, inputs, call.label), 0]
+    negative, weak = [loader, 2], None
+
+    def chain(own_negative) -> list:
+        """The row's guidance nodes on the loader's model; CONDITIONING inputs get ``own_negative``."""
+        nonlocal weak
+        model = [loader, 0]
+        for call in row.calls:
+            if call.method.node is None or call.method.sampler:
+                continue
+            schema = node_class(call.method).define_schema()
+            second = {}
+            for spec in schema.inputs:
+                if is_model(spec) and spec.id != "model":
+                    weak = weak or add(LOADER, {"digit": digits[0], "weights": WEAK_WEIGHTS}, "weak model")
+                    second[spec.id] = [weak, 0]
+            arguments = node_arguments(call, scale, own_negative, seed, second)
+            inputs = {"model": model}
+            for spec in schema.inputs:
+                value = arguments.get(spec.id)
+                if spec.id != "model" and value is not None:
+                    inputs[spec.id] = value if (is_conditioning(spec) or is_model(spec)) else _plain(value)
+            model = [add(schema.node_id, inputs, call.label), 0]
+        return model
+
+    def confused(digit: int) -> list:  # the positive CONDITIONING of the digit most confused with ``digit``
+        return [add(LOADER, {"digit": CONFUSED_WITH[digit], "weights": "digits"}, f"negative digit "
+                                                                                   f"{CONFUSED_WITH[digit]}"), 1]
+
+    shared = None if row.own_negative else chain(negative)
     cfg = row.cfg_at(scale)
     sampler = sigmas = None
     if row.sampler_call is not None:
@@ -63,11 +75,13 @@ def row_prompt(row: Row, scale: float, seed: int, steps: int, sampler_name: str,
         schema = node_class(call.method).define_schema()
         arguments = {k: _plain(v) for k, v in node_arguments(call, scale, None).items() if v is not None}
         sampler = add(schema.node_id, arguments, call.label)
-        sigmas = add("BasicScheduler", {"model": model, "scheduler": scheduler, "steps": steps, "denoise": 1.0})
+        sigmas = add("BasicScheduler", {"model": shared or [loader, 0], "scheduler": scheduler, "steps": steps,
+                                         "denoise": 1.0})
     empty = add("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": samples_per_class})
     saves = []
     for position, digit in enumerate(digits):
         condition = loader if position == 0 else add(LOADER, {"digit": digit, "weights": "digits"}, f"digit {digit}")
+        model = shared if shared is not None else chain(confused(digit))
         common = {"model": model, "cfg": cfg, "positive": [condition, 1], "negative": negative,
                   "latent_image": [empty, 0]}
         if sampler is None:

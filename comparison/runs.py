@@ -60,6 +60,10 @@ def held_out_digits() -> torch.Tensor | None:
         return None
 
 
+# the digit each digit is most often confused with: the negative prompt of the rows whose method takes one of its own
+CONFUSED_WITH = {0: 6, 1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 0, 7: 1, 8: 3, 9: 4}
+
+
 class EmbeddedRunner:
     """Samples of every requested digit per cell; the cell shows the first sample of each digit."""
 
@@ -96,7 +100,10 @@ class EmbeddedRunner:
     def samples(self, row: Row, scale: float, seed: int) -> torch.Tensor:
         from ..digits import sampling
 
-        patched = apply_row(self.model.patcher.clone(), row, scale, negative=self.model.null_conditioning(), seed=seed,
+        negative = self.model.null_conditioning()
+        if row.own_negative:  # Perp-Neg, DNG: the null class would be the uncond itself, i.e. no negative at all
+            negative = self.model.conditioning([CONFUSED_WITH[d] for d in self.labels.tolist()])
+        patched = apply_row(self.model.patcher.clone(), row, scale, negative=negative, seed=seed,
                             models=self.second_models(row))
         return sampling.sample(patched, self.model, self.labels.tolist(), seed, row.cfg_at(scale), self.steps,
                                self.sampler, self.scheduler, sampler=row_sampler(row, scale))

@@ -68,6 +68,11 @@ class BranchEffect:
         model_options)`` evaluates the branch's entries instead (a second model)."""
         return None
 
+    def conditioning_key(self) -> str | None:
+        """None: the branch is evaluated with its source's conditioning. Else the key of a conditioning a node
+        brought (Perp-Neg's and DNG's negative prompt), which the engine evaluates in the branch's entry instead."""
+        return None
+
 
 @dataclass(frozen=True)
 class Branch:
@@ -205,6 +210,18 @@ class EvaluationControl(PlanMethod):
                          branches: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Bookkeeping once the predictions are in; returns an estimated uncond or None."""
         return None
+
+
+class ConditionTransform(PlanMethod):
+    """Stage 0: changes the conditioning the model is evaluated with (CADS). It acts inside the model call,
+    through the method's contributor (``nodes/contributors``), which calls ``transform_condition``; the combine
+    does not call it."""
+
+    STAGE = Stage.EVALUATIONS
+    AT_CFG_ONE = CfgOne.ACTS
+
+    def transform_condition(self, embedding: torch.Tensor, progress: float, noise: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class UncondSource(PlanMethod):

@@ -47,6 +47,7 @@ class StepPosition:
     step: float = 0.0
     n_steps: int = 1
     from_noise: bool = True
+    call_sigmas: tuple[float, ...] = ()  # the current sampler call's sigmas (empty when none were published)
 
     @property
     def step_index(self) -> int:
@@ -105,7 +106,8 @@ def step_position(sigmas: Sequence[float], sigma: float, percent_to_sigma: Perce
     """The position of an evaluation at ``sigma`` in a sampler call over ``sigmas``, for a model whose
     percent ↔ σ mapping is ``percent_to_sigma``."""
     return StepPosition(progress=percent_of_sigma(sigma, percent_to_sigma), step=step_in_call(sigmas, sigma),
-                        n_steps=len(sigmas) - 1, from_noise=starts_from_noise(sigmas, percent_to_sigma))
+                        n_steps=len(sigmas) - 1, from_noise=starts_from_noise(sigmas, percent_to_sigma),
+                        call_sigmas=tuple(float(s) for s in sigmas))
 
 
 def starts_from_noise(sigmas: Sequence[float], percent_to_sigma: PercentToSigma) -> bool:

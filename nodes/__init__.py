@@ -11,6 +11,7 @@ from . import (
     cfg_extensions,
     cfg_methods,
     digits_nodes,
+    feedback_guidance,
     guider,
     model_guidance,
     nag,
@@ -22,7 +23,8 @@ from . import (
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *nag.NODES, *scfg.NODES,
-            *model_guidance.NODES, *adaptive.NODES, *samplers.NODES, *guider.NODES, *digits_nodes.NODES]
+            *model_guidance.NODES, *adaptive.NODES, *feedback_guidance.NODES, *samplers.NODES, *guider.NODES,
+            *digits_nodes.NODES]
 
 
 class GuidanceKitExtension(ComfyExtension):

@@ -87,6 +87,7 @@ class RunState:
     evaluations: int = 0
     passes: int = 0  # model passes (batch chunks: cond, uncond, each branch) actually run
     plain_passes: int = 0  # what plain CFG would have run for the same evaluations
+    guider: object = None  # the run's guider: its conds hold the conditionings nodes brought (conditioning_key)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -115,7 +116,7 @@ def run_state(model_options: dict) -> RunState:
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    run = RunState()
+    run = RunState(guider=guider)
     guider.model_options[RUN_KEY] = run
     try:
         return executor(*args, **kwargs)
@@ -228,12 +229,30 @@ def check_window_reachable(label: str, window: Window, sigmas: list[float] | Non
 # batched evaluation
 # ------------------------------------------------------------------------------------------------
 
-def _branch_conds(branch: Branch, conds: list) -> list | None:
-    """The conditioning of ``branch``: a copy of the prompt's ("cond") or the negative's ("uncond")."""
-    source = conds[0] if branch.source == "cond" else (conds[1] if len(conds) > 1 else None)
+def _node_conditioning(run: RunState, effect) -> list:
+    """The processed conditioning a node brought for a branch (``BranchEffect.conditioning_key``), from the conds of
+    the run's guider, where the node's OUTER_SAMPLE wrapper put it so that ComfyUI processes it like the prompts."""
+    key = effect.conditioning_key()
+    conds = getattr(run.guider, "conds", None)
+    found = conds.get(key) if isinstance(conds, dict) else None
+    if not found:
+        owner = getattr(effect, "owner", key)
+        raise GuidanceRuntimeError(f"{owner}: its conditioning input did not reach this sampler (it runs outside "
+                                   f"ComfyUI's CFGGuider, which carries it). Sample with KSampler, "
+                                   f"SamplerCustom(Advanced) or the Guidance Guider.")
+    return found
+
+
+def _branch_conds(branch: Branch, conds: list, run: RunState | None = None) -> list | None:
+    """The conditioning of ``branch``: a copy of the prompt's ("cond") or the negative's ("uncond"), or of the
+    conditioning a node brought (its effect's ``conditioning_key``)."""
+    effect = branch.perturbation
+    if effect is not None and effect.conditioning_key() is not None:
+        source = _node_conditioning(run if run is not None else RunState(), effect)
+    else:
+        source = conds[0] if branch.source == "cond" else (conds[1] if len(conds) > 1 else None)
     if source is None:
         return None
-    effect = branch.perturbation
     out = []
     for c in source:
         copy = dict(c)
@@ -320,12 +339,12 @@ def evaluate_batch(args: dict, previous=None) -> list:
     run_uncond = need.uncond and uncond_list is not None
     branch_map: dict[int, Branch] = {}
     if run_uncond and need.uncond_branch is not None:  # the uncond comes from ICG, a second model (or weights)
-        uncond_list = _branch_conds(need.uncond_branch, conds)
+        uncond_list = _branch_conds(need.uncond_branch, conds, run)
         branch_map[1] = need.uncond_branch
     batch = [cond_list if run_cond else None, uncond_list if run_uncond else None] + conds[2:]
     for branch in need.branches:
         branch_map[len(batch)] = branch
-        batch.append(_branch_conds(branch, conds))
+        batch.append(_branch_conds(branch, conds, run))
     call_options = with_branch_map(model_options, branch_map) if branch_map else model_options
     recorders = []
     for hook in _evaluation_hooks(model_options):
@@ -387,7 +406,7 @@ def _evaluate_without_slot(args: dict, plan: GuidancePlan, run: RunState, cond_l
         batch, branch_map = [None, None], {}
         for b in extra:
             branch_map[len(batch)] = b
-            batch.append(_branch_conds(b, conds))
+            batch.append(_branch_conds(b, conds, run))
         call_options = with_branch_map(model_options, branch_map)
         out = run_with_runners(lambda b: comfy.samplers.calc_cond_batch(model, b, x, sigma, call_options), batch,
                                branch_map, model, x, sigma, call_options)

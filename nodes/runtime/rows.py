@@ -205,4 +205,4 @@ class StepClock:
             return StepPosition(progress=progress, step=0.0, n_steps=1, from_noise=False)
         from_noise = sigma_progress(sampling, sigmas[0]) <= FROM_NOISE_PERCENT
         return StepPosition(progress=progress, step=step_in_call(sigmas, value), n_steps=len(sigmas) - 1,
-                            from_noise=from_noise)
+                            from_noise=from_noise, call_sigmas=tuple(sigmas))

@@ -665,6 +665,32 @@ def _():
     families.check_blocks(net, families.exact_spec(families.FAMILIES, net), "contract")
 
 
+@internal("CFGGuider.conds: a key added by an OUTER_SAMPLE wrapper is processed like the prompts and readable while "
+          "sampling (Perp-Neg's and DNG's negative prompt, contributors/node_conditioning.py)")
+def _():
+    import comfy.sampler_helpers
+
+    seen = {}
+
+    def outer(executor, *args, **kwargs):
+        guider = executor.class_obj
+        guider.conds["contract"] = comfy.sampler_helpers.convert_cond(conditioning("sd15", 3))
+        seen["guider"] = guider
+        return executor(*args, **kwargs)
+
+    def calc(args):
+        entry = seen["guider"].conds["contract"][0]
+        seen["processed"] = "c_crossattn" in entry.get("model_conds", {})
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                              args["model_options"])
+
+    model = tiny_model("sd15")
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "contract", outer)
+    model.set_model_sampler_calc_cond_batch_function(calc)
+    ksample(model, "sd15", 4.0, 1)
+    assert seen.get("processed"), "the extra conds entry was not processed by ComfyUI's process_conds"
+
+
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
 def test_internal(name):
     CONTRACT[name]()

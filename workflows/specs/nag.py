@@ -1,9 +1,11 @@
-"""NAG, Normalized Attention Guidance (nodes/nag.py): at cfg 1 on a distilled model, and with CFG."""
+"""Negative prompts of their own: NAG, Normalized Attention Guidance (nodes/nag.py), at cfg 1 on a distilled model
+and with CFG; Perp-Neg and Dynamic Negative Guidance (nodes/feedback_guidance.py), whose negative prompt is a
+node input while the sampler's negative is the empty prompt."""
 
 from __future__ import annotations
 
 from ..graph import CLIP, COND, IMAGE, LATENT, MODEL, VAE, Node, Workflow
-from .common import FLUX_DEV, GUIDANCE_ID, NEG_SD, PROMPT_COLORS, SDXL, SEED, checkpoint_workflow, note_node
+from .common import FLUX_DEV, GUIDANCE_ID, NEG_SD, PROMPT_COLORS, SD15, SDXL, SEED, checkpoint_workflow, note_node
 
 
 def wf_nag_flux_schnell_cfg1() -> Workflow:
@@ -55,3 +57,26 @@ def wf_nag_zimage_turbo_cfg1() -> Workflow:
         Node(9, "SaveImage", 5, {"filename_prefix": f"guidance_kit/{name}"}, {"images": (8, IMAGE)}),
     ]
     return Workflow(name, "NAG negative prompt at cfg 1 on Z-Image-Turbo (8 steps)", "Z-Image-Turbo", nodes)
+
+
+def _own_negative(wf: Workflow, field: str, text: str) -> Workflow:
+    """The guidance node's negative-prompt input ``field`` from its own CLIP Text Encode (the sampler's negative
+    stays empty)."""
+    wf.nodes.insert(3, Node(32, "CLIPTextEncode", 1, {"text": text}, {"clip": (4, CLIP)}, title="negative prompt",
+                            color=PROMPT_COLORS["negative"]))
+    wf.node(GUIDANCE_ID).links[field] = (32, COND)
+    return wf
+
+
+def wf_perp_neg_sd15() -> Workflow:
+    return _own_negative(checkpoint_workflow(
+        "perp_neg_sd15", "Perp-Neg: a negative prompt perpendicular to the prompt, stacked with CFG-Zero*", "SD1.5",
+        SD15, [("GuidanceKit_PerpNeg", {"neg_scale": 1.0}), ("GuidanceKit_CFGZeroStar", {})],
+        "a photo of a lion in the savanna, side view, golden hour", "", cfg=7.5), "perpneg_negative", "mane")
+
+
+def wf_dng_sdxl() -> Workflow:
+    return _own_negative(checkpoint_workflow(
+        "dng_sdxl", "Dynamic Negative Guidance: the negative acts only on samples heading towards it", "SDXL", SDXL,
+        [("GuidanceKit_DNG", {})], "a bowl of fruit on a wooden table, morning light", "", cfg=6.0),
+        "dng_negative", "bananas")
