@@ -29,7 +29,7 @@ class DynamicThresholdingNode(io.ComfyNode):
         'none',
     )
     COMPARE = {"key": "dynamic_thresholding", "exact": True, "aliases": {"dynthres": "dynamic_thresholding"},
-               "overrides": {"mimic_scale": "{min(scale, 3.0)}"}}
+               "overrides": {"mimic_scale": "{min(scale, 2.0)}"}}
 
     @classmethod
     def define_schema(cls):
@@ -97,7 +97,7 @@ class SkimmedCFGNode(io.ComfyNode):
         'none',
     )
     COMPARE = {"key": "skimmed_cfg", "exact": True, "aliases": {"skimmed": "skimmed_cfg"},
-               "overrides": {"skimming_cfg": "{min(scale, 3.0)}"}}
+               "overrides": {"skimming_cfg": "{min(scale, 2.0)}"}}
 
     @classmethod
     def define_schema(cls):
