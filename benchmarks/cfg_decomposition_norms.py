@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 torch.set_num_threads(1)
 
 import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit, finds ComfyUI)
+from tests.comfyui import harness  # noqa: E402,F401  (ComfyUI on sys.path)
 
 COLOURS = {"direction": (0, 0, 0), "mean_shift": (214, 39, 40), "positive_cpc": (31, 119, 180),
            "negative_cpc": (44, 160, 44), "residual": (148, 103, 189)}

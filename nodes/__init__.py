@@ -6,7 +6,18 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from . import adaptive, cfg_methods, digits_nodes, guider, model_guidance, nag, perturbation, samplers, scfg, seed_papers
+from . import (
+    adaptive,
+    cfg_methods,
+    digits_nodes,
+    guider,
+    model_guidance,
+    nag,
+    perturbation,
+    samplers,
+    scfg,
+    seed_papers,
+)
 
 
 def node_list() -> list[type[io.ComfyNode]]:

@@ -264,6 +264,6 @@ class CFGDecomposition(WeightFactor):
         if not norms:
             return ""
         mean = {name: sum(r[name] for r in norms) / len(norms) for name in COMPONENTS}
-        return (f"{self.label}: mean norm over {len(norms)} evaluations: mean shift {mean['mean_shift']:.3g}, "
+        return (f". {self.label}: mean norm over {len(norms)} evaluations: mean shift {mean['mean_shift']:.3g}, "
                 f"positive CPC {mean['positive_cpc']:.3g}, negative CPC {mean['negative_cpc']:.3g}, "
                 f"nonlinear rest {mean['residual']:.3g}")

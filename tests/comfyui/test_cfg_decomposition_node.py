@@ -13,8 +13,8 @@ from guidance_kit.digits import model as digits_model
 from guidance_kit.digits.linear_statistics import STATISTICS_FILE
 from guidance_kit.guiders.methods.cfg_decomposition import LinearStatistics
 from guidance_kit.nodes.cfg_methods import APGNode
-from guidance_kit.nodes.seed_papers import CFGDecompositionNode, classes_of_conditioning
 from guidance_kit.nodes.runtime.engine import GuidanceRuntimeError
+from guidance_kit.nodes.seed_papers import CFGDecompositionNode, classes_of_conditioning
 
 from .harness import out, tiny_model
 
