@@ -124,7 +124,7 @@ class CFGDecompositionNode(io.ComfyNode):
         'none',
     )
     COMPARE = {"key": "cfg_decomposition", "aliases": {"decomposition": "cfg_decomposition"},
-               "report": ("cfg_decomposition:negative_cpc_scale=0",
+               "report": ("cfg_decomposition:negative_cpc_scale=0", "cfg_decomposition:positive_cpc_scale=2",
                           "cfg_decomposition:positive_cpc_scale=2,mean_shift_scale=0.5")}
 
     @classmethod
@@ -154,12 +154,20 @@ class CFGDecompositionNode(io.ComfyNode):
                 io.Float.Input("negative_cpc_scale", default=1.0, min=-2.0, max=10.0, step=0.05,
                                tooltip="Weight of the negative CPC term (1 = as in CFG): suppresses the directions in "
                                        "which the data varies more than the class (generic features)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The weights act from this progress (ComfyUI's percent of sigma, 0 = pure "
+                                       "noise); outside their window the step is plain CFG (components still logged)."),
+                io.Float.Input("end_percent", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="…until this progress. At low noise the linear terms are large and cancel each "
+                                       "other (the linear model no longer describes the network), so re-weighting "
+                                       "them late destroys the sample: keep this ≤ 0.5."),
             ],
             outputs=[model_output()],
         )
 
     @classmethod
-    def execute(cls, model, mean_shift_scale, positive_cpc_scale, negative_cpc_scale):
+    def execute(cls, model, mean_shift_scale, positive_cpc_scale, negative_cpc_scale, start_percent=0.0,
+                end_percent=0.4):
         if not is_digits_model(model):
             raise node_error(f"{cls.LABEL}: it needs the Gaussian statistics (per-class means and covariances) of "
                              f"the model's data, which exist for the embedded digits model only (Digits Model "
@@ -171,7 +179,7 @@ class CFGDecompositionNode(io.ComfyNode):
                              f"the pack folder.")
         method = CFGDecomposition(statistics=str(STATISTICS_FILE), mean_shift_scale=float(mean_shift_scale),
                                   positive_scale=float(positive_cpc_scale), negative_scale=float(negative_cpc_scale),
-                                  label=cls.LABEL)
+                                  label=cls.LABEL, start_percent=float(start_percent), end_percent=float(end_percent))
         return io.NodeOutput(with_conditioning_reader(add_method(model, method)))
 
 

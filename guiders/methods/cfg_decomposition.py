@@ -23,7 +23,10 @@ pack keeps the rest r = g − (m + P·x + N·x) at weight 1, so the guided predi
 
     D̂ = U + W·(s_m·m + s_+·P·x + s_−·N·x + r)
 
-which is CFG exactly at s_m = s_+ = s_− = 1 (the other weight factors and the schedule act on W as usual).
+which is CFG exactly at s_m = s_+ = s_− = 1 (the other weight factors and the schedule act on W as usual). The
+weights act inside a progress window only (default the first 40 % of the run): at low noise the linear terms are
+large and cancel each other (the paper's §4: linear and nonlinear CFG diverge there), so re-weighting them there
+destroys the sample; outside the window the direction is CFG's and the components are still measured.
 The statistics are per class (means, covariances) plus the unconditional ones, in a safetensors file
 (``digits/linear_statistics.py`` writes the digits model's, estimated from its own samples); the class of each
 row comes from ``classes`` or from the run state (the node's reader resolves it from the conditioning).
@@ -206,12 +209,20 @@ class CFGDecomposition(WeightFactor):
     negative_scale: float = 1.0
     classes: tuple[int, ...] = ()
     label: str = "CFG Decomposition"
+    start_percent: float = 0.0
+    end_percent: float = 0.4  # the linear model holds at high and moderate noise only (the paper's §4)
 
     def validate(self) -> None:
         if not self.statistics:
             raise PlanError(f"{self.label}: no statistics file (the class means and covariances it needs)")
         if any(c < 0 for c in self.classes):
             raise PlanError(f"{self.label}: classes must be ≥ 0, got {self.classes}")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise PlanError(f"{self.label}: the re-weighting window needs 0 ≤ start_percent ≤ end_percent ≤ 1 (got "
+                            f"{self.start_percent}, {self.end_percent})")
+
+    def reweights_at(self, progress: float) -> bool:
+        return self.start_percent <= progress <= self.end_percent + 1e-9
 
     @property
     def scales(self) -> tuple[float, float, float]:
@@ -249,11 +260,13 @@ class CFGDecomposition(WeightFactor):
         step = direction.step
         labels = self.labels(step.x.shape[0], state)
         try:
+            scales = self.scales if self.reweights_at(step.position.progress) else (1.0, 1.0, 1.0)
             guided, parts = reweighted_direction(direction.difference, step.x, step.sigma_value, labels, stats,
-                                                 self.scales)
+                                                 scales)
         except StatisticsError as e:
             raise PlanError(f"{self.label}: {e}. Its statistics exist for the embedded digits model only.") from None
-        direction.difference = guided.to(direction.difference.dtype)
+        if scales != (1.0, 1.0, 1.0):
+            direction.difference = guided.to(direction.difference.dtype)
         record = {"sigma": step.sigma_value, "direction": float(per_sample_norms(direction.difference).mean())}
         record.update({name: float(per_sample_norms(t).mean()) for name, t in parts.items()})
         state.method_state.setdefault(NORMS_KEY, []).append(record)

@@ -219,3 +219,20 @@ def test_statistics_round_trip_and_estimate(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(stats.tensors().values(), loaded.tensors().values()))
     with pytest.raises(StatisticsError, match="every class present"):
         LinearStatistics.from_samples(samples, labels + 1, samples)
+
+
+def test_outside_its_window_the_step_is_cfg_and_still_measured(stats_file):
+    stats = random_statistics(seed=18)
+    path = stats_file(stats)
+    x, c, u = (torch.randn(2, 1, 3, 4, generator=torch.Generator().manual_seed(s)) for s in (19, 20, 21))
+    method = CFGDecomposition(statistics=path, negative_scale=0.0, positive_scale=3.0, classes=(1, 2),
+                              start_percent=0.0, end_percent=0.4)
+    state = GuidanceState()
+    late = combine(GuidancePlan.of(method), step_inputs(x, c, u, step=8, n_steps=10, cond_scale=5.0), state)[0]
+    assert torch.equal(late, cfg_reference(c, u, 5.0))
+    assert len(state.method_state[NORMS_KEY]) == 1
+    early = combine(GuidancePlan.of(method), step_inputs(x, c, u, step=1, n_steps=10, cond_scale=5.0),
+                    GuidanceState())[0]
+    assert not torch.allclose(early, cfg_reference(c, u, 5.0), atol=1e-3)
+    with pytest.raises(PlanError, match="re-weighting window"):
+        GuidancePlan.of(CFGDecomposition(statistics=path, start_percent=0.6, end_percent=0.2))
