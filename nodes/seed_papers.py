@@ -94,8 +94,11 @@ def read_conditioning(args: dict) -> list:
         needs = feedback.evaluator.needs()
         context = {}
         if "classes" in needs:
-            context["classes"] = classes_of_conditioning(entries, feedback.evaluator.class_table, batch,
-                                                         feedback.label)
+            table = getattr(feedback.evaluator, "class_table", None)
+            if table is None:
+                raise GuidanceRuntimeError(f"{feedback.label}: the {feedback.evaluator.name} evaluator needs the class "
+                                           f"of each row but has no class-embedding table to read it with.")
+            context["classes"] = classes_of_conditioning(entries, table, batch, feedback.label)
         if "text_embedding" in needs:
             context["text_embedding"] = pooled_of_conditioning(entries, batch, feedback.label)
         state.method_state[FEEDBACK_CONTEXT_KEY] = context

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..plan import PlanError, WeightFactor
+from ..plan import CfgOne, PlanError, WeightFactor
 from ..tensor_ops import per_sample
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ def candidate_predictions(cond: torch.Tensor, uncond: torch.Tensor, candidates: 
 class OnlineFeedbackCFG(WeightFactor):
     KEY = "online_feedback_cfg"
     ORDER = 5  # first: its scale replaces the weight; β-CFG (10) and S-CFG (20) multiply the result
+    AT_CFG_ONE = CfgOne.NEEDS_UNCOND  # the chosen scale replaces the sampler's cfg, 1 included
 
     evaluator: CandidateEvaluator | None = None
     candidates: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 7.5)

@@ -131,3 +131,8 @@ def test_plan_copies_share_the_evaluator():
     evaluator = TargetEvaluator(torch.zeros(1))
     plan = GuidancePlan.of(OnlineFeedbackCFG(evaluator))
     assert copy.deepcopy(plan).methods[0].evaluator is evaluator
+
+
+def test_it_acts_at_cfg_one():
+    plan = GuidancePlan.of(OnlineFeedbackCFG(TargetEvaluator(torch.zeros(1))))
+    assert plan.needs_uncond_at_cfg_one and plan.inactive_at_cfg_one(uncond_evaluated=True) == []
