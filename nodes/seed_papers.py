@@ -200,7 +200,8 @@ class OnlineFeedbackCFGNode(io.ComfyNode):
         'none (evaluator cost: a VAE decode and a CLIP vision pass per candidate at evaluated steps)',
     )
     COMPARE = {"key": "online_feedback_cfg", "aliases": {"feedback": "online_feedback_cfg"},
-               "overrides": {"candidates": "1, {scale}, {2 * scale}"}}
+               "overrides": {"candidates": "1, {scale}, {2 * scale}"},
+               "report": ("online_feedback_cfg", "online_feedback_cfg:tolerance=0.1")}
 
     @classmethod
     def define_schema(cls):
