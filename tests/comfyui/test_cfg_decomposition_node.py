@@ -115,3 +115,19 @@ def test_other_models_and_conditionings_are_refused(comfy_nodes, loaded):
     with pytest.raises(Exception, match="CFG Decomposition: a row of the positive conditioning matches no class"):
         comfy_nodes.common_ksampler(model, 0, 2, 4.0, "euler", "normal", foreign, loaded.null_conditioning(),
                                     {"samples": torch.zeros(1, 1, 8, 8)})
+
+
+def test_statistics_script_is_reproducible(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from guidance_kit.digits import linear_statistics
+
+    args = ["--per-class", "3", "--steps", "2"]
+    assert linear_statistics.main(args + ["--out", str(tmp_path / "a.safetensors")]) == 0
+    assert linear_statistics.main(args + ["--out", str(tmp_path / "b.safetensors")]) == 0
+    assert "saved" in capsys.readouterr().out
+    first, second = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    stats = LinearStatistics.load(tmp_path / "a.safetensors")
+    assert stats.class_means.shape == (digits_model.NUM_DIGITS, 64) and stats.class_embedding is not None
+    assert linear_statistics.main(["--per-class", "1"]) == 2
