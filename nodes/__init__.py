@@ -18,13 +18,14 @@ from . import (
     perturbation,
     samplers,
     scfg,
+    seed_papers,
 )
 
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *nag.NODES, *scfg.NODES,
-            *model_guidance.NODES, *adaptive.NODES, *feedback_guidance.NODES, *samplers.NODES, *guider.NODES,
-            *digits_nodes.NODES]
+            *model_guidance.NODES, *adaptive.NODES, *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES,
+            *guider.NODES, *digits_nodes.NODES]
 
 
 class GuidanceKitExtension(ComfyExtension):
