@@ -32,7 +32,9 @@ Cosmos Predict2     cosmos.predict2.MiniTrainDIT (no block-replace: object patch
                     forward, ``runtime/block_forward.py``)
 Lumina2 / Z-Image   lumina.model.NextDiT (no block-replace: object patches of its layers, ``runtime/lumina.py``)
 Mochi               genmo.joint_model.asymm_models_joint.AsymmDiTJoint (block methods and TSG; NAG refused)
-TSG only            HiDream, PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
+HiDream             hidream.model.HiDreamImageTransformer2DModel (keyword-only block calls: object patches of its
+                    blocks' forward, ``runtime/block_forward.py``; NAG refused)
+TSG only            PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
 ==================  ====================================================================================
 """
 
@@ -87,8 +89,8 @@ class FamilySpec:
     rope: bool = True  # positions applied inside every block (token shuffling needs this)
     patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
     transformer_options_in_blocks: bool = True
-    # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2, runtime/lumina.py); "forward":
-    # object patches of each block's forward (Cosmos Predict2, runtime/block_forward.py)
+    # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2, runtime/lumina.py); "forward" /
+    # "keywords": object patches of each block's forward (Cosmos Predict2 / HiDream, runtime/block_forward.py)
     block_hook: str = "dit"
     # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
     # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
@@ -165,8 +167,6 @@ def _time_only(name: str, path: str, refusal: str, nag_refusal: str = "", tuple_
 # last steps (sigma_end 0.7-0.9); scale 3 and above distorts. The middle of that range.
 NAG_LUMINA2 = NagDefaults(2.0, 2.5, 0.25, "ComfyUI-NAG pull request #64 (Z-Image-Turbo at cfg 1: scale 1.5-2.3, "
                                           "tau 2.5, alpha 0.25); no official setting")
-_NOT_PORTED = ("not ported yet: Guidance Kit's hooks have not been fitted to its {what} and tested (its blocks do "
-               "pass transformer_options)")
 
 
 TABLE: dict[str, FamilySpec] = {
@@ -221,9 +221,13 @@ TABLE: dict[str, FamilySpec] = {
         "Lumina2", "dit", (("single", "layers"),), joint=True, block_hook="layers", nag="joint",
         block_parts=(("single", "attention"),), label="Lumina2/Z-Image", slg_singles=False, nag_defaults=NAG_LUMINA2,
         scfg=True, time_embedding=TimeEmbeddingSite("Lumina2", "t_embedder")),
-    _ldm("hidream.model.HiDreamImageTransformer2DModel"): _time_only(
-        "HiDream", "t_embedder", _NOT_PORTED.format(what="double/single stream blocks (mixture-of-experts "
-                                                         "feed-forward, four text encoders' tokens per block)")),
+    _ldm("hidream.model.HiDreamImageTransformer2DModel"): FamilySpec(
+        "HiDream", "dit", (("double", "double_stream_blocks"), ("single", "single_stream_blocks")), joint=True,
+        image_first=True, block_hook="keywords", block_parts=(("double", "block.attn1"), ("single", "block.attn1")),
+        nag_refusal="its text reaches every block as the T5 tokens plus a fresh Llama 3.1 layer per block "
+                    "(encoder_hidden_states_llama3, not the model's context input that NAG extends), so NAG's "
+                    "negative tokens would miss the Llama part of every block's text",
+        time_embedding=TimeEmbeddingSite("HiDream", "t_embedder")),
     _ldm("pixart.pixartms.PixArtMS"): _time_only(
         "PixArt", "t_embedder", "its blocks receive no transformer_options (no per-branch state can reach their "
                                 "attention) and it has no block-replace patch"),
@@ -237,7 +241,10 @@ TABLE: dict[str, FamilySpec] = {
                     "NAG tokens never reach it",
         time_embedding=TimeEmbeddingSite("Mochi", "t_embedder")),
     _ldm("cosmos.model.GeneralDIT"): _time_only(
-        "Cosmos", "t_embedder.1", _NOT_PORTED.format(what="blocks (tokens in [T, H, W, B, D] order)"),
+        "Cosmos", "t_embedder.1", (
+        "its blocks are a ModuleDict keyed 'block0', 'block1', ... and carry the tokens as [T, H, W, B, D] (the "
+        "batch fourth), while Guidance Kit's block hooks address blocks by index and branch rows by the first "
+        "dimension; Cosmos Predict2 (MiniTrainDIT) is served"),
         tuple_output=True),
     _ldm("cascade.stage_c.StageC"): FamilySpec("Stable Cascade", "dit", perturbations=False,
                                                time_embedding_refusal="its time embedding is computed without a "

@@ -89,17 +89,24 @@ CONFIGS.update({
         patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
         crossattn_emb_channels=64, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
         use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False)),
+    # two double- and two single-stream blocks with four routed experts; one Llama layer per block (llama_layers)
+    "hidream": (comfy.supported_models.HiDream, dict(
+        image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
+        attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 48], text_emb_dim=32,
+        num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8], max_resolution=[32, 32],
+        llama_layers=[0, 1, 2, 3])),
 })
 MORE_FAMILIES = ("chroma", "hunyuan_video", "qwen_image", "ltxv")
-NEW_FAMILIES = ("lumina2", "mochi", "cosmos_predict2")  # issue 16: the families users run today
+NEW_FAMILIES = ("lumina2", "mochi", "cosmos_predict2", "hidream")  # issue 16: the families users run today
+HIDREAM_LLAMA = (4, 48)  # the tiny HiDream's Llama 3.1 layers and their width (conditioning_llama3)
 ALL_FAMILIES = FAMILIES + MORE_FAMILIES
 
 LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8),
                  "chroma": (1, 16, 16, 16), "hunyuan_video": (1, 16, 3, 8, 8), "qwen_image": (1, 16, 1, 16, 16),
                  "ltxv": (1, 128, 2, 4, 4), "lumina2": (1, 16, 12, 16),
-                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8)}
+                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8), "hidream": (1, 16, 16, 16)}
 CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096, "chroma": 64, "hunyuan_video": 64, "qwen_image": 64,
-           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64}
+           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64, "hidream": 64}
 
 
 def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -142,8 +149,10 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 def conditioning(family: str, seed: int, tokens: int = 6) -> list:
     g = torch.Generator().manual_seed(seed)
     extra = {}
-    if family in ("flux", "sd3", "chroma", "hunyuan_video"):
+    if family in ("flux", "sd3", "chroma", "hunyuan_video", "hidream"):
         extra["pooled_output"] = torch.randn(1, 32, generator=g)
+    if family == "hidream":  # the Llama 3.1 hidden layers, [batch, layers, tokens, width]
+        extra["conditioning_llama3"] = torch.randn(1, HIDREAM_LLAMA[0], tokens, HIDREAM_LLAMA[1], generator=g)
     if family in ("flux", "hunyuan_video"):
         extra["guidance"] = 3.5
     if family in ("ltxv", "lumina2", "mochi"):  # Lumina2 and Mochi read their caption length from the mask
