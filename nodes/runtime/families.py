@@ -298,10 +298,13 @@ REFUSED_SUBCLASSES = {
 # test ComfyUI): (family, class, how the pack treats it). "source-checked, not run": the class is one the table
 # serves and its blocks take the same arguments; refused ones stop at the node with the family named.
 NEWER_ONLY = (
-    ("Flux 2", "flux.model.Flux", "served through the Flux row (same class and block arguments; source-checked, "
-                                  "not run); SEG stops on reference-image tokens"),
-    ("HunyuanVideo 1.5", "hunyuan_video.model.HunyuanVideo", "served through the HunyuanVideo row (source-checked, "
-                                                             "not run); NAG stops when byT5 glyph tokens are present"),
+    ("Flux 2", "flux.model.Flux", "served through the Flux row (same class and block-replace arguments; its vec is "
+                                  "the precomputed modulation, no pooled vector, so NAG's pooled modulation installs "
+                                  "nothing; source-checked, not run); SEG stops on reference-image tokens"),
+    ("HunyuanVideo 1.5", "hunyuan_video.model.HunyuanVideo", "served through the HunyuanVideo row (source-checked, not "
+                                                             "run; its interface, no pooled vector and ByT5 glyph "
+                                                             "tokens, is tested on HunyuanImage 2.1); NAG stops when "
+                                                             "ByT5 glyph tokens are present"),
     ("Z-Image / Z-Image-Turbo", "lumina.model.NextDiT", "served through the Lumina2 row: caption and image padding, "
                                                         "block_index/block_type and the attention tensor containers "
                                                         "of newer ComfyUI handled (source-checked, not run)"),

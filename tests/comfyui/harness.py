@@ -96,6 +96,12 @@ CONFIGS.update({
         num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8], max_resolution=[32, 32],
         llama_layers=[0, 1, 2, 3])),
 })
+# HunyuanImage 2.1 (ComfyUI 0.3.64): HunyuanVideo's class without a pooled vector and with ByT5 glyph tokens, the
+# interface of HunyuanVideo 1.5 (newer ComfyUI); not in the family lists (its ByT5 mapper is the real width)
+CONFIGS["hunyuan_image21"] = (comfy.supported_models.HunyuanImage21, dict(
+    image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=64,
+    mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 16], theta=256, patch_size=[1, 1],
+    qkv_bias=True, guidance_embed=False, byt5=True, meanflow=False))
 MORE_FAMILIES = ("chroma", "hunyuan_video", "qwen_image", "ltxv")
 NEW_FAMILIES = ("lumina2", "mochi", "cosmos_predict2", "hidream")  # issue 16: the families users run today
 HIDREAM_LLAMA = (4, 48)  # the tiny HiDream's Llama 3.1 layers and their width (conditioning_llama3)
@@ -104,9 +110,11 @@ ALL_FAMILIES = FAMILIES + MORE_FAMILIES
 LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8),
                  "chroma": (1, 16, 16, 16), "hunyuan_video": (1, 16, 3, 8, 8), "qwen_image": (1, 16, 1, 16, 16),
                  "ltxv": (1, 128, 2, 4, 4), "lumina2": (1, 16, 12, 16),
-                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8), "hidream": (1, 16, 16, 16)}
+                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8), "hidream": (1, 16, 16, 16),
+                 "hunyuan_image21": (1, 16, 8, 8)}
 CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096, "chroma": 64, "hunyuan_video": 64, "qwen_image": 64,
-           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64, "hidream": 64}
+           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64, "hidream": 64,
+           "hunyuan_image21": 64}
 
 
 def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
