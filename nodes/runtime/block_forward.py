@@ -4,6 +4,8 @@ replaced block; every other argument passes through unchanged.
 
 * ``BlockForward`` (Cosmos Predict2, ``block_hook="forward"``): ``forward(x, ...)``; ``args["img"]`` is the
   block's token tensor ([B, L, D], or [B, T, H, W, D] on Cosmos Predict2).
+* ``BatchFourthBlockForward`` (Cosmos v1, ``block_hook="batch_fourth"``): ``forward(x [T, H, W, B, D], ...)``
+  presented as [B, T, H, W, D]; its blocks are a ModuleDict ('block0', ...), addressed by position.
 * ``KeywordBlockForward`` (HiDream, ``block_hook="keywords"``): the model calls its blocks with keywords only
   (``image_tokens``, ``text_tokens``, ...). Double-stream blocks return (image, text) and are joint ([image,
   text] in one attention call): ``args["img"]`` / ``args["txt"]``. Single-stream blocks carry [image, text] in
@@ -12,7 +14,7 @@ replaced block; every other argument passes through unchanged.
 
 from __future__ import annotations
 
-from .families import FamilySpec
+from .families import FamilySpec, block_name
 from .slots import TEXT_LENGTH_KEY, DitBlockHook, ModulePatch, Slot
 
 
@@ -61,7 +63,26 @@ class KeywordBlockForward(BlockForward):
         return (result["img"], result["txt"]) if double else result["img"]
 
 
-PATCHES = {"forward": BlockForward, "keywords": KeywordBlockForward}
+class BatchFourthBlockForward(BlockForward):
+    """Object patch of a Cosmos (v1) block's ``forward``: its tokens are [T, H, W, B, D] (the batch fourth); the
+    contributors see them as [B, T, H, W, D] and the block gets them back in its own order."""
+
+    def __call__(self, x, *args, transformer_options=None, **kwargs):
+        to = transformer_options if transformer_options is not None else {}
+        if not any(c.present(to) for c in self.contributors):
+            return self.original(x, *args, transformer_options=to, **kwargs)
+
+        def run(block_args: dict) -> dict:
+            tokens = block_args["img"].permute(1, 2, 3, 0, 4)
+            result = self.original(tokens, *args, transformer_options=block_args["transformer_options"], **kwargs)
+            return {"img": result.permute(3, 0, 1, 2, 4)}
+
+        hook = DitBlockHook(self.spec, self.key, contributors=self.contributors)
+        return hook({"img": x.permute(3, 0, 1, 2, 4), "transformer_options": to},
+                    {"original_block": run})["img"].permute(1, 2, 3, 0, 4)
+
+
+PATCHES = {"forward": BlockForward, "keywords": KeywordBlockForward, "batch_fourth": BatchFourthBlockForward}
 
 
 def blocks(model_patcher, spec: FamilySpec, keys, contributor, recorder: tuple[str, int] | None = None) -> None:
@@ -75,8 +96,9 @@ def blocks(model_patcher, spec: FamilySpec, keys, contributor, recorder: tuple[s
     hooked = {tuple(k): contributor for k in keys}
     if recorder is not None:
         hooked.setdefault(recorder, None)
+    net = model_patcher.model.diffusion_model
     for (group, index), added in sorted(hooked.items()):
-        path = f"diffusion_model.{attributes[group]}.{index}"
+        path = f"diffusion_model.{attributes[group]}.{block_name(getattr(net, attributes[group]), index)}"
         patch = installer.module_patch(model_patcher, path, cls, spec, (group, index))
         model_patcher.add_object_patch(f"{path}.{cls.METHOD}", patch.with_contributor(added))
     installer.latent_shape(model_patcher)

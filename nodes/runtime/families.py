@@ -32,9 +32,11 @@ Cosmos Predict2     cosmos.predict2.MiniTrainDIT (no block-replace: object patch
                     forward, ``runtime/block_forward.py``)
 Lumina2 / Z-Image   lumina.model.NextDiT (no block-replace: object patches of its layers, ``runtime/lumina.py``)
 Mochi               genmo.joint_model.asymm_models_joint.AsymmDiTJoint (block methods and TSG; NAG refused)
+Cosmos 1            cosmos.model.GeneralDIT (tokens [T, H, W, B, D]: object patches of its blocks' forward that
+                    present them batch first, ``runtime/block_forward.py``; NAG refused)
 HiDream             hidream.model.HiDreamImageTransformer2DModel (keyword-only block calls: object patches of its
                     blocks' forward, ``runtime/block_forward.py``; NAG refused)
-TSG only            PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
+TSG only            PixArt, HunyuanDiT (their time-embedding module; ``refusal``: why)
 ==================  ====================================================================================
 """
 
@@ -240,12 +242,13 @@ TABLE: dict[str, FamilySpec] = {
         nag_refusal="its joint attention keeps only the caption's first num_tokens tokens (crop_y), so appended "
                     "NAG tokens never reach it",
         time_embedding=TimeEmbeddingSite("Mochi", "t_embedder")),
-    _ldm("cosmos.model.GeneralDIT"): _time_only(
-        "Cosmos", "t_embedder.1", (
-        "its blocks are a ModuleDict keyed 'block0', 'block1', ... and carry the tokens as [T, H, W, B, D] (the "
-        "batch fourth), while Guidance Kit's block hooks address blocks by index and branch rows by the first "
-        "dimension; Cosmos Predict2 (MiniTrainDIT) is served"),
-        tuple_output=True),
+    _ldm("cosmos.model.GeneralDIT"): FamilySpec(
+        "Cosmos", "dit", (("double", "blocks"),), patch=(1, 2, 2), block_hook="batch_fourth",
+        block_parts=(("double", "blocks.0.block.attn"),), label="Cosmos 1",
+        nag_refusal="its self- and cross-attention are one Attention class inside DITBuildingBlocks, told apart only "
+                    "by their block_type, and NAG's cross-attention markers are not fitted to them (NAG serves "
+                    "Cosmos Predict2)",
+        time_embedding=TimeEmbeddingSite("Cosmos", "t_embedder.1", tuple_output=True)),
     _ldm("cascade.stage_c.StageC"): FamilySpec("Stable Cascade", "dit", perturbations=False,
                                                time_embedding_refusal="its time embedding is computed without a "
                                                                       "module (gen_r_embedding)",
@@ -531,6 +534,15 @@ def tpg_unet_layers(layout) -> str:
     return ", ".join(f"input {b}" for b in sorted(inputs) if levels.get(b, 0) == deepest)
 
 
+def block_name(blocks, index: int) -> str:
+    """The attribute name of a family's ``index``-th block (a ModuleDict's keys: Cosmos 1 'block0', ...)."""
+    return list(blocks.keys())[index] if hasattr(blocks, "keys") else str(index)
+
+
+def block_at(blocks, index: int):
+    return blocks[block_name(blocks, index)] if hasattr(blocks, "keys") else blocks[index]
+
+
 def _child(module, path: str):
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -564,7 +576,7 @@ def check_blocks(net, spec: FamilySpec, owner: str, keys=None) -> None:
             if index >= len(blocks):
                 raise FamilyError(f"{owner}: {spec.name} has {len(blocks)} '{attr}' blocks; block {index} does not "
                                   f"exist.")
-            block = blocks[index]
+            block = block_at(blocks, index)
             if group in parts and _child(block, parts[group]) is None:
                 raise FamilyError(f"{owner}: {spec.name} block {attr}.{index} ({type(block).__name__}) has no "
                                   f"'{parts[group]}' attention module; this ComfyUI version builds it differently. "

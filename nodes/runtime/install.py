@@ -72,7 +72,7 @@ def dit_blocks(model_patcher, spec: FamilySpec, layout, keys, contributor: Contr
         lumina.layers(model_patcher, spec, keys, contributor)
         return
     recorder = text_length_block(spec, layout, keys)
-    if spec.block_hook in ("forward", "keywords"):
+    if spec.block_hook in ("forward", "keywords", "batch_fourth"):
         from . import block_forward
 
         block_forward.blocks(model_patcher, spec, keys, contributor, recorder)
