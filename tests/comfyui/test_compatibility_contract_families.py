@@ -286,6 +286,37 @@ def _():
     families.check_blocks(net, families.exact_spec(families.FAMILIES, net), "contract")
 
 
+@internal("Cosmos 1 GeneralDIT: blocks a ModuleDict ('block0', ...) called as block(x [T, H, W, B, D], emb, crossattn, "
+          "mask, transformer_options=...); the self-attention first, [B, H, T·H·W, D] with skip_reshape, (t h w) order")
+def _():
+    from comfy.ldm.cosmos.blocks import GeneralDITTransformerBlock
+
+    positional(GeneralDITTransformerBlock.forward, "x", "emb_B_D", "crossattn_emb", "crossattn_mask")
+    keywords(GeneralDITTransformerBlock.forward, "transformer_options")
+    model = tiny_model("cosmos")
+    net = model.model.diffusion_model
+    assert list(net.blocks.keys())[:2] == ["block0", "block1"]
+    seen = {"block": [], "override": []}
+    hook = net.blocks["block0"].register_forward_pre_hook(lambda _m, a, k: seen["block"].append((a, k)),
+                                                          with_kwargs=True)
+
+    def override(func, *args, **kwargs):
+        seen["override"].append((tuple(args[0].shape), tuple(args[1].shape), kwargs.get("skip_reshape")))
+        return func(*args, **kwargs)
+
+    model.model_options.setdefault("transformer_options", {})[slots.OVERRIDE_KEY] = override
+    try:
+        ksample(model, "cosmos", 4.0, 1)
+    finally:
+        hook.remove()
+    args, kwargs = seen["block"][0]
+    frames, height, width, batch = args[0].shape[:4]
+    assert args[0].ndim == 5 and batch == 2 and isinstance(kwargs.get("transformer_options"), dict)
+    query, key, skip_reshape = seen["override"][0]
+    assert skip_reshape and query[0] == batch and key[2] == frames * height * width  # self-attention first
+    families.check_blocks(net, families.exact_spec(families.FAMILIES, net), "contract")
+
+
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
 def test_internal(name):
     CONTRACT[name]()
