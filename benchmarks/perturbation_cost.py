@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--families", default="sd15,flux,sd3,wan21,hunyuan_video,qwen_image,ltxv,lumina2,mochi,"
-                                              "cosmos_predict2")
+                                              "cosmos_predict2,hidream,cosmos")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, 1 thread, CPU, {args.steps} euler steps, cfg {CFG}, median of {args.repeats} "
           f"interleaved runs. fwd = model forwards per step, rows = batch rows per step (plain CFG: 1 / 2), "

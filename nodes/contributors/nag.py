@@ -187,8 +187,9 @@ class NagInput:
         if not torch.is_tensor(c_crossattn) or c_crossattn.ndim != 3:
             raise FamilyError(f"{owner}: this {spec.name} call has no text context tokens to add the NAG negative to.")
         if kwargs.get("txt_byt5") is not None:
-            raise FamilyError(f"{owner}: HunyuanImage 2.1's ByT5 glyph tokens follow the text tokens, which NAG does "
-                              f"not handle; use the negative prompt with cfg > 1 on this model.")
+            raise FamilyError(f"{owner}: the ByT5 glyph tokens of HunyuanImage 2.1 / HunyuanVideo 1.5 (quoted text in "
+                              f"the prompt) follow the text tokens, which NAG does not handle; remove the quoted glyph "
+                              f"text, or use the negative prompt with cfg > 1 on this model.")
         chunks, per_chunk = len(forward.chunks), forward.chunk_size
         negative = self._negative_context(c_crossattn, per_chunk, chunks)
         kwargs = self._with_text_mask(kwargs, c_crossattn.shape[1], negative.shape[1], per_chunk, chunks)

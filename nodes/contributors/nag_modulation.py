@@ -229,6 +229,8 @@ class ContextPostAttention(ModulePatch):
 def install(model_patcher, modulation: OwnPooledModulation) -> None:
     """Object patches on a cloned ModelPatcher (idempotent per module)."""
     net = diffusion_model_of(model_patcher)
+    if getattr(net, modulation.site.embedder, None) is None:
+        return  # no pooled vector in its modulation (Flux 2, HunyuanVideo 1.5; newer Flux blocks then have no txt_mod)
     patches = []
     if modulation.site.blocks == "flux":
         patches += [(f"double_blocks.{i}.txt_mod", "text") for i in range(len(getattr(net, "double_blocks", [])))]

@@ -32,7 +32,11 @@ Cosmos Predict2     cosmos.predict2.MiniTrainDIT (no block-replace: object patch
                     forward, ``runtime/block_forward.py``)
 Lumina2 / Z-Image   lumina.model.NextDiT (no block-replace: object patches of its layers, ``runtime/lumina.py``)
 Mochi               genmo.joint_model.asymm_models_joint.AsymmDiTJoint (block methods and TSG; NAG refused)
-TSG only            HiDream, PixArt, HunyuanDiT, Cosmos (their time-embedding module; ``refusal``: why)
+Cosmos 1            cosmos.model.GeneralDIT (tokens [T, H, W, B, D]: object patches of its blocks' forward that
+                    present them batch first, ``runtime/block_forward.py``; NAG refused)
+HiDream             hidream.model.HiDreamImageTransformer2DModel (keyword-only block calls: object patches of its
+                    blocks' forward, ``runtime/block_forward.py``; NAG refused)
+TSG only            PixArt, HunyuanDiT (their time-embedding module; ``refusal``: why)
 ==================  ====================================================================================
 """
 
@@ -87,8 +91,8 @@ class FamilySpec:
     rope: bool = True  # positions applied inside every block (token shuffling needs this)
     patch: tuple[int, ...] = (2, 2)  # (h, w) or (t, h, w) patch size of image tokens
     transformer_options_in_blocks: bool = True
-    # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2, runtime/lumina.py); "forward":
-    # object patches of each block's forward (Cosmos Predict2, runtime/block_forward.py)
+    # "dit": patches_replace["dit"]; "layers": object patches of each layer (Lumina2, runtime/lumina.py); "forward" /
+    # "keywords": object patches of each block's forward (Cosmos Predict2 / HiDream, runtime/block_forward.py)
     block_hook: str = "dit"
     # NAG: how the text reaches the image tokens. "attn2" (UNet cross-attention replace), "cross"
     # (separate cross-attention modules named ``cross_attention``), "joint" (text tokens in the
@@ -165,8 +169,6 @@ def _time_only(name: str, path: str, refusal: str, nag_refusal: str = "", tuple_
 # last steps (sigma_end 0.7-0.9); scale 3 and above distorts. The middle of that range.
 NAG_LUMINA2 = NagDefaults(2.0, 2.5, 0.25, "ComfyUI-NAG pull request #64 (Z-Image-Turbo at cfg 1: scale 1.5-2.3, "
                                           "tau 2.5, alpha 0.25); no official setting")
-_NOT_PORTED = ("not ported yet: Guidance Kit's hooks have not been fitted to its {what} and tested (its blocks do "
-               "pass transformer_options)")
 
 
 TABLE: dict[str, FamilySpec] = {
@@ -221,9 +223,13 @@ TABLE: dict[str, FamilySpec] = {
         "Lumina2", "dit", (("single", "layers"),), joint=True, block_hook="layers", nag="joint",
         block_parts=(("single", "attention"),), label="Lumina2/Z-Image", slg_singles=False, nag_defaults=NAG_LUMINA2,
         scfg=True, time_embedding=TimeEmbeddingSite("Lumina2", "t_embedder")),
-    _ldm("hidream.model.HiDreamImageTransformer2DModel"): _time_only(
-        "HiDream", "t_embedder", _NOT_PORTED.format(what="double/single stream blocks (mixture-of-experts "
-                                                         "feed-forward, four text encoders' tokens per block)")),
+    _ldm("hidream.model.HiDreamImageTransformer2DModel"): FamilySpec(
+        "HiDream", "dit", (("double", "double_stream_blocks"), ("single", "single_stream_blocks")), joint=True,
+        image_first=True, block_hook="keywords", block_parts=(("double", "block.attn1"), ("single", "block.attn1")),
+        nag_refusal="its text reaches every block as the T5 tokens plus a fresh Llama 3.1 layer per block "
+                    "(encoder_hidden_states_llama3, not the model's context input that NAG extends), so NAG's "
+                    "negative tokens would miss the Llama part of every block's text",
+        time_embedding=TimeEmbeddingSite("HiDream", "t_embedder")),
     _ldm("pixart.pixartms.PixArtMS"): _time_only(
         "PixArt", "t_embedder", "its blocks receive no transformer_options (no per-branch state can reach their "
                                 "attention) and it has no block-replace patch"),
@@ -236,9 +242,13 @@ TABLE: dict[str, FamilySpec] = {
         nag_refusal="its joint attention keeps only the caption's first num_tokens tokens (crop_y), so appended "
                     "NAG tokens never reach it",
         time_embedding=TimeEmbeddingSite("Mochi", "t_embedder")),
-    _ldm("cosmos.model.GeneralDIT"): _time_only(
-        "Cosmos", "t_embedder.1", _NOT_PORTED.format(what="blocks (tokens in [T, H, W, B, D] order)"),
-        tuple_output=True),
+    _ldm("cosmos.model.GeneralDIT"): FamilySpec(
+        "Cosmos", "dit", (("double", "blocks"),), patch=(1, 2, 2), block_hook="batch_fourth",
+        block_parts=(("double", "blocks.0.block.attn"),), label="Cosmos 1",
+        nag_refusal="its self- and cross-attention are one Attention class inside DITBuildingBlocks, told apart only "
+                    "by their block_type, and NAG's cross-attention markers are not fitted to them (NAG serves "
+                    "Cosmos Predict2)",
+        time_embedding=TimeEmbeddingSite("Cosmos", "t_embedder.1", tuple_output=True)),
     _ldm("cascade.stage_c.StageC"): FamilySpec("Stable Cascade", "dit", perturbations=False,
                                                time_embedding_refusal="its time embedding is computed without a "
                                                                       "module (gen_r_embedding)",
@@ -291,10 +301,13 @@ REFUSED_SUBCLASSES = {
 # test ComfyUI): (family, class, how the pack treats it). "source-checked, not run": the class is one the table
 # serves and its blocks take the same arguments; refused ones stop at the node with the family named.
 NEWER_ONLY = (
-    ("Flux 2", "flux.model.Flux", "served through the Flux row (same class and block arguments; source-checked, "
-                                  "not run); SEG stops on reference-image tokens"),
-    ("HunyuanVideo 1.5", "hunyuan_video.model.HunyuanVideo", "served through the HunyuanVideo row (source-checked, "
-                                                             "not run); NAG stops when byT5 glyph tokens are present"),
+    ("Flux 2", "flux.model.Flux", "served through the Flux row (same class and block-replace arguments; its vec is "
+                                  "the precomputed modulation, no pooled vector, so NAG's pooled modulation installs "
+                                  "nothing; source-checked, not run); SEG stops on reference-image tokens"),
+    ("HunyuanVideo 1.5", "hunyuan_video.model.HunyuanVideo", "served through the HunyuanVideo row (source-checked, not "
+                                                             "run; its interface, no pooled vector and ByT5 glyph "
+                                                             "tokens, is tested on HunyuanImage 2.1); NAG stops when "
+                                                             "ByT5 glyph tokens are present"),
     ("Z-Image / Z-Image-Turbo", "lumina.model.NextDiT", "served through the Lumina2 row: caption and image padding, "
                                                         "block_index/block_type and the attention tensor containers "
                                                         "of newer ComfyUI handled (source-checked, not run)"),
@@ -521,6 +534,15 @@ def tpg_unet_layers(layout) -> str:
     return ", ".join(f"input {b}" for b in sorted(inputs) if levels.get(b, 0) == deepest)
 
 
+def block_name(blocks, index: int) -> str:
+    """The attribute name of a family's ``index``-th block (a ModuleDict's keys: Cosmos 1 'block0', ...)."""
+    return list(blocks.keys())[index] if hasattr(blocks, "keys") else str(index)
+
+
+def block_at(blocks, index: int):
+    return blocks[block_name(blocks, index)] if hasattr(blocks, "keys") else blocks[index]
+
+
 def _child(module, path: str):
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -554,7 +576,7 @@ def check_blocks(net, spec: FamilySpec, owner: str, keys=None) -> None:
             if index >= len(blocks):
                 raise FamilyError(f"{owner}: {spec.name} has {len(blocks)} '{attr}' blocks; block {index} does not "
                                   f"exist.")
-            block = blocks[index]
+            block = block_at(blocks, index)
             if group in parts and _child(block, parts[group]) is None:
                 raise FamilyError(f"{owner}: {spec.name} block {attr}.{index} ({type(block).__name__}) has no "
                                   f"'{parts[group]}' attention module; this ComfyUI version builds it differently. "

@@ -71,14 +71,14 @@ def dit_blocks(model_patcher, spec: FamilySpec, layout, keys, contributor: Contr
 
         lumina.layers(model_patcher, spec, keys, contributor)
         return
-    if spec.block_hook == "forward":
+    recorder = text_length_block(spec, layout, keys)
+    if spec.block_hook in ("forward", "keywords", "batch_fourth"):
         from . import block_forward
 
-        block_forward.blocks(model_patcher, spec, keys, contributor)
+        block_forward.blocks(model_patcher, spec, keys, contributor, recorder)
         return
     replace = _replace_patches(model_patcher)
     dit = dict(replace.get("dit", {}))
-    recorder = text_length_block(spec, layout, keys)
     hooked = {tuple(k): contributor for k in keys}
     if recorder is not None:
         hooked.setdefault(recorder, None)

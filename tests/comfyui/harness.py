@@ -89,17 +89,39 @@ CONFIGS.update({
         patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
         crossattn_emb_channels=64, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
         use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False)),
+    # two double- and two single-stream blocks with four routed experts; one Llama layer per block (llama_layers)
+    "hidream": (comfy.supported_models.HiDream, dict(
+        image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
+        attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 48], text_emb_dim=32,
+        num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8], max_resolution=[32, 32],
+        llama_layers=[0, 1, 2, 3])),
+    # Cosmos 1 (GeneralDIT): [T, H, W, B, D] tokens; ComfyUI 0.3.64 needs the per-block position embedding
+    "cosmos": (comfy.supported_models.CosmosT2V, dict(
+        image_model="cosmos", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, model_channels=64, block_config="FA-CA-MLP", concat_padding_mask=True,
+        pos_emb_cls="rope3d", pos_emb_learnable=False, pos_emb_interpolation="crop", block_x_format="THWBD",
+        affline_emb_norm=True, use_adaln_lora=True, adaln_lora_dim=16, num_blocks=2, num_heads=2,
+        crossattn_emb_channels=64, extra_per_block_abs_pos_emb=True, extra_per_block_abs_pos_emb_type="learnable")),
 })
+# HunyuanImage 2.1 (ComfyUI 0.3.64): HunyuanVideo's class without a pooled vector and with ByT5 glyph tokens, the
+# interface of HunyuanVideo 1.5 (newer ComfyUI); not in the family lists (its ByT5 mapper is the real width)
+CONFIGS["hunyuan_image21"] = (comfy.supported_models.HunyuanImage21, dict(
+    image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=64,
+    mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 16], theta=256, patch_size=[1, 1],
+    qkv_bias=True, guidance_embed=False, byt5=True, meanflow=False))
 MORE_FAMILIES = ("chroma", "hunyuan_video", "qwen_image", "ltxv")
-NEW_FAMILIES = ("lumina2", "mochi", "cosmos_predict2")  # issue 16: the families users run today
+NEW_FAMILIES = ("lumina2", "mochi", "cosmos_predict2", "hidream", "cosmos")  # issue 16: the families users run today
+HIDREAM_LLAMA = (4, 48)  # the tiny HiDream's Llama 3.1 layers and their width (conditioning_llama3)
 ALL_FAMILIES = FAMILIES + MORE_FAMILIES
 
 LATENT_SHAPES = {"sd15": (1, 4, 16, 16), "flux": (1, 16, 16, 16), "sd3": (1, 16, 16, 16), "wan21": (1, 16, 3, 8, 8),
                  "chroma": (1, 16, 16, 16), "hunyuan_video": (1, 16, 3, 8, 8), "qwen_image": (1, 16, 1, 16, 16),
                  "ltxv": (1, 128, 2, 4, 4), "lumina2": (1, 16, 12, 16),
-                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8)}
+                 "mochi": (1, 12, 2, 8, 8), "cosmos_predict2": (1, 16, 1, 8, 8), "hidream": (1, 16, 16, 16),
+                 "hunyuan_image21": (1, 16, 8, 8), "cosmos": (1, 16, 2, 8, 8)}
 CONTEXT = {"sd15": 64, "flux": 64, "sd3": 64, "wan21": 4096, "chroma": 64, "hunyuan_video": 64, "qwen_image": 64,
-           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64}
+           "ltxv": 64, "lumina2": 64, "mochi": 64, "cosmos_predict2": 64, "hidream": 64,
+           "hunyuan_image21": 64, "cosmos": 64}
 
 
 def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -142,8 +164,10 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 def conditioning(family: str, seed: int, tokens: int = 6) -> list:
     g = torch.Generator().manual_seed(seed)
     extra = {}
-    if family in ("flux", "sd3", "chroma", "hunyuan_video"):
+    if family in ("flux", "sd3", "chroma", "hunyuan_video", "hidream"):
         extra["pooled_output"] = torch.randn(1, 32, generator=g)
+    if family == "hidream":  # the Llama 3.1 hidden layers, [batch, layers, tokens, width]
+        extra["conditioning_llama3"] = torch.randn(1, HIDREAM_LLAMA[0], tokens, HIDREAM_LLAMA[1], generator=g)
     if family in ("flux", "hunyuan_video"):
         extra["guidance"] = 3.5
     if family in ("ltxv", "lumina2", "mochi"):  # Lumina2 and Mochi read their caption length from the mask

@@ -34,7 +34,7 @@ STEPS = 3
 CFG = 4.0
 AUTO = N.AUTO
 
-NAG_FAMILIES = ALL_FAMILIES + tuple(f for f in NEW_FAMILIES if f != "mochi")  # Mochi: NAG refused
+NAG_FAMILIES = ALL_FAMILIES + tuple(f for f in NEW_FAMILIES if f not in ("mochi", "hidream", "cosmos"))  # refused
 
 
 def nag(model, negative, scale=AUTO, tau=AUTO, alpha=AUTO, start=0.0, end=1.0, sigma_end=0.0):

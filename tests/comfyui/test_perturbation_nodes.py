@@ -96,7 +96,7 @@ def separate_forward(model):
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "hunyuan_video", "qwen_image", "lumina2", "mochi",
-                                    "cosmos_predict2"])
+                                    "cosmos_predict2", "hidream", "cosmos"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_batched_branch_equals_a_separate_forward(family, method):
     if method == "TPG" and family in NO_ROPE:
