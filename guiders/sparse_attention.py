@@ -1,9 +1,12 @@
-"""Sparse attention and PLADIS's extrapolation (Kim & Sim, ICCV 2025, arXiv 2503.07677), pure torch.
+"""Attention maps other than the model's softmax: PLADIS's sparse extrapolation (Kim & Sim, ICCV 2025, arXiv 2503.07677), pure torch.
 
 PLADIS replaces a cross-attention's softmax map ``A₁ = softmax(QKᵀ/√d)`` by
 ``A = A₁ + λ·(A_α − A₁)``, with ``A_α = α-entmax(QKᵀ/√d)`` (α = 1.5) or sparsemax (α = 2): its output is
 ``A·V = O₁ + λ·(O_α − O₁)``, so the model's own attention (O₁) is kept and only O_α is computed here.
 α-entmax comes from the ``entmax`` package (Peters, Niculae & Martins, the reference implementation).
+
+ERG (Ifriqi et al., NeurIPS 2025, arXiv 2504.13987): the weak branch's self-attention at a higher temperature
+(``tempered_attention``).
 """
 
 from __future__ import annotations
@@ -42,3 +45,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, function
 def pladis_extrapolate(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
     """``O₁ + λ·(O_α − O₁)``: λ = 1 is the sparse attention itself, λ = 0 the dense one."""
     return torch.lerp(dense, sparse.to(dense.dtype), scale) if scale != 1.0 else sparse.to(dense.dtype)
+
+
+def tempered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(QKᵀ/(τ√d) + mask)·V`` for [B, H, L, D] inputs: ERG's attention at temperature τ (τ > 1 flattens
+    the map, raising its entropy; τ → ∞ is the mean of the values; τ = 1 the plain attention)."""
+    scale = q.shape[-1] ** -0.5 / temperature
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,12 +1,14 @@
-"""Attention-space methods that change the model's own attention (no plan term, no extra branch): PLADIS."""
+"""Attention-space methods: PLADIS (the model's own cross-attention, no branch) and ERG (a weak branch from
+self-attention at a higher temperature, batched like PAG)."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..guiders.sparse_attention import SPARSE_FUNCTIONS
-from .common import CATEGORY_ROOT, NODE_PREFIX, model_input, node_error
+from .common import CATEGORY_ROOT, NODE_PREFIX, model_input, model_output, node_error
 from .contributors import pladis
+from .perturbation import Defaults, LayeredMethodNode, _layers_input, _scale_input, _term_inputs
 from .runtime.families import FamilyError, describe, diffusion_model_of, nag_family_of
 
 PLADIS_FAMILIES = "SD1.5/SDXL, WAN, LTXV and Cosmos Predict2"
@@ -75,4 +77,55 @@ class PLADISNode(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-NODES = [PLADISNode]
+class ERGNode(LayeredMethodNode):
+    LABEL = "ERG"
+    README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
+        "Entropy Rectifying Guidance (Ifriqi et al., NeurIPS 2025): the weak branch's self-attention at a higher "
+        "temperature (softmax(QKᵀ/(τ√d)), higher entropy); no negative prompt needed, works at cfg 1",
+        'block families¹',
+        '+1 batched branch',
+    )
+    COMPARE = {"key": "erg"}
+    DEFAULTS = Defaults(scale=2.0)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE_PREFIX + "ERG",
+            display_name="ERG · Entropy Rectifying Guidance",
+            category=CATEGORY_ATTENTION,
+            description=(
+                "Entropy Rectifying Guidance (Ifriqi et al., NeurIPS 2025): an extra conditional branch whose "
+                "self-attention in the chosen layers runs at a higher temperature τ (softmax(QKᵀ/(τ·√d)): a "
+                "flatter, higher-entropy attention map, a weaker prediction), and the result is pushed away from "
+                "it: D = CFG + scale·(cond − cond_ERG); at cfg 1 that is ERG's own rule with guidance 1 + scale, "
+                "without a negative prompt. The branch runs in the same batched model call as cond and uncond. "
+                "Stacks with APG and the other terms. Works on SD1.5/SDXL and Flux, Chroma, SD3, AuraFlow, WAN, "
+                "HunyuanVideo, Qwen-Image, LTXV."),
+            inputs=[
+                model_input(),
+                _scale_input(cls.DEFAULTS, "Strength of the ERG term (ERG's guidance w = 1 + scale at cfg 1). 2 = "
+                                           "the pack's default with CFG 4–7 on SD1.5/SDXL; 1–2 on DiTs. 0 = off "
+                                           "(no extra model cost)."),
+                io.Float.Input("temperature", default=2.0, min=1.0, max=1000.0, step=0.1, round=0.01,
+                               tooltip="Attention temperature τ of the weak branch: the logits are divided by τ. "
+                                       "1 = no change (no guidance); 2 = the pack's default; larger = flatter "
+                                       "attention, a weaker branch and a stronger effect (τ → ∞: every query "
+                                       "gets the mean value)."),
+                _layers_input("ERG default: the UNet middle block, the middle double block on DiTs (the pack's "
+                              "choice, as PAG/SEG)."),
+                *_term_inputs(cls.DEFAULTS),
+            ],
+            outputs=[model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, scale, temperature, layers, schedule, start_percent, end_percent):
+        if temperature < 1.0:
+            raise node_error(f"{cls.LABEL}: temperature must be at least 1 (a flatter attention map is the weak "
+                             f"branch), not {temperature}.")
+        return cls.add_term(model, "tempered_attention", layers, scale, schedule, start_percent, end_percent,
+                            temperature=float(temperature))
+
+
+NODES = [PLADISNode, ERGNode]

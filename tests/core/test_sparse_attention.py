@@ -79,3 +79,15 @@ def test_extrapolation_end_points_and_dtypes(dtype):
 def test_unknown_function_is_refused():
     with pytest.raises(ValueError, match="unknown sparse attention function"):
         sparse_probabilities(torch.zeros(1, 3), "softmax")
+
+
+def test_tempered_attention_is_softmax_of_scaled_logits():
+    from guidance_kit.guiders.sparse_attention import tempered_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
+    logits = q @ k.transpose(-1, -2) / 8 ** 0.5
+    torch.testing.assert_close(tempered_attention(q, k, v, 3.0), (logits / 3.0).softmax(-1) @ v)
+    torch.testing.assert_close(tempered_attention(q, k, v, 1.0), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    flat = tempered_attention(q, k, v, 1e6)  # τ → ∞: every query gets the mean value
+    torch.testing.assert_close(flat, v.mean(-2, keepdim=True).expand_as(flat), atol=1e-4, rtol=0)
