@@ -78,6 +78,7 @@ def cases(family: str) -> dict:
             m, 2.8, 0.0, 1.0, double_layers="0", single_layers=""))
     if family in ("sd15", "wan21", "ltxv"):  # PLADIS: text cross-attention families (no extra branch)
         out_cases["PLADIS"] = lambda m: out(A.PLADISNode.execute(m, 2.0, "entmax1.5"))
+    out_cases["ERG"] = lambda m: out(A.ERGNode.execute(m, 2.0, 2.0, "auto", **WHOLE_RUN))
     return out_cases
 
 
