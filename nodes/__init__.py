@@ -6,13 +6,25 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from . import adaptive, attention_methods, cfg_methods, digits_nodes, guider, model_guidance, nag, perturbation, samplers, scfg
+from . import (
+    adaptive,
+    attention_methods,
+    cfg_methods,
+    digits_nodes,
+    guider,
+    model_guidance,
+    nag,
+    perturbation,
+    samplers,
+    scfg,
+    spatial_methods,
+)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *perturbation.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES, *adaptive.NODES,
             *samplers.NODES, *guider.NODES, *digits_nodes.NODES,
-            *attention_methods.NODES]
+            *attention_methods.NODES, *spatial_methods.NODES]
 
 
 class GuidanceKitExtension(ComfyExtension):
