@@ -29,6 +29,7 @@ import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit
 from tests.comfyui.harness import counted, ksample, out, rel_diff, tiny_model  # noqa: E402
 from guidance_kit.nodes import perturbation as P  # noqa: E402
 from guidance_kit.nodes import attention_methods as A  # noqa: E402
+from guidance_kit.nodes import spatial_methods as S  # noqa: E402
 from guidance_kit.nodes.runtime.blocks import block_layout  # noqa: E402
 from guidance_kit.nodes.runtime.families import family_of  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance  # noqa: E402
@@ -79,6 +80,7 @@ def cases(family: str) -> dict:
     if family in ("sd15", "wan21", "ltxv"):  # PLADIS: text cross-attention families (no extra branch)
         out_cases["PLADIS"] = lambda m: out(A.PLADISNode.execute(m, 2.0, "entmax1.5"))
     out_cases["ERG"] = lambda m: out(A.ERGNode.execute(m, 2.0, 2.0, "auto", **WHOLE_RUN))
+    out_cases["SWG"] = lambda m: out(S.SWGNode.execute(m, 1.0, 0.75, 2, **WHOLE_RUN))
     return out_cases
 
 
