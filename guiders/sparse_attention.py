@@ -1,6 +1,6 @@
-"""Attention maps other than the model's softmax: PLADIS's sparse extrapolation (Kim & Sim, ICCV 2025, arXiv 2503.07677), pure torch.
+"""Attention maps other than the model's softmax, pure torch.
 
-PLADIS replaces a cross-attention's softmax map ``A₁ = softmax(QKᵀ/√d)`` by
+PLADIS (Kim & Sim, ICCV 2025, arXiv 2503.07677) replaces a cross-attention's softmax map ``A₁ = softmax(QKᵀ/√d)`` by
 ``A = A₁ + λ·(A_α − A₁)``, with ``A_α = α-entmax(QKᵀ/√d)`` (α = 1.5) or sparsemax (α = 2): its output is
 ``A·V = O₁ + λ·(O_α − O₁)``, so the model's own attention (O₁) is kept and only O_α is computed here.
 α-entmax comes from the ``entmax`` package (Peters, Niculae & Martins, the reference implementation).
