@@ -28,6 +28,8 @@ torch.set_num_threads(1)
 import tests.conftest  # noqa: E402,F401  (registers the package as guidance_kit, finds ComfyUI)
 from tests.comfyui.harness import counted, ksample, out, rel_diff, tiny_model  # noqa: E402
 from guidance_kit.nodes import perturbation as P  # noqa: E402
+from guidance_kit.nodes import attention_methods as A  # noqa: E402
+from guidance_kit.nodes import spatial_methods as S  # noqa: E402
 from guidance_kit.nodes.runtime.blocks import block_layout  # noqa: E402
 from guidance_kit.nodes.runtime.families import family_of  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance  # noqa: E402
@@ -75,6 +77,10 @@ def cases(family: str) -> dict:
     else:
         out_cases["core SkipLayerGuidanceDiT"] = lambda m: out(SkipLayerGuidanceDiT.execute(
             m, 2.8, 0.0, 1.0, double_layers="0", single_layers=""))
+    if family in ("sd15", "wan21", "ltxv"):  # PLADIS: text cross-attention families (no extra branch)
+        out_cases["PLADIS"] = lambda m: out(A.PLADISNode.execute(m, 2.0, "entmax1.5"))
+    out_cases["ERG"] = lambda m: out(A.ERGNode.execute(m, 2.0, 2.0, "auto", **WHOLE_RUN))
+    out_cases["SWG"] = lambda m: out(S.SWGNode.execute(m, 1.0, 0.75, 2, **WHOLE_RUN))
     return out_cases
 
 

@@ -8,6 +8,7 @@ from typing_extensions import override
 
 from . import (
     adaptive,
+    attention_methods,
     cfg_extensions,
     cfg_methods,
     digits_nodes,
@@ -19,13 +20,14 @@ from . import (
     samplers,
     scfg,
     seed_papers,
+    spatial_methods,
 )
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *nag.NODES, *scfg.NODES,
-            *model_guidance.NODES, *adaptive.NODES, *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES,
-            *guider.NODES, *digits_nodes.NODES]
+    return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *attention_methods.NODES,
+            *spatial_methods.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES, *adaptive.NODES,
+            *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES, *guider.NODES, *digits_nodes.NODES]
 
 
 class GuidanceKitExtension(ComfyExtension):

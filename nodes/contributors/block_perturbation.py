@@ -25,6 +25,7 @@ import torch
 
 from ...guiders import attention_ops
 from ...guiders.plan import BranchEffect
+from ...guiders.sparse_attention import tempered_attention
 from ..runtime import install as installer
 from ..runtime.attention_layout import from_bhld, heads_of, split_rows, take, to_bhld
 from ..runtime.families import FamilyError, FamilySpec
@@ -37,7 +38,8 @@ class Perturbation(BranchEffect, Guarded):
     """What a branch changes in the model, where.
 
     ``operator``: identity_attention (PAG), smoothed_attention (SEG, ``sigma``), token_shuffle (TPG),
-    skip (skip-layer guidance), drop (S²-Guidance: ``drop_ratio`` of ``blocks`` resampled every step).
+    skip (skip-layer guidance), drop (S²-Guidance: ``drop_ratio`` of ``blocks`` resampled every step),
+    tempered_attention (ERG, ``temperature``).
     ``blocks``: resolved keys, UNet ``(group, block, layer)`` / DiT ``(group, index)``.
     """
 
@@ -48,6 +50,7 @@ class Perturbation(BranchEffect, Guarded):
     sigma: float = 0.0
     drop_ratio: float = 0.0
     seed: int = 0
+    temperature: float = 1.0
 
     def acts_on(self, key: tuple, noise: int) -> bool:
         if self.operator == "drop":
@@ -119,6 +122,12 @@ def _smoothed_attention(p: Perturbation, q, k, v, mask, image: slice | None, gri
     return attention_ops.smoothed_energy_attention(q, k, v, grid, p.sigma, image=image, mask=mask)
 
 
+def _tempered_attention(p: Perturbation, q, k, v, mask, image: slice | None, grid, query: slice | None):
+    """ERG: the whole call's attention at temperature ``p.temperature`` (exact on a query slice: rows of the map
+    are independent)."""
+    return tempered_attention(q, k, v, p.temperature, mask)
+
+
 @dataclass(frozen=True)
 class AttentionOperator:
     """``apply(p, q, k, v [B, H, L, D], mask, image tokens, token grid, query slice or None)`` → the output;
@@ -129,7 +138,8 @@ class AttentionOperator:
 
 
 ATTENTION_OPERATORS = {"identity_attention": AttentionOperator(_identity_attention),
-                       "smoothed_attention": AttentionOperator(_smoothed_attention, needs_grid=True)}
+                       "smoothed_attention": AttentionOperator(_smoothed_attention, needs_grid=True),
+                       "tempered_attention": AttentionOperator(_tempered_attention)}
 BLOCK_OPERATORS = ("skip", "token_shuffle", "drop")
 
 
