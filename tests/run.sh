@@ -23,11 +23,11 @@ if [ -n "$comfyui" ]; then
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$comfyui/requirements.txt" > "$venv/comfyui-requirements.txt"
   # requests: imported by ComfyUI's server.py (comfy_extras/nodes_images.py imports it) but not in its
   # requirements.txt; older transformers pulled it in, newer ones do not.
-  "${pip[@]}" -r "$venv/comfyui-requirements.txt" -r tests/requirements.txt requests
+  "${pip[@]}" -r "$venv/comfyui-requirements.txt" -r requirements.txt -r tests/requirements.txt requests
   export COMFYUI_PATH="$comfyui"
 else
   echo "tests/run.sh: no ComfyUI checkout found: installing CPU torch 2.13.0; the ComfyUI tier will be skipped"
-  "${pip[@]}" torch==2.13.0 -r tests/requirements.txt
+  "${pip[@]}" torch==2.13.0 -r requirements.txt -r tests/requirements.txt
 fi
 
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
