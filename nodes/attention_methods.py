@@ -3,6 +3,8 @@ self-attention at a higher temperature, batched like PAG)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from comfy_api.latest import io
 
 from ..guiders.sparse_attention import SPARSE_FUNCTIONS
@@ -70,6 +72,11 @@ class PLADISNode(io.ComfyNode):
         patched = model.clone()
         if scale == 0.0:
             return io.NodeOutput(patched)
+        if importlib.util.find_spec("entmax") is None:
+            raise node_error(f"{cls.LABEL}: the sparse attention comes from the 'entmax' package, which is not "
+                             f"installed in ComfyUI's Python. Install the pack's requirements (pip install -r "
+                             f"requirements.txt in the pack's folder, or ComfyUI-Manager's 'install missing "
+                             f"dependencies').")
         try:
             pladis.install(patched, spec, cls.LABEL, float(scale), sparse_function)
         except FamilyError as e:

@@ -110,3 +110,13 @@ def test_stacks_with_a_perturbation_branch():
 def test_joint_attention_families_are_refused(family):
     with pytest.raises(ValueError, match="PLADIS.*joint attention"):
         pladis(tiny_model(family))
+
+
+def test_missing_entmax_is_refused_at_the_node_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "entmax" else real_find_spec(name, *args))
+    with pytest.raises(Exception, match="entmax.*requirements.txt"):
+        pladis(tiny_model("sd15"))
