@@ -40,6 +40,9 @@ LOG_KEY = "guidance_kit_prefix_fork_log"  # transformer_options of a batched eva
 SETTING_KEY = "guidance_kit_prefix_fork_enabled"  # transformer_options (from model_options): False = off
 ENVIRONMENT = "GUIDANCE_KIT_PREFIX_FORK"
 WRAPPER_KEY = "guidance_kit_prefix_fork"
+# per-forward states of other contributors that hold row indices of the full batch, read inside the blocks
+# (transformer_options key → who): with one of them in the forward, no unit runs a narrowed batch
+FULL_BATCH_ROW_STATES = {"guidance_kit_nag": "NAG", "guidance_kit_delta_rows": "a weight-delta branch"}
 
 
 def set_enabled(model_patcher, enabled: bool) -> None:
@@ -147,7 +150,7 @@ class ForkState:
                     self.notes.append((fork.label, f"{fork.label} computes its prefix from "
                                                    f"{self.layout.describe(position)} on: {reason}"))
 
-    def enter(self, position: int, rows: int, foreign: str = "") -> Selection | None:
+    def enter(self, position: int, rows: int, options: dict, foreign: str = "") -> Selection | None:
         """Unit ``position`` is about to run on ``rows`` rows: the rows it runs (None: all)."""
         previous, self.seen = self.seen, position
         if self.stopped_at is not None:
@@ -161,6 +164,11 @@ class ForkState:
             return None
         if foreign:
             self.stop(position, f"another node's patch ({foreign}) is on this block")
+            return None
+        holders = [who for key, who in FULL_BATCH_ROW_STATES.items() if options.get(key) is not None]
+        if holders:
+            self.stop(position, f"{' and '.join(holders)} in the same forward reads rows of the whole batch inside "
+                                f"the blocks")
             return None
         if rows != self.batch_size:
             self.stop(position, f"this unit runs {rows} rows for a batch of {self.batch_size} (frames folded into "
@@ -331,13 +339,14 @@ class PrefixForkBlock(DitBlockHook):
         img = args.get("img")
         if state is None or not torch.is_tensor(img):
             return DitBlockHook.__call__(self, args, extra)
-        selection = state.enter(self.position, img.shape[0], _foreign(self.previous))
+        selection = state.enter(self.position, img.shape[0], options, _foreign(self.previous))
         if selection is None:
             return DitBlockHook.__call__(self, args, extra)
         n = img.shape[0]
         local = _narrowed(options, selection)
         sliced = {k: (local if k == "transformer_options" else take_rows(v, selection.kept, n)) for k, v in args.items()}
-        out = DitBlockHook.__call__(self, sliced, extra)
+        with published(local, {}):
+            out = DitBlockHook.__call__(self, sliced, extra)
         _merge_back(options, local)
         return expand_rows(out, selection.gather, len(selection.kept))
 
@@ -353,23 +362,24 @@ class PrefixForkUnit(ModulePatch):
         self.position = position
 
     def __call__(self, x, *args, **kwargs):
-        state = current_options().get(FORK_KEY)
+        published_options = current_options()
+        state = published_options.get(FORK_KEY)
         if state is None or not torch.is_tensor(x):
             return self.original(x, *args, **kwargs)
-        selection = state.enter(self.position, x.shape[0], _foreign(self.previous))
+        options = kwargs.get("transformer_options")
+        options = options if isinstance(options, dict) else published_options
+        selection = state.enter(self.position, x.shape[0], options, _foreign(self.previous))
         if selection is None:
             return self.original(x, *args, **kwargs)
         n = x.shape[0]
-        options = kwargs.get("transformer_options")
-        local = None
-        if isinstance(options, dict):
-            local = _narrowed(options, selection)
+        local = _narrowed(options, selection)
+        if "transformer_options" in kwargs:
             kwargs = dict(kwargs, transformer_options=local)
         args = take_rows(args, selection.kept, n)
         kwargs = {k: (v if k == "transformer_options" else take_rows(v, selection.kept, n)) for k, v in kwargs.items()}
-        out = self.original(x[selection.kept.to(x.device)], *args, **kwargs)
-        if local is not None:
-            _merge_back(options, local)
+        with published(local, {}):
+            out = self.original(x[selection.kept.to(x.device)], *args, **kwargs)
+        _merge_back(options, local)
         return expand_rows(out, selection.gather, len(selection.kept))
 
 
