@@ -5,8 +5,8 @@ physical limit of that sharing, and ComfyUI core's own nodes (CPU).
     python benchmarks/perturbation_cost.py [--steps 12] [--repeats 5] [--families sd15,flux,sd3,wan21,...]
                                            [--digits 300] [--full-size sdxl] [--skip-tiny]
 
-Needs a ComfyUI checkout (COMFYUI_PATH or ~/ComfyUI). For every method: median ms per step over interleaved runs
-and its ratio to plain CFG in the same run, before (``×CFG``) and with the prefix shared (``shared``); the
+Needs a ComfyUI checkout (COMFYUI_PATH or ~/ComfyUI). For every method: CPU ms per step (this process's user +
+system time, the least of interleaved runs: robust to other processes on a shared machine) and its ratio to plain CFG in the same run, before (``×CFG``) and with the prefix shared (``shared``); the
 physical limit ``1 + Σ_branches (FLOP share of the network from the branch's first perturbed block on) × ½``
 (``limit``; FLOPs per unit counted with ``torch.utils.flop_counter.FlopCounterMode`` on the plain model's own
 forward); model forwards and batch rows per step; whether the output differs from plain CFG. Our branches run
@@ -163,24 +163,24 @@ def measure(base_model, sample, cases: dict, steps: int, repeats: int, sigmas: l
     plain = sample(base_model.clone())
     flops = unit_flops(base_model.clone(), lambda m: sample_one_step(sample, m))
     models, info = {"CFG (plain)": base_model.clone()}, {}
-    for name, build in cases.items():
+    for name, build in {"CFG (plain)": lambda m: m, **cases}.items():
         model = build(base_model.clone())
         counted_model, counter = counted(model)
         result = sample(counted_model)  # warm-up, and the output for the 'changes' column
         info[name] = (counter.calls / steps, sum(counter.batches) / steps, rel_diff(result.float(), plain.float()),
                       physical_limit(model, flops, sigmas) if prefix_fork.installed(model) else None)
-        models[name] = model
+        models[name] = model if name != "CFG (plain)" else models[name]
         if prefix_fork.installed(model):
             models[name + " [before]"] = unshared(model)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            start = time.perf_counter()
+            start = time.process_time()
             sample(model)
-            times[name].append((time.perf_counter() - start) / steps)
-    median = {name: statistics.median(t) for name, t in times.items()}
+            times[name].append((time.process_time() - start) / steps)
+    median = {name: min(t) for name, t in times.items()}  # the least disturbed run (the CPU is shared)
     base = median["CFG (plain)"]
-    rows = [("CFG (plain)", base, 1.0, None, None, 1.0, 2.0, 0.0)]
+    rows = [("CFG (plain)", base, 1.0, None, None, *info.pop("CFG (plain)")[:3])]
     for name, (forwards, batch_rows, changes, limit) in info.items():
         before = median.get(name + " [before]", median[name])
         shared = median[name] / base if name + " [before]" in median else None
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--full-size", default="", help="'sdxl': a random-weight full-size SDXL UNet, one step")
     parser.add_argument("--full-size-latent", type=int, default=32)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, 1 thread, CPU, cfg {CFG}, median of {args.repeats} interleaved runs. ms/step "
+    print(f"torch {torch.__version__}, 1 thread, CPU, cfg {CFG}, CPU time (user + system) per step, least of {args.repeats} interleaved runs. ms/step "
           f"and ×CFG: before (the branch computes the whole network); shared: ×CFG with the prefix shared; limit: "
           f"1 + Σ (FLOP share from the first perturbed block on) × ½; fwd = model forwards per step, rows = batch "
           f"rows per step (plain CFG: 1 / 2), changes = max relative difference of the final latent from plain CFG "

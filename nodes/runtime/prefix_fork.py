@@ -122,10 +122,14 @@ class Fork:
 class Selection:
     """The rows one unit runs (``kept``), the chunks they are, and each full row's row in the unit's output."""
 
-    kept: torch.Tensor
+    kept: torch.Tensor | slice  # a slice where the kept rows are one range (a view, no copy)
     gather: torch.Tensor
     chunks: list
     left_out: tuple
+
+    @property
+    def count(self) -> int:
+        return self.kept.stop - self.kept.start if isinstance(self.kept, slice) else self.kept.numel()
 
 
 class ForkState:
@@ -196,7 +200,9 @@ class ForkState:
             span, source = self.spans[fork.entry], self.spans[fork.source]
             for offset in range(span.stop - span.start):
                 gather[span.start + offset] = source.start + offset
-        return Selection(kept=torch.tensor(kept_rows, dtype=torch.long),
+        first = kept_rows[0]
+        contiguous = kept_rows == list(range(first, first + len(kept_rows)))
+        return Selection(kept=slice(first, first + len(kept_rows)) if contiguous else torch.tensor(kept_rows),
                          gather=torch.tensor([position_of[row] for row in gather], dtype=torch.long),
                          chunks=[entry for entry in self.chunks if entry not in dropped], left_out=left_out)
 
@@ -283,10 +289,12 @@ class ForkWrapper:
 # running a unit on the kept rows
 # ------------------------------------------------------------------------------------------------
 
-def take_rows(value, kept: torch.Tensor, n: int):
+def take_rows(value, kept: torch.Tensor | slice, n: int):
     """``value`` with every per-row tensor (first dimension ``n``) reduced to the rows ``kept``."""
     if torch.is_tensor(value):
-        return value[kept.to(value.device)] if value.ndim and value.shape[0] == n else value
+        if not value.ndim or value.shape[0] != n:
+            return value
+        return value[kept] if isinstance(kept, slice) else value[kept.to(value.device)]
     if isinstance(value, (tuple, list)):
         return type(value)(take_rows(v, kept, n) for v in value)
     if isinstance(value, dict):
@@ -348,7 +356,7 @@ class PrefixForkBlock(DitBlockHook):
         with published(local, {}):
             out = DitBlockHook.__call__(self, sliced, extra)
         _merge_back(options, local)
-        return expand_rows(out, selection.gather, len(selection.kept))
+        return expand_rows(out, selection.gather, selection.count)
 
 
 class PrefixForkUnit(ModulePatch):
@@ -378,9 +386,9 @@ class PrefixForkUnit(ModulePatch):
         args = take_rows(args, selection.kept, n)
         kwargs = {k: (v if k == "transformer_options" else take_rows(v, selection.kept, n)) for k, v in kwargs.items()}
         with published(local, {}):
-            out = self.original(x[selection.kept.to(x.device)], *args, **kwargs)
+            out = self.original(take_rows(x, selection.kept, n), *args, **kwargs)
         _merge_back(options, local)
-        return expand_rows(out, selection.gather, len(selection.kept))
+        return expand_rows(out, selection.gather, selection.count)
 
 
 # ------------------------------------------------------------------------------------------------
