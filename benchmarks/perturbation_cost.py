@@ -6,7 +6,8 @@ physical limit of that sharing, and ComfyUI core's own nodes (CPU).
                                            [--digits 300] [--full-size sdxl] [--skip-tiny]
 
 Needs a ComfyUI checkout (COMFYUI_PATH or ~/ComfyUI). For every method: CPU ms per step (this process's user +
-system time, the least of interleaved runs: robust to other processes on a shared machine) and its ratio to plain CFG in the same run, before (``×CFG``) and with the prefix shared (``shared``); the
+system time, the least of interleaved runs: robust to other processes on a shared machine) and its ratio to plain
+CFG in the same run, before (``×CFG``) and with the prefix shared (``shared``); the
 physical limit ``1 + Σ_branches (FLOP share of the network from the branch's first perturbed block on) × ½``
 (``limit``; FLOPs per unit counted with ``torch.utils.flop_counter.FlopCounterMode`` on the plain model's own
 forward); model forwards and batch rows per step; whether the output differs from plain CFG. Our branches run
@@ -110,7 +111,8 @@ def unit_flops(model, sample) -> tuple[list[float], float]:
     starts: dict[int, int] = {}
     hooks = []
     for i, module in enumerate(unit_modules(model, units, spec)):
-        hooks.append(module.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, counter.get_total_flops())))
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, a, i=i: starts.__setitem__(i, counter.get_total_flops())))
         hooks.append(module.register_forward_hook(
             lambda m, a, o, i=i: per_unit.__setitem__(i, per_unit[i] + counter.get_total_flops() - starts[i])))
     try:
@@ -246,15 +248,70 @@ SDXL_UNET = dict(
     num_heads=-1, num_head_channels=64, use_spatial_transformer=True, legacy=False, use_temporal_attention=False,
     use_temporal_resblock=False, num_classes="sequential",
 )
+FLUX_DEV = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+    mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+    qkv_bias=True, guidance_embed=True,
+)
+FULL_SIZE = {"sdxl": (comfy.supported_models.SDXL, SDXL_UNET, "sd15"),
+             "flux": (comfy.supported_models.Flux, FLUX_DEV, "flux")}  # (config, unet config, tiny family)
+
+
+def full_size_model(name: str, device: str):
+    """A full-size model of real block counts and widths in bf16: random weights, or on the meta device (no memory:
+    FLOP counts only)."""
+    cls, unet_config, _ = FULL_SIZE[name]
+    config = cls(dict(unet_config))
+    config.set_inference_dtype(torch.bfloat16, None)
+    model = config.get_model({}, device=torch.device(device))
+    if device != "meta":
+        init_random_(model.diffusion_model)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=torch.device(device))
+
+
+def direct_forward(name: str, model, latent: int) -> None:
+    """One forward of the diffusion model on one row (the FLOP counts' forward; any device)."""
+    import comfy.model_management
+
+    net = model.model.diffusion_model
+    device, dtype = next(net.parameters()).device, torch.bfloat16
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+    free = comfy.model_management.get_free_memory
+    comfy.model_management.get_free_memory = lambda *a, **k: (1 << 40, 1 << 40)  # the meta device has no memory stats
+    try:
+        if name == "sdxl":
+            net(zeros(1, 4, latent, latent), torch.zeros(1, device=device), zeros(1, 77, 2048), y=zeros(1, 2816))
+        else:
+            net(zeros(1, 16, latent, latent), torch.zeros(1, device=device), zeros(1, 256, 4096), y=zeros(1, 768),
+                guidance=torch.full((1,), 3.5, device=device))
+    finally:
+        comfy.model_management.get_free_memory = free
+
+
+def full_size_limits(name: str, latent: int, steps: int) -> None:
+    """The physical limit of each method on a full-size model (meta device: FLOPs only, no timing)."""
+    model = full_size_model(name, "meta")
+    flops = unit_flops(model, lambda m: direct_forward(name, m, latent))
+    sigmas = sigmas_of(tiny_model(FULL_SIZE[name][2]), steps)  # the family's schedule (S²'s dropped blocks per σ)
+    print(f"## {name} full size (real block counts and widths), {latent}×{latent} latent: physical limits "
+          f"({flops[1] / 1e12:.2f} TFLOP per row and forward)")
+    for method, build in METHODS.items():
+        try:
+            patched = build(model.clone())
+        except ValueError as e:
+            print(f"{method:28s} refused: {str(e)[:80]}")
+            continue
+        effects = perturbations_of(patched)
+        blocks = "; ".join(", ".join(" ".join(map(str, k)) for k in p.blocks[:4]) + (" …" if len(p.blocks) > 4 else "")
+                           for p in effects)
+        print(f"{method:28s} limit {physical_limit(patched, flops, sigmas):5.3f}   ({blocks})")
+    print(flush=True)
 
 
 def run_full_size_sdxl(latent: int, repeats: int) -> None:
     """A random-weight SDXL UNet (real block counts and widths), bf16, one step at a ``latent``² latent."""
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    config.set_inference_dtype(torch.bfloat16, None)
-    model = config.get_model({})
-    init_random_(model.diffusion_model)
-    base = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    base = full_size_model("sdxl", "cpu")
     g = torch.Generator().manual_seed(0)
     pooled = {"pooled_output": torch.randn(1, 1280, generator=g), "width": 8 * latent, "height": 8 * latent}
     positive = [[torch.randn(1, 77, 2048, generator=g), dict(pooled)]]
@@ -280,10 +337,14 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--digits", type=int, default=0, help="batch of the digits-model table (0: none)")
     parser.add_argument("--digits-steps", type=int, default=4)
-    parser.add_argument("--full-size", default="", help="'sdxl': a random-weight full-size SDXL UNet, one step")
+    parser.add_argument("--limits", default="", help="full-size models whose physical limits to print (meta "
+                                                       "device, no memory): sdxl,flux")
+    parser.add_argument("--limits-latent", type=int, default=128, help="latent side for --limits (128: 1024 px)")
+    parser.add_argument("--full-size", default="", help="'sdxl': time a random-weight full-size SDXL UNet, one step")
     parser.add_argument("--full-size-latent", type=int, default=32)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, 1 thread, CPU, cfg {CFG}, CPU time (user + system) per step, least of {args.repeats} interleaved runs. ms/step "
+    print(f"torch {torch.__version__}, 1 thread, CPU, cfg {CFG}, CPU time (user + system) per step, least of "
+          f"{args.repeats} interleaved runs. ms/step "
           f"and ×CFG: before (the branch computes the whole network); shared: ×CFG with the prefix shared; limit: "
           f"1 + Σ (FLOP share from the first perturbed block on) × ½; fwd = model forwards per step, rows = batch "
           f"rows per step (plain CFG: 1 / 2), changes = max relative difference of the final latent from plain CFG "
@@ -293,6 +354,8 @@ def main() -> None:
             run_tiny(family, args.steps, args.repeats)
     if args.digits:
         run_digits(args.digits, args.digits_steps, args.repeats)
+    for name in filter(None, args.limits.split(",")):
+        full_size_limits(name, args.limits_latent, args.digits_steps)
     if args.full_size == "sdxl":
         run_full_size_sdxl(args.full_size_latent, args.repeats)
 

@@ -352,7 +352,7 @@ class PrefixForkBlock(DitBlockHook):
             return DitBlockHook.__call__(self, args, extra)
         n = img.shape[0]
         local = _narrowed(options, selection)
-        sliced = {k: (local if k == "transformer_options" else take_rows(v, selection.kept, n)) for k, v in args.items()}
+        sliced = {k: local if k == "transformer_options" else take_rows(v, selection.kept, n) for k, v in args.items()}
         with published(local, {}):
             out = DitBlockHook.__call__(self, sliced, extra)
         _merge_back(options, local)
