@@ -166,7 +166,11 @@ def measure(base_model, sample, cases: dict, steps: int, repeats: int, sigmas: l
     flops = unit_flops(base_model.clone(), lambda m: sample_one_step(sample, m))
     models, info = {"CFG (plain)": base_model.clone()}, {}
     for name, build in {"CFG (plain)": lambda m: m, **cases}.items():
-        model = build(base_model.clone())
+        try:
+            model = build(base_model.clone())
+        except ValueError as e:  # refused at the node (e.g. TSG's paper mode on Chroma)
+            print(f"{name}: refused ({str(e)[:100]})")
+            continue
         counted_model, counter = counted(model)
         result = sample(counted_model)  # warm-up, and the output for the 'changes' column
         info[name] = (counter.calls / steps, sum(counter.batches) / steps, rel_diff(result.float(), plain.float()),
