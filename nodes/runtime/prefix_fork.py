@@ -124,7 +124,7 @@ class Selection:
 
     kept: torch.Tensor | slice  # a slice where the kept rows are one range (a view, no copy)
     gather: torch.Tensor
-    chunks: list
+    chunks: list  # positions of the kept chunks in the forward's ``cond_or_uncond``
     left_out: tuple
 
     @property
@@ -204,7 +204,7 @@ class ForkState:
         contiguous = kept_rows == list(range(first, first + len(kept_rows)))
         return Selection(kept=slice(first, first + len(kept_rows)) if contiguous else torch.tensor(kept_rows),
                          gather=torch.tensor([position_of[row] for row in gather], dtype=torch.long),
-                         chunks=[entry for entry in self.chunks if entry not in dropped], left_out=left_out)
+                         chunks=[i for i, entry in enumerate(self.chunks) if entry not in dropped], left_out=left_out)
 
 
 def _branch_forks(layout: ForkLayout, forward: Forward) -> tuple[list[Fork], list[tuple[str, str]]]:
@@ -316,16 +316,23 @@ def expand_rows(value, gather: torch.Tensor, m: int):
     return value
 
 
+PER_CHUNK_KEYS = ("cond_or_uncond", "uuids")  # ComfyUI's per-chunk lists of a forward's transformer_options
+
+
 def _narrowed(options: dict, selection: Selection) -> dict:
+    """The unit's options: ComfyUI's per-chunk lists narrowed to the kept chunks."""
     local = dict(options)
-    local["cond_or_uncond"] = selection.chunks
+    for key in PER_CHUNK_KEYS:
+        value = options.get(key)
+        if isinstance(value, list) and len(value) == len(options["cond_or_uncond"]):
+            local[key] = [value[i] for i in selection.chunks]
     return local
 
 
 def _merge_back(options: dict, local: dict) -> None:
     """What the unit's hooks wrote into their options (e.g. the joint text length) for the units after it."""
     for key, value in local.items():
-        if key != "cond_or_uncond" and options.get(key, local) is not value:
+        if key not in PER_CHUNK_KEYS and options.get(key, local) is not value:
             options[key] = value
 
 
