@@ -82,8 +82,8 @@ def dit_layout(layout) -> ForkLayout:
 
 
 def unet_layout(net) -> ForkLayout:
-    """UNet units: input conv, ResBlocks, down/upsamplers and the transformer layers of spatial transformers,
-    in the order ``forward_timestep_embed`` runs them. Other children (video layers, unknown modules) are not
+    """UNet units: input conv, ResBlocks, down/upsamplers and the projections and transformer layers of spatial
+    transformers, in the order ``forward_timestep_embed`` and ``SpatialTransformer.forward`` run them. Other children (video layers, unknown modules) are not
     units: they run on every row."""
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample, VideoResBlock
@@ -94,10 +94,14 @@ def unet_layout(net) -> ForkLayout:
         for b, block in enumerate(blocks):
             prefix = "diffusion_model.middle_block" if group == "middle" else f"diffusion_model.{group}_blocks.{b}"
             for c, layer in enumerate(block):
-                if type(layer) is SpatialTransformer:
+                if type(layer) is SpatialTransformer:  # its projections (matmuls) and layers; not its norm
+                    units.append((group, b, f"proj_in {c}"))
+                    paths.append(f"{prefix}.{c}.proj_in")
                     for t in range(len(layer.transformer_blocks)):
                         units.append((group, b, t))
                         paths.append(f"{prefix}.{c}.transformer_blocks.{t}")
+                    units.append((group, b, f"proj_out {c}"))
+                    paths.append(f"{prefix}.{c}.proj_out")
                 elif (isinstance(layer, (ResBlock, Downsample, Upsample)) and not isinstance(layer, VideoResBlock)) \
                         or (group == "input" and b == 0 and isinstance(layer, torch.nn.Conv2d)):
                     units.append((group, b, f"layer {c}"))
