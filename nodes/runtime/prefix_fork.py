@@ -83,8 +83,8 @@ def dit_layout(layout) -> ForkLayout:
 
 def unet_layout(net) -> ForkLayout:
     """UNet units: input conv, ResBlocks, down/upsamplers and the projections and transformer layers of spatial
-    transformers, in the order ``forward_timestep_embed`` and ``SpatialTransformer.forward`` run them. Other children (video layers, unknown modules) are not
-    units: they run on every row."""
+    transformers, in the order ``forward_timestep_embed`` and ``SpatialTransformer.forward`` run them. Other
+    children (video layers, unknown modules) are not units: they run on every row."""
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample, VideoResBlock
 
