@@ -2,8 +2,9 @@
 
 A block perturbation's branch (PAG, SEG, TPG, skip-layer, S²-Guidance) is its source chunk (the cond) bit for bit
 until its first perturbed block. The network is cut into *units* in execution order (``ForkLayout``): DiT blocks
-(``("double", i)`` then ``("single", i)``), and on UNets every ResBlock, down/upsampler and input conv and every
-transformer layer ``(group, block, layer)``. Each unit before a branch's first perturbed one is hooked:
+(``("double", i)`` then ``("single", i)``), and on UNets every ResBlock, down/upsampler and input conv and each
+spatial transformer's projections and transformer layers ``(group, block, layer)``. Each unit before a branch's
+first perturbed one is hooked:
 
 * DiTs: ``PrefixForkBlock``, a ``DitBlockHook`` in ``patches_replace["dit"]`` (outermost, so the block's own
   contributors see the rows it runs);
