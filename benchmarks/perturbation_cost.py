@@ -231,7 +231,7 @@ def run_tiny(family: str, steps: int, repeats: int) -> None:
                 measure(base, sample, tiny_cases(family), steps, repeats, sigmas_of(base, steps)))
 
 
-def run_digits(batch: int, steps: int, repeats: int) -> None:
+def run_digits(batch: int, steps: int, repeats: int, methods: list[str] | None = None) -> None:
     from guidance_kit.digits import sampling
     from guidance_kit.digits.model import cached_digits_model
 
@@ -242,7 +242,8 @@ def run_digits(batch: int, steps: int, repeats: int) -> None:
         return sampling.sample(model, digits, classes, 0, CFG, steps)
 
     print_table(f"digits model (8×8 UNet, eps), batch {batch}, {steps} euler steps",
-                measure(digits.patcher, sample, METHODS, steps, repeats, sigmas_of(digits.patcher, steps)))
+                measure(digits.patcher, sample, {m: METHODS[m] for m in methods or METHODS}, steps, repeats,
+                        sigmas_of(digits.patcher, steps)))
 
 
 SDXL_UNET = dict(
@@ -341,6 +342,7 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--digits", type=int, default=0, help="batch of the digits-model table (0: none)")
     parser.add_argument("--digits-steps", type=int, default=4)
+    parser.add_argument("--digits-methods", default="", help="comma-separated METHODS names (default: all)")
     parser.add_argument("--limits", default="", help="full-size models whose physical limits to print (meta "
                                                        "device, no memory): sdxl,flux")
     parser.add_argument("--limits-latent", type=int, default=128, help="latent side for --limits (128: 1024 px)")
@@ -357,7 +359,8 @@ def main() -> None:
         for family in args.families.split(","):
             run_tiny(family, args.steps, args.repeats)
     if args.digits:
-        run_digits(args.digits, args.digits_steps, args.repeats)
+        run_digits(args.digits, args.digits_steps, args.repeats,
+                   [m for m in args.digits_methods.split(",") if m] or None)
     for name in filter(None, args.limits.split(",")):
         full_size_limits(name, args.limits_latent, args.digits_steps)
     if args.full_size == "sdxl":
