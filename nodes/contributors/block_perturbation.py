@@ -27,6 +27,7 @@ from ...guiders import attention_ops
 from ...guiders.plan import BranchEffect
 from ...guiders.sparse_attention import tempered_attention
 from ..runtime import install as installer
+from ..runtime import prefix_fork
 from ..runtime.attention_layout import from_bhld, heads_of, split_rows, take, to_bhld
 from ..runtime.families import FamilyError, FamilySpec
 from ..runtime.rows import BRANCH_MAP_KEY, Forward
@@ -51,6 +52,11 @@ class Perturbation(BranchEffect, Guarded):
     drop_ratio: float = 0.0
     seed: int = 0
     temperature: float = 1.0
+
+    def perturbed_blocks(self, noise: int) -> tuple:
+        """The blocks it perturbs at the noise level ``noise``: its branch shares everything before the first
+        (``runtime/prefix_fork.py``)."""
+        return dropped_blocks(self, noise) if self.operator == "drop" else self.blocks
 
     def acts_on(self, key: tuple, noise: int) -> bool:
         if self.operator == "drop":
@@ -324,5 +330,6 @@ def install(model_patcher, spec: FamilySpec, layout, perturbation: Perturbation)
         if attention:
             installer.attention(model_patcher, CONTRIBUTOR)
     installer.guard(model_patcher)
+    prefix_fork.install(model_patcher, spec, layout, perturbation.blocks, latest=perturbation.operator == "drop")
     if attention and operator.needs_grid and not spec.is_unet:
         installer.latent_shape(model_patcher)

@@ -88,6 +88,7 @@ class RunState:
     passes: int = 0  # model passes (batch chunks: cond, uncond, each branch) actually run
     plain_passes: int = 0  # what plain CFG would have run for the same evaluations
     guider: object = None  # the run's guider: its conds hold the conditionings nodes brought (conditioning_key)
+    notes: dict = field(default_factory=dict)  # key → a line of the run's report (e.g. the prefix sharing)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -136,6 +137,7 @@ def call_report(run: RunState, plan: GuidancePlan | None) -> str:
             f"in {run.calc_calls} batched calls; plain CFG would make {run.plain_passes} ({change:+.0f}%)")
     if plan is not None:
         line += "".join(plan.run_reports(run.guidance))  # e.g. what Adaptive Guidance switched off
+    line += "".join(f"; {note}" for note in run.notes.values())
     return line
 
 

@@ -376,6 +376,26 @@ def _():
     assert seen.get("processed"), "the extra conds entry was not processed by ComfyUI's process_conds"
 
 
+@internal("prefix sharing: forward_timestep_embed calls each unit module; ResBlock(x, emb); per-chunk 'uuids'")
+def _():
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    positional(openaimodel.forward_timestep_embed, "ts", "x", "emb", "context", "transformer_options")
+    positional(openaimodel.ResBlock.forward, "x", "emb")
+    for name in ("Downsample", "Upsample", "VideoResBlock", "TimestepEmbedSequential"):
+        assert hasattr(openaimodel, name), name
+    seen = []
+
+    def spy(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        seen.append((list(transformer_options["cond_or_uncond"]), len(transformer_options["uuids"])))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    model = tiny_model("sd15")
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "contract", spy)
+    ksample(model, "sd15", 4.0, 1)
+    assert seen and all(len(chunks) == uuids for chunks, uuids in seen), seen
+
+
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
 def test_internal(name):
     CONTRACT[name]()

@@ -9,7 +9,9 @@ SD3 and WAN models (WAN's latents are 5-D video latents), through ComfyUI's own 
 (e) fp16 and bf16 models give finite outputs;
 (f) at cfg 1 it acts, or says that it has no effect there (never silently nothing);
 (g) 5-D latents work (the WAN runs);
-(h) stacked with another node, both still act.
+(h) stacked with another node, both still act;
+(i) where its branches share the unperturbed prefix of the network (``nodes/runtime/prefix_fork.py``), the run
+    equals the unshared run (fp32 and bf16).
 
 Nodes are found from the extension's node list and classified by their schema: MODEL → MODEL patches,
 SAMPLER nodes and GUIDER nodes; nodes of other kinds (the digits loader and decoder, the S-CFG map viewer) are
@@ -34,6 +36,7 @@ from comfy_api.latest import io
 from comfy_extras import nodes_custom_sampler as custom
 
 from guidance_kit.nodes import node_list
+from guidance_kit.nodes.runtime import prefix_fork
 from tests.comfyui.harness import FAMILIES, conditioning, latent, nodes, rel_diff, tiny_model
 
 STEPS = 6
@@ -461,6 +464,22 @@ def test_h_stacked_with_another_node_both_act(node, family, loras_folder, caplog
     if rel_diff(both, partner_alone) <= SAME:  # as in (a): no effect is allowed only when the pack says so
         assert said_no_effect(caplog.records, case), \
             f"{case.label} does nothing when stacked after {partner.label} on {family} and says nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("node,family", CASES, ids=IDS)
+def test_i_prefix_shared_equals_unshared(node, family, dtype, loras_folder):
+    case = case_for(node, family, loras_folder, dtype=dtype)
+    got = node_output(case)
+    if got is None or not prefix_fork.installed(case.setup.model):
+        return
+    unshared = case.setup.model.clone()
+    prefix_fork.set_enabled(unshared, False)
+    whole = run(Setup(unshared, sampler=case.setup.sampler, guider_node=case.setup.guider_node, cfg=case.cfg,
+                      extra=case.setup.extra))
+    difference = rel_diff(got.float(), whole.float())
+    assert difference <= SAME, f"{case.label} on {family} ({dtype}): prefix shared differs from unshared by " \
+                               f"{difference:.2e}"
 
 
 def test_every_node_declares_only_known_exceptions():
