@@ -483,6 +483,10 @@ class ForkReport(EvaluationHook):
 
     def finish(self, plan, recorder: ForkLog, model_options: dict, run) -> dict:
         for label, (unit, shared, _) in recorder.shared.items():
+            if not shared:  # the hooked units never ran narrowed: this family's blocks do not go through them
+                run.notes[f"prefix:{label}"] = (f"{label}'s branch runs whole (no prefix shared): no block before "
+                                                f"its fork at {unit} ran through the fork's hooks on this family")
+                continue
             run.notes[f"prefix:{label}"] = (f"{label}'s branch forks at {unit} and takes the {shared} units before "
                                             f"it from the cond rows (prefix shared)")
         for label, note in recorder.notes.items():

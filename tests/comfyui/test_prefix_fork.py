@@ -15,8 +15,9 @@ import torch
 from guidance_kit.nodes import perturbation as P
 from guidance_kit.nodes.runtime import prefix_fork
 from guidance_kit.nodes.runtime.blocks import block_layout
+from guidance_kit.nodes.runtime import families
 from guidance_kit.nodes.runtime.families import family_of
-from tests.comfyui.harness import ALL_FAMILIES, conditioning, ksample, out, rel_diff, tiny_model
+from tests.comfyui.harness import ALL_FAMILIES, NEW_FAMILIES, conditioning, ksample, out, rel_diff, tiny_model
 
 STEPS = 4
 CFG = 4.0
@@ -42,7 +43,7 @@ def unit_modules(model) -> list:
     if spec.is_unet:
         return [comfy.utils.get_attr(model.model, path) for path in units.paths]
     attrs = dict(spec.groups)
-    return [getattr(net, attrs[group])[index] for group, index in units.units]
+    return [families.block_at(getattr(net, attrs[group]), index) for group, index in units.units]
 
 
 def inner_module(unit):
@@ -198,3 +199,20 @@ def test_a_shared_block_sees_its_own_rows_chunks_and_uuids():
     finally:
         hook.remove()
     assert seen and all(rows == 2 and sorted(chunks) == [0, 1] and uuids == 2 for rows, chunks, uuids in seen), seen
+
+
+@pytest.mark.parametrize("family", [f for f in NEW_FAMILIES if f != "mochi"] + ["mochi"])
+def test_families_with_per_block_object_patches_equal_unshared_and_the_report_says_what_was_shared(family, caplog):
+    """Lumina2, Cosmos Predict2, HiDream and Cosmos 1 run their blocks through object patches (no block-replace):
+    the fork's block hooks are not on their path, so the branch runs whole and the report says so; Mochi (a
+    block-replace family) shares its prefix. Either way the output equals the unshared run."""
+    caplog.set_level(logging.INFO, logger="guidance_kit")
+    model = build("PAG", family)
+    shared = ksample(model, family, CFG, STEPS)
+    lines = report(caplog)
+    whole = ksample(shared_off(model), family, CFG, STEPS)
+    assert rel_diff(shared, whole) <= SAME
+    if family == "mochi":
+        assert "prefix shared" in lines and "runs whole" not in lines, lines
+    else:
+        assert "PAG's branch runs whole (no prefix shared)" in lines, lines
