@@ -50,7 +50,10 @@ class _CloneInferenceTensors(TorchFunctionMode):
         return func(*tree_map(normal, args), **tree_map(normal, kwargs or {}))
 
 
-def loss_gradient(x: torch.Tensor, predict_x0: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def loss_gradient(x: torch.Tensor, predict_x0: Predictor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∇_x Σ_b L_b(predict_x0(x)), the per-sample losses), differentiating through ``predict_x0`` even when
     called under ``torch.no_grad`` / ``torch.inference_mode``."""
     with torch.inference_mode(False), torch.enable_grad(), _CloneInferenceTensors():
@@ -60,7 +63,7 @@ def loss_gradient(x: torch.Tensor, predict_x0: Callable[[torch.Tensor], torch.Te
     return gradient.detach(), losses.detach()
 
 
-def flowmo_update(x: torch.Tensor, predict_x0: Callable[[torch.Tensor], torch.Tensor], iterations: int,
+def flowmo_update(x: torch.Tensor, predict_x0: Predictor, iterations: int,
                   learning_rate: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``iterations`` Adam steps (fresh state) on the FlowMo loss; returns the moved latent and the losses seen
     before each step."""

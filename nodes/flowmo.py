@@ -86,6 +86,11 @@ class FlowMoNode(io.ComfyNode):
         "WAN 2.1/2.2 (video latents)",
         "+iterations × (forward + backward of the CFG pair) per guided step",
     )
+    BATCH_COUPLED = (
+        "not coupled in its math (the loss is per sample), but the authors' Adam update's first step is "
+        "learning_rate·sign(gradient): a gradient element within float round-off of zero can take the other sign "
+        "in a batched model call, so a batch differs from single runs by float noise amplified to ~1e-5 relative"
+    )
 
     @classmethod
     def define_schema(cls):
