@@ -40,7 +40,8 @@ def main() -> None:
     base = tiny_model("wan21")
     cases = {"CFG (plain)": base}
     for iterations in (1, 3):
-        cases[f"FlowMo (iterations {iterations})"] = out(FlowMoNode.execute(base, 0.005, iterations, 0.0, 0.5))
+        name = f"FlowMo (iterations {iterations})"
+        cases[name] = out(FlowMoNode.execute(base, 0.005, iterations, 0.0, 0.5))
     plain = ksample(base, "wan21", CFG, args.steps)
     times = {name: [] for name in cases}
     forwards = {}
@@ -53,8 +54,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
             forwards[name] = (counter.calls, rel_diff(result, plain))
     reference = statistics.median(times["CFG (plain)"])
-    guided = sum(1 for _ in range(args.steps // 2))
-    print(f"tiny WAN, {args.steps} steps (FlowMo guides the first {guided}), cfg {CFG}, euler, CPU 1 thread")
+    plain_calls = forwards["CFG (plain)"][0]
+    guided = forwards["FlowMo (iterations 1)"][0] - plain_calls  # one extra forward per guided step
+    print(f"tiny WAN, {args.steps} steps (FlowMo guides {guided}: progress < 0.5), cfg {CFG}, euler, CPU 1 thread")
     print("| method | s per run | ratio to CFG (run) | ratio per guided step | forwards per run | differs from CFG |")
     print("|---|---|---|---|---|---|")
     for name, samples in times.items():
