@@ -79,3 +79,29 @@ def test_image_models_are_refused_and_the_input_model_is_unchanged():
     base = tiny_model("wan21")
     flowmo(base)
     assert not base.wrappers.get("predict_noise")
+
+
+def test_through_the_guidance_guider_stacked_with_apg():
+    from guidance_kit.nodes.cfg_methods import APGNode
+    from guidance_kit.nodes.guider import GuidanceGuiderNode
+    from tests.comfyui.harness import custom_advanced
+
+    base = tiny_model("wan21")
+    apg = out(APGNode.execute(base, 0.0, 15.0, 0.0))
+
+    def guided(model):
+        guider = out(GuidanceGuiderNode.execute(model, conditioning("wan21", 1), conditioning("wan21", 2), CFG))
+        return custom_advanced(guider, "wan21", STEPS)
+
+    with_apg = guided(apg)
+    both = guided(flowmo(apg))
+    assert rel_diff(both, with_apg) > 1e-3  # FlowMo acts on top of APG
+    assert rel_diff(both, guided(flowmo(base))) > 1e-3  # and APG still acts with FlowMo
+
+
+@pytest.mark.parametrize("sampler", ["uni_pc", "dpmpp_2m", "heun"])
+def test_other_samplers_run_and_act(sampler):
+    base = tiny_model("wan21")
+    guided = ksample(flowmo(base), "wan21", CFG, STEPS, sampler=sampler)
+    assert bool(torch.isfinite(guided).all())
+    assert rel_diff(guided, ksample(base, "wan21", CFG, STEPS, sampler=sampler)) > 1e-3
