@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from guidance_kit.nodes import perturbation as P
-from guidance_kit.nodes.runtime import prefix_fork
+from guidance_kit.nodes.runtime import families, prefix_fork
 from guidance_kit.nodes.runtime.blocks import block_layout
-from guidance_kit.nodes.runtime import families
 from guidance_kit.nodes.runtime.families import family_of
 from tests.comfyui.harness import ALL_FAMILIES, NEW_FAMILIES, conditioning, ksample, out, rel_diff, tiny_model
 
