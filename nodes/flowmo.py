@@ -17,16 +17,20 @@ from comfy_api.latest import io
 
 from ..guiders.flowmo import flowmo_update
 from .common import CATEGORY_ROOT, NODE_PREFIX, model_input, model_output, node_error
-from .runtime.families import diffusion_model_of
+from .runtime.families import FAMILIES, diffusion_model_of, exact_spec
 
 WRAPPER_KEY = "guidance_kit_flowmo"
 LABEL = "FlowMo"
 
 
-def is_wan(model_patcher) -> bool:
-    import comfy.ldm.wan.model
+# the WAN classes of the family table whose forward is WAN 2.1/2.2's video denoiser (matched by exact class: a newer
+# class deriving from WanModel, e.g. WanAnimate2Model or CausalWanModel, is not assumed to behave the same)
+WAN_FAMILIES = ("WAN", "WAN VACE", "WAN camera", "WAN HuMo", "WAN animate")
 
-    return isinstance(diffusion_model_of(model_patcher), comfy.ldm.wan.model.WanModel)
+
+def is_wan(model_patcher) -> bool:
+    spec = exact_spec(FAMILIES, diffusion_model_of(model_patcher))
+    return spec is not None and spec.name in WAN_FAMILIES
 
 
 class FlowMoWrapper:

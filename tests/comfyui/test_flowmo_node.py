@@ -105,3 +105,18 @@ def test_other_samplers_run_and_act(sampler):
     guided = ksample(flowmo(base), "wan21", CFG, STEPS, sampler=sampler)
     assert bool(torch.isfinite(guided).all())
     assert rel_diff(guided, ksample(base, "wan21", CFG, STEPS, sampler=sampler)) > 1e-3
+
+
+def test_a_newer_class_deriving_from_wan_is_refused_not_assumed():
+    """Exact family matching: a class that subclasses WanModel (as WanAnimate2Model and CausalWanModel do in newer
+    ComfyUI) is not taken for WAN."""
+    model = tiny_model("wan21").clone()
+    net = model.model.diffusion_model
+    derived = type("CausalWanModel", (type(net),), {})
+    original = type(net)
+    net.__class__ = derived
+    try:
+        with pytest.raises(Exception, match="FlowMo"):
+            flowmo(model)
+    finally:
+        net.__class__ = original
