@@ -16,6 +16,7 @@ from . import (
     guider,
     model_guidance,
     nag,
+    sag,
     perturbation,
     samplers,
     scfg,
@@ -26,7 +27,7 @@ from . import (
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *attention_methods.NODES,
-            *spatial_methods.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES, *adaptive.NODES,
+            *spatial_methods.NODES, *sag.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES, *adaptive.NODES,
             *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES, *guider.NODES, *digits_nodes.NODES]
 
 
