@@ -556,7 +556,9 @@ def run_with_runners(run_main, batch: list, branch_map: dict, model, x, sigma, m
         out = [torch.zeros_like(x) for _ in batch]
     for runner, indices in groups.items():
         # a runner that depends on this step's predictions (SAG) gets the main call's outputs
-        main = {"main": [o if c is not None else None for o, c in zip(out, main_batch)]} if getattr(runner, "USES_MAIN_PREDICTIONS", False) else {}
+        main = {}
+        if getattr(runner, "USES_MAIN_PREDICTIONS", False):
+            main["main"] = [o if c is not None else None for o, c in zip(out, main_batch)]
         preds = runner.run(model, [batch[i] for i in indices], x, sigma, model_options, **main)
         for i, pred in zip(indices, preds):
             out[i] = pred
