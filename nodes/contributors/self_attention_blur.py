@@ -5,8 +5,8 @@ first self-attention of the UNet's middle block (``attn1`` of ``("middle", 0, 0)
 of the uncond rows and keeps, per key token, the sum over queries of the head-mean map (``SAGRecorder``). After
 that call ``SAGDegradation.run`` (a ``BranchEffect`` runner, fed the call's predictions) thresholds it into a
 mask, blurs the uncond x0 inside the mask, re-noises it with the uncond's own noise (``degraded + x − uncond``)
-and evaluates the uncond conditioning on it: one extra call holding every row of the branch. It depends on this step's uncond
-prediction, so it cannot share the batched call. It returns ``C − (degraded − SAG)`` so the extra term
+and evaluates the uncond conditioning on it: one extra call holding every row of the branch. It depends on this
+step's uncond prediction, so it cannot share the batched call. It returns ``C − (degraded − SAG)`` so the extra term
 ``s·(C − B)`` adds ``s·(degraded − SAG)``, core's post-cfg term.
 """
 
