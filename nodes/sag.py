@@ -22,7 +22,7 @@ class SAGNode(io.ComfyNode):
         '+1 forward of the uncond rows, after the batched call (it needs its prediction)',
     )
     COMPARE = {"key": "sag"}
-    DEFAULTS = Defaults(scale=0.5)
+    DEFAULTS = Defaults(scale=1.0)
 
     @classmethod
     def define_schema(cls):
@@ -40,12 +40,13 @@ class SAGNode(io.ComfyNode):
                 "DiT families are refused. Needs cfg > 1 (it blurs the uncond)."),
             inputs=[
                 model_input(),
-                _scale_input(cls.DEFAULTS, "Strength of the SAG term. 0.5 = core's default on SD1.5/SDXL (the "
-                                           "paper uses 0.75 with its own blur); 0 = off (no extra cost)."),
-                io.Float.Input("blur_sigma", default=2.0, min=0.1, max=10.0, step=0.1, round=0.01,
+                _scale_input(cls.DEFAULTS, "Strength of the SAG term (the paper's s). 1 = the official SD pipeline's "
+                                           "default (SD1.5/SDXL); core's node uses 0.5 with blur_sigma 2. "
+                                           "0 = off (no extra cost)."),
+                io.Float.Input("blur_sigma", default=1.0, min=0.1, max=10.0, step=0.1, round=0.01,
                                tooltip="σ of the 9×9 Gaussian blur of the attended regions, in latent pixels. "
-                                       "2 = core's default (the official code uses 1 at the image's 1/8 "
-                                       "latent too, as kernel 9, σ 1). Larger = a stronger degradation."),
+                                       "1 = the official SD pipeline's (kernel 9, σ 1); core's node uses 2. "
+                                       "Larger = a stronger degradation."),
                 *_term_inputs(cls.DEFAULTS),
             ],
             outputs=[model_output()],
