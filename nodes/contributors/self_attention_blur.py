@@ -12,12 +12,11 @@ step's uncond prediction, so it cannot share the batched call. It returns ``C �
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ...guiders.attention_blur import MIN_SIDE, TokenGridError, attention_scores, blur_attended
 from ...guiders.plan import BranchEffect
 from ..runtime import install as installer
 from ..runtime.engine import EvaluationHook, GuidanceRuntimeError, add_evaluation_hook
@@ -25,8 +24,6 @@ from ..runtime.rows import BRANCH_MAP_KEY, chunk_rows, sigma_value
 from ..runtime.slots import Contributor
 
 SAG_RECORDER_KEY = "guidance_kit_sag_recorder"
-BLUR_KERNEL = 9
-MIN_SIDE = BLUR_KERNEL // 2 + 1  # reflect padding needs sides above the half kernel
 
 
 class SAGRecorder:
@@ -34,17 +31,6 @@ class SAGRecorder:
 
     def __init__(self):
         self.scores: torch.Tensor | None = None
-
-
-def uncond_attention_scores(q, k, heads: int, attn_precision=None) -> torch.Tensor:
-    """``[B, N]``: per key token, the sum over queries of the head-mean softmax map of ``[B, N, heads·d]`` q, k."""
-    b, _, inner = q.shape
-    dim_head = inner // heads
-    q, k = (t.reshape(b, -1, heads, dim_head).permute(0, 2, 1, 3).reshape(b * heads, -1, dim_head) for t in (q, k))
-    if attn_precision == torch.float32:
-        q, k = q.float(), k.float()
-    attention = (torch.bmm(q, k.transpose(1, 2)) * dim_head ** -0.5).softmax(dim=-1)
-    return attention.reshape(b, heads, *attention.shape[-2:]).mean(1).sum(1)
 
 
 class SAGRecording(Contributor):
@@ -59,7 +45,7 @@ class SAGRecording(Contributor):
         chunks = call.options.get("cond_or_uncond") or []
         if recorder is not None and 1 in chunks:
             rows = dict(chunk_rows(chunks, call.q.shape[0]))[1]
-            recorder.scores = uncond_attention_scores(call.q[rows], call.k[rows], call.options["n_heads"],
+            recorder.scores = attention_scores(call.q[rows], call.k[rows], call.options["n_heads"],
                                                       call.options.get("attn_precision"))
         return inner(call)
 
@@ -71,35 +57,6 @@ MIDDLE_SELF_ATTENTION = ("middle", 0, 0)  # core's and the official code's: mid_
 def install(model_patcher) -> None:
     installer.unet_attention(model_patcher, "attn1", (MIDDLE_SELF_ATTENTION,), CONTRIBUTOR)
     add_evaluation_hook(model_patcher, SAGEvaluation())
-
-
-def token_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (rows, columns) of ``tokens`` attention tokens laid over a height × width latent (a UNet level)."""
-    for level in range(0, 8):
-        rows, cols = math.ceil(height / 2 ** level), math.ceil(width / 2 ** level)
-        if rows * cols == tokens:
-            return rows, cols
-    raise GuidanceRuntimeError(f"SAG: {tokens} attention tokens do not tile a {height}×{width} latent.")
-
-
-def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
-    half = (kernel_size - 1) / 2
-    offsets = torch.linspace(-half, half, kernel_size)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    weights = (weights / weights.sum()).to(device=image.device, dtype=image.dtype)
-    channels = image.shape[-3]
-    kernel = (weights[:, None] * weights[None, :]).expand(channels, 1, kernel_size, kernel_size)
-    padded = F.pad(image, [kernel_size // 2] * 4, mode="reflect")
-    return F.conv2d(padded, kernel, groups=channels)
-
-
-def blur_attended(x0: torch.Tensor, scores: torch.Tensor, blur_sigma: float, threshold: float) -> torch.Tensor:
-    """x0 blurred where the summed attention exceeds ``threshold`` (nearest-upsampled mask), unchanged elsewhere."""
-    height, width = x0.shape[-2:]
-    rows, cols = token_grid(scores.shape[-1], height, width)
-    mask = (scores > threshold).reshape(x0.shape[0], 1, rows, cols).to(scores.dtype)
-    mask = F.interpolate(mask, (height, width)).to(x0.dtype)
-    return gaussian_blur(x0, blur_sigma) * mask + x0 * (1 - mask)
 
 
 class SAGEvaluation(EvaluationHook):
@@ -144,7 +101,10 @@ class SAGDegradation(BranchEffect):
             raise GuidanceRuntimeError(
                 f"{self.label}: no self-attention map was recorded in the middle block this step: another node "
                 f"replaced the middle block's attn1 patch after the SAG node. Put SAG after it.")
-        degraded = blur_attended(uncond_pred, recorder.scores, self.blur_sigma, self.threshold)
+        try:
+            degraded = blur_attended(uncond_pred, recorder.scores, self.blur_sigma, self.threshold)
+        except TokenGridError as e:
+            raise GuidanceRuntimeError(f"{self.label}: {e}") from None
         options = dict(model_options)
         options["transformer_options"] = {k: v for k, v in to.items() if k not in (BRANCH_MAP_KEY, SAG_RECORDER_KEY)}
         preds = comfy.samplers.calc_cond_batch(model, conds, degraded + x - uncond_pred, sigma, options)
