@@ -62,3 +62,12 @@ def test_acts_at_cfg_one_as_core_does():
     base = tiny_model("sd15")
     result = ksample(sag(base), "sd15", 1.0, STEPS)
     assert rel_diff(result, ksample(base, "sd15", 1.0, STEPS)) > 1e-3
+
+
+def test_a_later_node_replacing_the_middle_attention_is_named():
+    from comfy.ldm.modules.attention import optimized_attention
+
+    model = sag(tiny_model("sd15"))
+    model.set_model_attn1_replace(lambda q, k, v, o: optimized_attention(q, k, v, o["n_heads"]), "middle", 0, 0)
+    with pytest.raises(Exception, match="SAG: no self-attention map was recorded.*Put SAG after it"):
+        ksample(model, "sd15", CFG, STEPS)
