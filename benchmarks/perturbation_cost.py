@@ -43,10 +43,12 @@ from guidance_kit.nodes import attention_methods as A  # noqa: E402
 from guidance_kit.nodes import spatial_methods as S  # noqa: E402
 from guidance_kit.nodes.contributors.block_perturbation import Perturbation  # noqa: E402
 from guidance_kit.nodes.runtime import prefix_fork  # noqa: E402
+from guidance_kit.nodes import sag as SAG  # noqa: E402
 from guidance_kit.nodes.runtime.blocks import block_layout  # noqa: E402
 from guidance_kit.nodes.runtime.engine import plan_of  # noqa: E402
 from guidance_kit.nodes.runtime.families import family_of  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance  # noqa: E402
+from comfy_extras.nodes_sag import SelfAttentionGuidance  # noqa: E402
 from comfy_extras.nodes_slg import SkipLayerGuidanceDiT  # noqa: E402
 # isort: on
 
@@ -94,6 +96,9 @@ def tiny_cases(family: str) -> dict:
         out_cases["PLADIS"] = lambda m: out(A.PLADISNode.execute(m, 2.0, "entmax1.5"))
     out_cases["ERG"] = lambda m: out(A.ERGNode.execute(m, 2.0, 2.0, "auto", **WHOLE_RUN))
     out_cases["SWG"] = lambda m: out(S.SWGNode.execute(m, 1.0, 0.75, 2, **WHOLE_RUN))
+    if family == "sd15":  # SAG: UNet middle-block self-attention; its degraded uncond is a second, dependent call
+        out_cases["SAG"] = lambda m: out(SAG.SAGNode.execute(m, 0.5, 2.0, **WHOLE_RUN))
+        out_cases["core SAG"] = lambda m: out(SelfAttentionGuidance.execute(m, 0.5, 2.0))
     return out_cases
 
 

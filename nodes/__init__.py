@@ -18,6 +18,7 @@ from . import (
     model_guidance,
     nag,
     perturbation,
+    sag,
     samplers,
     scfg,
     seed_papers,
@@ -27,7 +28,8 @@ from . import (
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *attention_methods.NODES,
-            *spatial_methods.NODES, *flowmo.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES, *adaptive.NODES,
+            *spatial_methods.NODES, *sag.NODES, *flowmo.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES,
+            *adaptive.NODES,
             *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES, *guider.NODES, *digits_nodes.NODES]
 
 

@@ -104,10 +104,10 @@ def _layers_syntax(layers: str, label: str) -> bool | str:
 
 
 def add_branch_term(model, label: str, effect, scale: float, schedule: str, start_percent: float,
-                    end_percent: float):
+                    end_percent: float, source: str = "cond"):
     """A clone of ``model`` whose plan adds ``s_t·(C − C̃)`` for a branch (named ``label``) with ``effect``."""
     built = term_schedule(label, schedule, start_percent, end_percent)
-    term = ExtraGuidance(Branch(label, source="cond", perturbation=effect), scale=scale, schedule=built, label=label)
+    term = ExtraGuidance(Branch(label, source=source, perturbation=effect), scale=scale, schedule=built, label=label)
     return add_method(model, term)
 
 

@@ -541,7 +541,8 @@ def post_cfg_hook(args: dict) -> torch.Tensor:
 
 def run_with_runners(run_main, batch: list, branch_map: dict, model, x, sigma, model_options: dict) -> list:
     """Evaluate ``batch``: the entries whose branch effect has a ``runner()`` on that runner (entries of one runner
-    together, ``runner.run(model, conds, x, sigma, model_options)``), everything else through ``run_main``."""
+    together, ``runner.run(model, conds, x, sigma, model_options)``, after ``run_main``), everything else through
+    ``run_main``."""
     main_batch = list(batch)
     groups: dict = {}
     for index, branch in branch_map.items():
@@ -556,7 +557,11 @@ def run_with_runners(run_main, batch: list, branch_map: dict, model, x, sigma, m
     else:
         out = [torch.zeros_like(x) for _ in batch]
     for runner, indices in groups.items():
-        preds = runner.run(model, [batch[i] for i in indices], x, sigma, model_options)
+        # a runner that depends on this step's predictions (SAG) gets the main call's outputs
+        main = {}
+        if getattr(runner, "USES_MAIN_PREDICTIONS", False):
+            main["main"] = [o if c is not None else None for o, c in zip(out, main_batch)]
+        preds = runner.run(model, [batch[i] for i in indices], x, sigma, model_options, **main)
         for i, pred in zip(indices, preds):
             out[i] = pred
     return out

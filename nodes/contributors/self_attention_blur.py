@@ -1,0 +1,111 @@
+"""SAG's branch: the unconditional x0 blurred where the model attends, re-noised, evaluated again.
+
+Self-Attention Guidance (Hong et al., ICCV 2023). Inside the batched call a contributor on the pack's slot of the
+first self-attention of the UNet's middle block (``attn1`` of ``("middle", 0, 0)``) computes the attention map
+of the uncond rows and keeps, per key token, the sum over queries of the head-mean map (``SAGRecorder``). After
+that call ``SAGDegradation.run`` (a ``BranchEffect`` runner, fed the call's predictions) thresholds it into a
+mask, blurs the uncond x0 inside the mask, re-noises it with the uncond's own noise (``degraded + x − uncond``)
+and evaluates the uncond conditioning on it: one extra call holding every row of the branch. It depends on this
+step's uncond prediction, so it cannot share the batched call. It returns ``C − (degraded − SAG)`` so the extra term
+``s·(C − B)`` adds ``s·(degraded − SAG)``, core's post-cfg term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...guiders.attention_blur import MIN_SIDE, TokenGridError, attention_scores, blur_attended
+from ...guiders.plan import BranchEffect
+from ..runtime import install as installer
+from ..runtime.engine import EvaluationHook, GuidanceRuntimeError, add_evaluation_hook
+from ..runtime.rows import BRANCH_MAP_KEY, chunk_rows, sigma_value
+from ..runtime.slots import Contributor
+
+SAG_RECORDER_KEY = "guidance_kit_sag_recorder"
+
+
+class SAGRecorder:
+    """One evaluation's record: ``scores[b, key] = Σ_query mean_heads softmax(q·k)`` of the uncond rows."""
+
+    def __init__(self):
+        self.scores: torch.Tensor | None = None
+
+
+class SAGRecording(Contributor):
+    """On the middle block's ``attn1`` slot: reads the uncond rows' attention map as the model makes the call
+    (outermost, before any perturbation splits the rows); the attention itself runs unchanged."""
+
+    ORDER = 5
+    NAME = "sag"
+
+    def unet_self_attention(self, call, inner):
+        recorder = call.options.get(SAG_RECORDER_KEY)
+        chunks = call.options.get("cond_or_uncond") or []
+        if recorder is not None and 1 in chunks:
+            rows = dict(chunk_rows(chunks, call.q.shape[0]))[1]
+            recorder.scores = attention_scores(call.q[rows], call.k[rows], call.options["n_heads"],
+                                                      call.options.get("attn_precision"))
+        return inner(call)
+
+
+CONTRIBUTOR = SAGRecording()
+MIDDLE_SELF_ATTENTION = ("middle", 0, 0)  # core's and the official code's: mid_block.attentions[0] …[0].attn1
+
+
+def install(model_patcher) -> None:
+    installer.unet_attention(model_patcher, "attn1", (MIDDLE_SELF_ATTENTION,), CONTRIBUTOR)
+    add_evaluation_hook(model_patcher, SAGEvaluation())
+
+
+class SAGEvaluation(EvaluationHook):
+    """A recorder for the batched call of each step where a SAG term acts."""
+
+    KEY = SAG_RECORDER_KEY
+
+    def begin(self, plan, position, sigma, x, guided: bool):
+        for term in plan.extra:
+            branch = getattr(term, "branch", None)
+            if (branch is not None and isinstance(branch.perturbation, SAGDegradation)
+                    and term.branches_at(position, sigma_value(sigma))):
+                return SAGRecorder()
+        return None
+
+
+@dataclass(frozen=True)
+class SAGDegradation(BranchEffect):
+    label: str
+    blur_sigma: float
+    threshold: float = 1.0
+
+    USES_MAIN_PREDICTIONS = True
+
+    def runner(self) -> SAGDegradation:
+        return self
+
+    def run(self, model, conds: list, x, sigma, model_options: dict, main: list | None = None) -> list:
+        import comfy.samplers
+
+        cond_pred = main[0] if main else None
+        uncond_pred = main[1] if main and len(main) > 1 else None
+        to = model_options.get("transformer_options", {})
+        recorder = to.get(SAG_RECORDER_KEY)
+        if cond_pred is None or uncond_pred is None:
+            raise GuidanceRuntimeError(
+                f"{self.label}: this step has no unconditional prediction to blur (cfg 1 without the uncond, or "
+                f"another node evaluates the uncond elsewhere). Use a cfg above 1 with SAG.")
+        if min(x.shape[-2:]) < MIN_SIDE:
+            return [cond_pred for _ in conds]  # too small for the blur kernel: the term is 0 (as core)
+        if recorder is None or recorder.scores is None:
+            raise GuidanceRuntimeError(
+                f"{self.label}: no self-attention map was recorded in the middle block this step: another node "
+                f"replaced the middle block's attn1 patch after the SAG node. Put SAG after it.")
+        try:
+            degraded = blur_attended(uncond_pred, recorder.scores, self.blur_sigma, self.threshold)
+        except TokenGridError as e:
+            raise GuidanceRuntimeError(f"{self.label}: {e}") from None
+        options = dict(model_options)
+        options["transformer_options"] = {k: v for k, v in to.items() if k not in (BRANCH_MAP_KEY, SAG_RECORDER_KEY)}
+        preds = comfy.samplers.calc_cond_batch(model, conds, degraded + x - uncond_pred, sigma, options)
+        return [cond_pred - (degraded - p) for p in preds]
