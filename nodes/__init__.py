@@ -8,6 +8,7 @@ from typing_extensions import override
 
 from . import (
     adaptive,
+    annealing_guidance,
     cfg_extensions,
     cfg_methods,
     digits_nodes,
@@ -24,7 +25,8 @@ from . import (
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *nag.NODES, *scfg.NODES,
-            *model_guidance.NODES, *adaptive.NODES, *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES,
+            *model_guidance.NODES, *adaptive.NODES, *feedback_guidance.NODES, *seed_papers.NODES,
+            *annealing_guidance.NODES, *samplers.NODES,
             *guider.NODES, *digits_nodes.NODES]
 
 
