@@ -47,13 +47,13 @@ def reference_scale(policy, t, delta_norm, lam):
     def embed(v, n):
         return [v] + [math.cos(v * k) for k in range(1, n)]
 
-    features = torch.tensor(embed(t / 1e3, 3) + embed(delta_norm / 5.0, 4) + embed(lam, 2))
-    h = features
+    h = torch.tensor(embed(t / 1e3, 3) + embed(delta_norm / 5.0, 4) + embed(lam, 2))
     layers = [m for m in policy.combined_head if isinstance(m, torch.nn.Linear)]
-    for i, layer in enumerate(layers):
-        h = layer(h)
-        if i < len(layers) - 1:
-            h = torch.relu(h)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i < len(layers) - 1:
+                h = torch.relu(h)
     return float(2.0 * h[0] + 1.5)
 
 
