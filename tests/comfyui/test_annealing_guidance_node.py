@@ -111,3 +111,17 @@ def test_other_models_need_a_policy_file_from_the_models_folder(tmp_path, monkey
         annealed(tiny_model("sd15"), 0.5, policy="broken.pt")
     with pytest.raises(ValueError, match="no policy file 'gone.pt'"):
         annealed(tiny_model("sd15"), 0.5, policy="gone.pt")
+
+
+def test_the_training_script_is_reproducible(tmp_path):
+    from safetensors.torch import load_file
+
+    from guidance_kit.digits.train_guidance_policy import PolicyTrainConfig, train_policy
+    from guidance_kit.guiders.methods.annealing_guidance import load_policy
+
+    config = PolicyTrainConfig(steps=3, batch_size=8)
+    first = train_policy(config, tmp_path / "a.safetensors", progress=False)
+    second = train_policy(config, tmp_path / "b.safetensors", progress=False)
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_policy(first)(500.0, torch.tensor([3.0, 9.0]), 0.5).shape == (2,)
