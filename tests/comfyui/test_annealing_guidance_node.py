@@ -90,14 +90,25 @@ def test_stacks_with_apg(comfy_nodes, loaded):
     assert float((both - apg_only).abs().max()) > 1e-2 and float((both - alone).abs().max()) > 1e-2
 
 
-def test_other_models_need_a_policy_file_from_the_models_folder(tmp_path, monkeypatch):
+@pytest.fixture
+def policy_folder(tmp_path, monkeypatch):
+    """A temporary models/guidance_policies; ComfyUI's file-list cache forgets it afterwards."""
+    import folder_paths
+
+    folder = tmp_path / POLICY_FOLDER
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, POLICY_FOLDER, ([str(folder)], {".safetensors", ".pt"}))
+    folder_paths.filename_list_cache.pop(POLICY_FOLDER, None)
+    yield folder
+    folder_paths.filename_list_cache.pop(POLICY_FOLDER, None)
+
+
+def test_other_models_need_a_policy_file_from_the_models_folder(policy_folder):
     import folder_paths
 
     with pytest.raises(ValueError, match="Annealing Guidance: the pack's policy is trained for the embedded digits"):
         annealed(tiny_model("sd15"), 0.5)
-    folder = tmp_path / POLICY_FOLDER
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, POLICY_FOLDER, ([str(folder)], {".safetensors", ".pt"}))
+    folder = policy_folder
     torch.manual_seed(0)
     policy = GuidanceScalePolicy(hidden_size=8, n_layers=1)
     torch.save({"config": {"guidance_scale_model": {"hidden_size": 8, "n_layers": 1, "output_size": 1}},
