@@ -155,7 +155,7 @@ def custom_sampler_workflow(name: str, title: str, family: str, preset: dict, gu
 
 
 def digits_workflow(name: str, title: str, guidance: list[tuple[str, dict]], cfg: float,
-                    digit: int = 3, sampler_name: str = "euler") -> Workflow:
+                    digit: int = 3) -> Workflow:
     """Digits Model Loader → Guidance Kit chain → KSampler → Digits Decode → Preview Image (no download)."""
     nodes = [
         Node(4, "GuidanceKit_DigitsModelLoader", 0, {"digit": digit}),
@@ -164,8 +164,7 @@ def digits_workflow(name: str, title: str, guidance: list[tuple[str, dict]], cfg
     ]
     model = _chain(nodes, guidance, (4, MODEL), 1)
     nodes += [
-        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": cfg, "sampler_name": sampler_name,
-                                "scheduler": "normal"},
+        Node(3, "KSampler", 2, {"seed": SEED, "steps": 20, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal"},
              {"model": model, "positive": (4, "positive"), "negative": (4, "negative"), "latent_image": (5, LATENT)}),
         Node(8, "GuidanceKit_DigitsDecode", 3, {"scale": 8}, {"samples": (3, LATENT)}),
         Node(9, "PreviewImage", 4, links={"images": (8, IMAGE)}),
