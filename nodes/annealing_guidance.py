@@ -55,7 +55,7 @@ class AnnealingGuidanceNode(io.ComfyNode):
     LABEL = "Annealing Guidance"
     README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
         "annealing guidance scheduler (Yehezkel, Dahary, Voynov, Cohen-Or, arXiv 2506.24108): a learned policy "
-        "w_t = f(t, ‖ε_c − ε_u‖, λ) picks the CFG scale per sample and step (pair with a CFG++ sampler); chosen "
+        "w_t = f(t, ‖ε_c − ε_u‖, λ) picks the CFG scale per sample and step (the paper samples with CFG++); chosen "
         "scales in the log",
         "the digits model (policy shipped); any model with a user policy file in models/guidance_policies",
         "none",
@@ -75,7 +75,7 @@ class AnnealingGuidanceNode(io.ComfyNode):
                 "Guidance Scale in Diffusion Space', arXiv 2506.24108). A small learned network picks the CFG scale "
                 "of every step and sample from the timestep, the norm of the difference between the conditional and "
                 "unconditional noise predictions, and λ; the scale replaces the sampler's cfg. The paper samples "
-                "with CFG++ re-noising: pair it with a CFG++ sampler (Guidance Kit's CFG++ sampler node, or "
+                "with CFG++ re-noising: to follow it, use a CFG++ sampler (Guidance Kit's CFG++ sampler node, or "
                 "ComfyUI's *_cfg_pp samplers). The pack's policy is trained for the embedded digits model; for "
                 "other models put a policy file (the authors' checkpoint, or the pack's safetensors format) in "
                 "models/guidance_policies. The chosen scales are logged after the run."),
