@@ -8,6 +8,7 @@ from typing_extensions import override
 
 from . import (
     adaptive,
+    annealing_guidance,
     attention_methods,
     cfg_extensions,
     cfg_methods,
@@ -29,8 +30,8 @@ from . import (
 def node_list() -> list[type[io.ComfyNode]]:
     return [*cfg_methods.NODES, *cfg_extensions.NODES, *perturbation.NODES, *attention_methods.NODES,
             *spatial_methods.NODES, *sag.NODES, *flowmo.NODES, *nag.NODES, *scfg.NODES, *model_guidance.NODES,
-            *adaptive.NODES,
-            *feedback_guidance.NODES, *seed_papers.NODES, *samplers.NODES, *guider.NODES, *digits_nodes.NODES]
+            *adaptive.NODES, *feedback_guidance.NODES, *seed_papers.NODES, *annealing_guidance.NODES,
+            *samplers.NODES, *guider.NODES, *digits_nodes.NODES]
 
 
 class GuidanceKitExtension(ComfyExtension):

@@ -7,7 +7,8 @@ Stage 0, evaluations:     ``adaptive_guidance`` (AG / LinearAG), ``cfg_rejection
 Stage 1, the uncond:      ``icg``, ``uncond_model`` (sources); ``tcfg``, ``cfg_zero_star``, ``skimmed_cfg``
                           (rewrites)
 Stage 2, CFG direction:   ``fdg`` (band split), ``cfg_schedule`` (increment), ``fbg``, ``beta_cfg``,
-                          ``power_law_cfg``, ``scfg``, ``skimmed_cfg`` (weight factors), ``apg``, ``adg``, ``smc_cfg``
+                          ``power_law_cfg``, ``scfg``, ``skimmed_cfg``, ``online_feedback_cfg``,
+                          ``annealing_guidance`` (weight factors), ``apg``, ``adg``, ``smc_cfg``
                           (direction transforms; the last two read the final weight: ``weighted_transform``)
 Stage 3, extra terms:     ``extra_guidance`` (perturbation guidance, Autoguidance), ``perp_neg``, ``dng`` (a
                           negative prompt of their own; ``posterior`` is FBG's and DNG's shared kernel),
