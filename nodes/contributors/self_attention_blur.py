@@ -8,6 +8,11 @@ mask, blurs the uncond x0 inside the mask, re-noises it with the uncond's own no
 and evaluates the uncond conditioning on it: one extra call holding every row of the branch. It depends on this
 step's uncond prediction, so it cannot share the batched call. It returns ``C − (degraded − SAG)`` so the extra term
 ``s·(C − B)`` adds ``s·(degraded − SAG)``, core's post-cfg term.
+
+On Flux and SD3/SD3.5 (the pack's extension; the paper has no DiT setting) the contributor sits on the middle
+double block's hook and the attention dispatcher: in that block's joint attention call it reads the image-token
+queries' softmax over the image-token keys of the uncond rows (chunk-wise); the mask lies on the 2 × 2 patch grid,
+and the re-noise follows the model's sampling (flow: ``x + (1 − σ)·(degraded − uncond)``).
 """
 
 from __future__ import annotations
