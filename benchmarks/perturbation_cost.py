@@ -96,8 +96,9 @@ def tiny_cases(family: str) -> dict:
         out_cases["PLADIS"] = lambda m: out(A.PLADISNode.execute(m, 2.0, "entmax1.5"))
     out_cases["ERG"] = lambda m: out(A.ERGNode.execute(m, 2.0, 2.0, "auto", **WHOLE_RUN))
     out_cases["SWG"] = lambda m: out(S.SWGNode.execute(m, 1.0, 0.75, 2, **WHOLE_RUN))
-    if family == "sd15":  # SAG: UNet middle-block self-attention; its degraded uncond is a second, dependent call
-        out_cases["SAG"] = lambda m: out(SAG.SAGNode.execute(m, 0.5, 2.0, **WHOLE_RUN))
+    if family in ("sd15", "flux", "sd3"):  # SAG: middle-block (image) self-attention map; the degraded uncond is a
+        out_cases["SAG"] = lambda m: out(SAG.SAGNode.execute(m, 0.5, 2.0, **WHOLE_RUN))  # second, dependent call
+    if family == "sd15":  # core's node crashes on Flux and SD3 (ComfyUI 0.3.64)
         out_cases["core SAG"] = lambda m: out(SelfAttentionGuidance.execute(m, 0.5, 2.0))
     return out_cases
 

@@ -30,6 +30,18 @@ def attention_scores(q, k, heads: int, attn_precision=None) -> torch.Tensor:
     return attention.reshape(b, heads, *attention.shape[-2:]).mean(1).sum(1)
 
 
+def image_attention_scores(q, k, chunk: int = 1024) -> torch.Tensor:
+    """``[B, N]`` from ``[B, heads, N, d]`` image-token q, k: per key, the sum over queries of the head-mean softmax
+    map over the image keys, computed ``chunk`` queries at a time (no N × N map is kept)."""
+    q, k = q.float(), k.float()
+    scale = q.shape[-1] ** -0.5
+    scores = q.new_zeros(q.shape[0], k.shape[-2])
+    for start in range(0, q.shape[-2], chunk):
+        attention = (q[:, :, start:start + chunk] @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+        scores += attention.mean(1).sum(1)
+    return scores
+
+
 def token_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
     """The (rows, columns) of ``tokens`` attention tokens laid over a height × width latent (a UNet level)."""
     for level in range(0, 8):

@@ -17,8 +17,8 @@ class SAGNode(io.ComfyNode):
     LABEL = "SAG"
     README_ROW = (  # the README methods table: method (paper), families, extra model calls per step
         "Self-Attention Guidance (Hong et al., ICCV 2023): the uncond x0 blurred where the middle block's "
-        "self-attention attends, re-noised and evaluated again; D = CFG + scale·(blurred − SAG prediction)",
-        'SD1.5/SDXL (UNet); DiT families refused',
+        "(image) self-attention attends, re-noised and evaluated again; D = CFG + scale·(blurred − SAG prediction)",
+        'SD1.5/SDXL (UNet), Flux, SD3/SD3.5 (middle double block); other DiTs refused',
         '+1 forward of the uncond rows, after the batched call (it needs its prediction)',
     )
     COMPARE = {"key": "sag"}
@@ -36,8 +36,10 @@ class SAGNode(io.ComfyNode):
                 "rows; where the summed attention exceeds 1, the uncond x0 is Gaussian-blurred; it is re-noised "
                 "with the uncond's own noise and evaluated again, and D = CFG + scale·(blurred − SAG prediction). "
                 "The degraded evaluation depends on this step's uncond prediction, so it is a second model call "
-                "per step (all its rows in one call), not a row of the batched one. UNet models (SD1.5, SDXL); "
-                "DiT families are refused. Needs cfg > 1 (it blurs the uncond)."),
+                "per step (all its rows in one call), not a row of the batched one. UNet models (SD1.5, SDXL); on "
+                "Flux and SD3/SD3.5 the map is the image tokens' attention over the image tokens in the middle "
+                "double block (the pack's choice; the paper has no DiT setting), re-noised by the flow schedule. "
+                "Other DiT families are refused. Needs cfg > 1 (it blurs the uncond)."),
             inputs=[
                 model_input(),
                 _scale_input(cls.DEFAULTS, "Strength of the SAG term (the paper's s). 1 = the official SD pipeline's "
@@ -58,18 +60,20 @@ class SAGNode(io.ComfyNode):
             spec = family_of(model, cls.LABEL)
         except FamilyError as e:
             raise node_error(str(e)) from None
-        if not spec.is_unet:
+        if not spec.is_unet and spec.name not in self_attention_blur.DIT_FAMILIES:
             raise node_error(
-                f"{cls.LABEL}: {spec.name} is a DiT: it has no middle block, and its attention over the image "
-                f"tokens runs fused (joint text+image attention on Flux/SD3) without a map the pack can record "
-                f"at an acceptable cost. SAG supports UNet models (SD1.5, SDXL); on DiT families use PAG, SEG or "
-                f"SWG, which degrade the attention or the input in the batched call.")
+                f"{cls.LABEL}: {spec.name} is a DiT without the joint double blocks SAG reads its attention map "
+                f"from (the pack supports UNet models (SD1.5, SDXL), Flux and SD3/SD3.5). On this family use PAG, "
+                f"SEG or SWG, which degrade the attention or the input in the batched call.")
         if not blur_sigma > 0:
             raise node_error(f"{cls.LABEL}: blur_sigma must be above 0.")
         effect = self_attention_blur.SAGDegradation(cls.LABEL, float(blur_sigma))
         patched = add_branch_term(model, cls.LABEL, effect, scale, schedule, start_percent, end_percent,
                                   source="uncond")
-        self_attention_blur.install(patched)
+        try:
+            self_attention_blur.install(patched, spec)
+        except FamilyError as e:
+            raise node_error(str(e)) from None
         patched.model_options["disable_cfg1_optimization"] = True
         return io.NodeOutput(patched)
 

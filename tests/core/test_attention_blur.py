@@ -9,6 +9,7 @@ from guidance_kit.guiders.attention_blur import (
     attention_scores,
     blur_attended,
     gaussian_blur,
+    image_attention_scores,
     token_grid,
 )
 
@@ -31,6 +32,23 @@ def test_scores_equal_a_per_head_loop_and_sum_to_the_token_count():
     scores = attention_scores(q, k, heads=4)
     torch.testing.assert_close(scores, reference_scores(q, k, 4), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores.sum(-1), torch.full((3,), 20.0))  # each query's row sums to 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dit_scores_chunked_equal_the_whole_map(chunk, dtype):
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 20, 4, generator=g), torch.randn(2, 4, 20, 4, generator=g)  # [B, heads, N, d]
+    flat = [t.transpose(1, 2).reshape(2, 20, 16) for t in (q, k)]
+    scores = image_attention_scores(q.to(dtype), k.to(dtype), chunk=chunk)
+    assert scores.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(scores, reference_scores(*flat, 4), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(scores.sum(-1), torch.full((2,), 20.0))
+
+
+def test_flux_patch_grid_is_found_for_odd_latent_sides():
+    assert token_grid(5 * 4, 9, 7) == (5, 4)  # Flux/SD3 pad a 9 × 7 latent to 2 × 2 patches: 5 × 4 tokens
 
 
 def test_token_grid_finds_the_unet_level_including_odd_sides():
