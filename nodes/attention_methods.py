@@ -26,7 +26,10 @@ class PLADISNode(io.ComfyNode):
         'SD1.5/SDXL, WAN, LTXV, Cosmos Predict2',
         'none (a second, sparse attention map in each cross-attention)',
     )
-    COMPARE = {"key": "pladis"}
+    COMPARE = {"key": "pladis",
+               "not_in_report": "the digits model's cross-attention reads a one-token context, over which every "
+                                "attention map (softmax or sparse) is 1: PLADIS is exactly the identity there; "
+                                "compare it with compare.py on a text-conditioned checkpoint"}
 
     @classmethod
     def define_schema(cls):

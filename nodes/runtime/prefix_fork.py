@@ -427,8 +427,10 @@ def install(model_patcher, spec, layout, blocks, latest: bool = False) -> None:
         return
     if spec.is_unet:
         _hook_unet_units(model_patcher, units, upto)
-    else:
+    elif spec.block_hook == "dit":
         _hook_dit_blocks(model_patcher, spec, units, upto)
+    # other DiTs run their blocks through object patches of the blocks' forward (Lumina2, Cosmos, HiDream): no
+    # block-replace entry is on their path, so nothing is hooked and the run's report says the branch runs whole
     installer.wrapper(model_patcher, WRAPPER_KEY, ForkWrapper(units))
     add_evaluation_hook(model_patcher, FORK_REPORT)
 
