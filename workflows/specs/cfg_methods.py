@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from ..graph import CLIP, COND, IMAGE, LATENT, MODEL, VAE, Node, Workflow
+from ..graph import Workflow
 from .common import (
     FLUX_DEV,
     NEG_SD,
     NEG_SD3,
-    NEG_WAN,
-    PROMPT_COLORS,
     SD15,
     SD35,
     SDXL,
-    SEED,
     checkpoint_workflow,
     custom_sampler_workflow,
-    note_node,
+    wan21_t2v_workflow,
 )
 
 
@@ -102,28 +99,9 @@ def wf_stack_cfg_zero_fdg_sd35() -> Workflow:
 
 
 def wf_wan21_t2v_cfg_zero_tcfg() -> Workflow:
-    name = "wan21_t2v_cfg_zero_tcfg"
-    nodes = [
-        Node(4, "UNETLoader", 0, {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
-        Node(31, "CLIPLoader", 0, {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
-                                   "device": "default"}),
-        Node(32, "VAELoader", 0, {"vae_name": "wan_2.1_vae.safetensors"}),
-        note_node(name),
-        Node(6, "CLIPTextEncode", 1, {"text": "a red panda walks along a mossy branch in a misty forest, slow camera "
-                                              "pan, soft morning light, shallow depth of field"},
-             {"clip": (31, CLIP)}, title="Positive prompt", color=PROMPT_COLORS["positive"]),
-        Node(7, "CLIPTextEncode", 1, {"text": NEG_WAN}, {"clip": (31, CLIP)}, title="Negative prompt",
-             color=PROMPT_COLORS["negative"]),
-        Node(5, "EmptyHunyuanLatentVideo", 1, {"width": 832, "height": 480, "length": 33}),
-        Node(30, "ModelSamplingSD3", 2, {"shift": 8.0}, {"model": (4, MODEL)}),
-        Node(10, "GuidanceKit_CFGZeroStar", 2, {"optimized_scale": True, "zero_init_steps": 2},
-             {"model": (30, MODEL)}),
-        Node(11, "GuidanceKit_TCFG", 2, links={"model": (10, MODEL)}),
-        Node(3, "KSampler", 3, {"seed": SEED, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
-                                "scheduler": "simple"},
-             {"model": (11, MODEL), "positive": (6, COND), "negative": (7, COND), "latent_image": (5, LATENT)}),
-        Node(8, "VAEDecode", 4, links={"samples": (3, LATENT), "vae": (32, VAE)}),
-        Node(9, "SaveAnimatedWEBP", 5, {"filename_prefix": f"guidance_kit/{name}", "fps": 16.0, "lossless": False,
-                                        "quality": 90, "method": "default"}, {"images": (8, IMAGE)}),
-    ]
-    return Workflow(name, "Video: CFG-Zero* (official WAN setting) + TCFG, SaveAnimatedWEBP", "WAN 2.1 T2V 1.3B", nodes)
+    return wan21_t2v_workflow(
+        "wan21_t2v_cfg_zero_tcfg", "Video: CFG-Zero* (official WAN setting) + TCFG, SaveAnimatedWEBP",
+        "a red panda walks along a mossy branch in a misty forest, slow camera pan, soft morning light, shallow "
+        "depth of field", 8.0,
+        [("GuidanceKit_CFGZeroStar", {"optimized_scale": True, "zero_init_steps": 2}), ("GuidanceKit_TCFG", {})],
+        {"steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"})

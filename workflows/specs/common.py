@@ -170,3 +170,35 @@ def digits_workflow(name: str, title: str, guidance: list[tuple[str, dict]], cfg
         Node(9, "PreviewImage", 4, links={"images": (8, IMAGE)}),
     ]
     return Workflow(name, title, "embedded digits", nodes)
+
+
+def wan21_t2v_workflow(name: str, title: str, prompt: str, shift: float, guidance: list[tuple[str, dict]],
+                       sampler: dict) -> Workflow:
+    """WAN 2.1 T2V 1.3B as ComfyUI's template loads it (UNETLoader, umt5 CLIPLoader, the WAN VAE, 832×480×33,
+    ModelSamplingSD3 ``shift``), the ``guidance`` nodes chained from id 10, ``sampler`` the KSampler's widgets,
+    saved as an animated WEBP."""
+    nodes = [
+        Node(4, "UNETLoader", 0, {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        Node(31, "CLIPLoader", 0, {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                   "device": "default"}),
+        Node(32, "VAELoader", 0, {"vae_name": "wan_2.1_vae.safetensors"}),
+        note_node(name),
+        Node(6, "CLIPTextEncode", 1, {"text": prompt}, {"clip": (31, CLIP)}, title="Positive prompt",
+             color=PROMPT_COLORS["positive"]),
+        Node(7, "CLIPTextEncode", 1, {"text": NEG_WAN}, {"clip": (31, CLIP)}, title="Negative prompt",
+             color=PROMPT_COLORS["negative"]),
+        Node(5, "EmptyHunyuanLatentVideo", 1, {"width": 832, "height": 480, "length": 33}),
+        Node(30, "ModelSamplingSD3", 2, {"shift": shift}, {"model": (4, MODEL)}),
+    ]
+    model = 30
+    for offset, (node_type, widgets) in enumerate(guidance):
+        nodes.append(Node(10 + offset, node_type, 2, dict(widgets), {"model": (model, MODEL)}))
+        model = 10 + offset
+    nodes += [
+        Node(3, "KSampler", 3, {"seed": SEED, **sampler},
+             {"model": (model, MODEL), "positive": (6, COND), "negative": (7, COND), "latent_image": (5, LATENT)}),
+        Node(8, "VAEDecode", 4, links={"samples": (3, LATENT), "vae": (32, VAE)}),
+        Node(9, "SaveAnimatedWEBP", 5, {"filename_prefix": f"guidance_kit/{name}", "fps": 16.0, "lossless": False,
+                                        "quality": 90, "method": "default"}, {"images": (8, IMAGE)}),
+    ]
+    return Workflow(name, title, "WAN 2.1 T2V 1.3B", nodes)

@@ -4,7 +4,19 @@ with APG, and Adaptive Guidance (nodes/adaptive.py)."""
 from __future__ import annotations
 
 from ..graph import CLIP, COND, IMAGE, LATENT, MODEL, VAE, Node, Workflow
-from .common import NEG_SD, NEG_SD3, NEG_WAN, PROMPT_COLORS, SD15, SD35, SDXL, SEED, checkpoint_workflow, note_node
+from .common import (
+    NEG_SD,
+    NEG_SD3,
+    NEG_WAN,
+    PROMPT_COLORS,
+    SD15,
+    SD35,
+    SDXL,
+    SEED,
+    checkpoint_workflow,
+    note_node,
+    wan21_t2v_workflow,
+)
 
 
 def wf_pag_sdxl() -> Workflow:
@@ -93,26 +105,8 @@ def wf_pag_mochi_video() -> Workflow:
 
 
 def wf_flowmo_wan21() -> Workflow:
-    name = "flowmo_wan21"
-    nodes = [
-        Node(4, "UNETLoader", 0, {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
-        Node(31, "CLIPLoader", 0, {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
-                                   "device": "default"}),
-        Node(32, "VAELoader", 0, {"vae_name": "wan_2.1_vae.safetensors"}),
-        note_node(name),
-        Node(6, "CLIPTextEncode", 1, {"text": "a dolphin jumping out of ocean waves at sunset, splashing water, "
-                                              "smooth natural motion"},
-             {"clip": (31, CLIP)}, title="Positive prompt", color=PROMPT_COLORS["positive"]),
-        Node(7, "CLIPTextEncode", 1, {"text": NEG_WAN}, {"clip": (31, CLIP)}, title="Negative prompt",
-             color=PROMPT_COLORS["negative"]),
-        Node(5, "EmptyHunyuanLatentVideo", 1, {"width": 832, "height": 480, "length": 33}),
-        Node(30, "ModelSamplingSD3", 2, {"shift": 5.0}, {"model": (4, MODEL)}),
-        Node(10, "GuidanceKit_FlowMo", 2, {"learning_rate": 0.005, "iterations": 1, "start_percent": 0.0,
-                                           "end_percent": 0.5}, {"model": (30, MODEL)}),
-        Node(3, "KSampler", 3, {"seed": SEED, "steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple"},
-             {"model": (10, MODEL), "positive": (6, COND), "negative": (7, COND), "latent_image": (5, LATENT)}),
-        Node(8, "VAEDecode", 4, links={"samples": (3, LATENT), "vae": (32, VAE)}),
-        Node(9, "SaveAnimatedWEBP", 5, {"filename_prefix": f"guidance_kit/{name}", "fps": 16.0, "lossless": False,
-                                        "quality": 90, "method": "default"}, {"images": (8, IMAGE)}),
-    ]
-    return Workflow(name, "Video: FlowMo motion coherence on WAN 2.1 T2V, SaveAnimatedWEBP", "WAN 2.1 T2V 1.3B", nodes)
+    return wan21_t2v_workflow(
+        "flowmo_wan21", "Video: FlowMo motion coherence on WAN 2.1 T2V, SaveAnimatedWEBP",
+        "a dolphin jumping out of ocean waves at sunset, splashing water, smooth natural motion", 5.0,
+        [("GuidanceKit_FlowMo", {"learning_rate": 0.005, "iterations": 1, "start_percent": 0.0, "end_percent": 0.5})],
+        {"steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple"})
