@@ -396,6 +396,27 @@ def _():
     assert seen and all(len(chunks) == uuids for chunks, uuids in seen), seen
 
 
+@internal("PREDICT_NOISE wrapper: (executor, x, timestep, model_options, seed); executor.class_obj is the guider "
+          "(conds, cfg, inner_model); an in-place edit of x reaches the sampler's step (FlowMo, nodes/flowmo.py)")
+def _():
+    seen = {}
+
+    def wrapper(executor, x, timestep, model_options, seed):
+        guider = executor.class_obj
+        seen["guider"] = all(hasattr(guider, a) for a in ("conds", "cfg", "inner_model")) and "positive" in guider.conds
+        if seen.setdefault("edits", 0) == 0:
+            x.mul_(0.5)  # FlowMo moves the sampler's latent in place before the step's prediction
+        seen["edits"] += 1
+        return executor(x, timestep, model_options, seed)
+
+    plain = ksample(tiny_model("sd15"), "sd15", 4.0, 2)
+    model = tiny_model("sd15").clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "contract", wrapper)
+    edited = ksample(model, "sd15", 4.0, 2)
+    assert seen["guider"] and seen["edits"] == 2, seen
+    assert not torch.equal(plain, edited), "an in-place edit of x in PREDICT_NOISE did not reach the sampler"
+
+
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
 def test_internal(name):
     CONTRACT[name]()
