@@ -310,6 +310,27 @@ class ExtraTerm(PlanMethod):
         raise NotImplementedError
 
 
+class ScheduledExtraTerm(ExtraTerm):
+    """An extra term with one branch (``self.branch``), a strength and a :class:`Schedule` (``self.schedule``):
+    the branch is evaluated only at the steps where the scheduled strength s_t is not 0."""
+
+    def strength(self) -> float:
+        """The term's scale before its schedule (the ``scale`` field unless a method names it otherwise)."""
+        return self.scale
+
+    def scale_at(self, position: StepPosition, sigma: float) -> float:
+        strength = self.strength()
+        if strength == 0:
+            return 0.0
+        return strength * self.schedule.multiplier(position.progress, sigma)
+
+    def branches_at(self, position: StepPosition, sigma: float) -> tuple[Branch, ...]:
+        return (self.branch,) if self.scale_at(position, sigma) != 0.0 else ()
+
+    def windows(self) -> tuple[tuple[str, Schedule], ...]:
+        return ((self.label, self.schedule),)
+
+
 class Correction(PlanMethod):
     """Stage 4: corrects the guided prediction of the whole plan."""
 

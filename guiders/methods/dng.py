@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..plan import Branch, CfgOne, ExtraTerm, GuidancePlan, PlanError
-from ..progress import StepPosition
+from ..plan import Branch, CfgOne, GuidancePlan, PlanError, ScheduledExtraTerm
 from ..schedules import Schedule
 from ..tensor_ops import to_f32
 from .posterior import Transition, squared_distance_difference
@@ -58,7 +57,7 @@ class DngState:
 
 
 @dataclass(frozen=True)
-class DynamicNegativeGuidance(ExtraTerm):
+class DynamicNegativeGuidance(ScheduledExtraTerm):
     """DNG's settings; ``branch`` is the model under the node's negative prompt."""
 
     KEY = "dng"
@@ -85,13 +84,6 @@ class DynamicNegativeGuidance(ExtraTerm):
             raise PlanError(f"{self.label}: temperature must be ≥ 0 and offset finite")
         self.schedule.validate(self.label)
 
-    def scale_at(self, position: StepPosition, sigma: float) -> float:
-        if self.scale == 0:
-            return 0.0
-        return self.scale * self.schedule.multiplier(position.progress, sigma)
-
-    def branches_at(self, position: StepPosition, sigma: float) -> tuple[Branch, ...]:
-        return (self.branch,) if self.scale_at(position, sigma) != 0.0 else ()
 
     def _state(self, inp: StepInputs, state: GuidanceState) -> DngState:
         found = state.method_state.get(self.KEY)
@@ -126,6 +118,3 @@ class DynamicNegativeGuidance(ExtraTerm):
             tracked.last = Transition(to_f32(inp.x), sigma, negative, uncond)
         weight = negative_weight(tracked.posterior, scale).reshape(-1, *([1] * (inp.x.ndim - 1)))
         return guided - weight * (negative - uncond)
-
-    def windows(self) -> tuple[tuple[str, Schedule], ...]:
-        return ((self.label, self.schedule),)

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..plan import Branch, ExtraTerm, GuidancePlan, PlanError
-from ..progress import StepPosition
+from ..plan import Branch, GuidancePlan, PlanError, ScheduledExtraTerm
 from ..schedules import Schedule
 from ..tensor_ops import to_f32
 
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ExtraGuidance(ExtraTerm):
+class ExtraGuidance(ScheduledExtraTerm):
     KEY = "extra"
 
     branch: Branch
@@ -43,13 +42,6 @@ class ExtraGuidance(ExtraTerm):
             raise PlanError(f"{self.label}: scale must be a finite number")
         self.schedule.validate(self.label)
 
-    def scale_at(self, position: StepPosition, sigma: float) -> float:
-        if self.scale == 0:
-            return 0.0
-        return self.scale * self.schedule.multiplier(position.progress, sigma)
-
-    def branches_at(self, position: StepPosition, sigma: float) -> tuple[Branch, ...]:
-        return (self.branch,) if self.scale_at(position, sigma) != 0.0 else ()
 
     def add_to(self, guided: torch.Tensor, inp: StepInputs, state: GuidanceState,
                plan: GuidancePlan) -> torch.Tensor:
@@ -62,6 +54,3 @@ class ExtraGuidance(ExtraTerm):
                 return guided  # Adaptive Guidance switched this branch off: the term is done for this run
             raise KeyError(f"{self.label}: the prediction of branch {name!r} is missing")
         return guided + scale * (to_f32(inp.cond) - to_f32(inp.branches[name]))
-
-    def windows(self) -> tuple[tuple[str, Schedule], ...]:
-        return ((self.label, self.schedule),)

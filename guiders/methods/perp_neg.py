@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..plan import Branch, CfgOne, ExtraTerm, GuidancePlan, PlanError
-from ..progress import StepPosition
+from ..plan import Branch, CfgOne, GuidancePlan, PlanError, ScheduledExtraTerm
 from ..schedules import Schedule
 from ..tensor_ops import batch_dot, safe_divide, to_f32
 
@@ -52,7 +51,7 @@ def perp_neg_step(cond: torch.Tensor, uncond: torch.Tensor, negative: torch.Tens
 
 
 @dataclass(frozen=True)
-class PerpNeg(ExtraTerm):
+class PerpNeg(ScheduledExtraTerm):
     """Perp-Neg's settings; ``branch`` is the model under the node's negative prompt."""
 
     KEY = "perp_neg"
@@ -69,13 +68,8 @@ class PerpNeg(ExtraTerm):
             raise PlanError(f"{self.label}: neg_scale must be ≥ 0 (0 = off; core's default 1); got {self.neg_scale}")
         self.schedule.validate(self.label)
 
-    def scale_at(self, position: StepPosition, sigma: float) -> float:
-        if self.neg_scale == 0:
-            return 0.0
-        return self.neg_scale * self.schedule.multiplier(position.progress, sigma)
-
-    def branches_at(self, position: StepPosition, sigma: float) -> tuple[Branch, ...]:
-        return (self.branch,) if self.scale_at(position, sigma) != 0.0 else ()
+    def strength(self) -> float:
+        return self.neg_scale
 
     def add_to(self, guided: torch.Tensor, inp: StepInputs, state: GuidanceState,
                plan: GuidancePlan) -> torch.Tensor:
@@ -89,6 +83,3 @@ class PerpNeg(ExtraTerm):
             raise KeyError(f"{self.label}: the prediction of the negative prompt (branch {name!r}) is missing")
         perpendicular = perpendicular_negative(inp.cond, inp.uncond, inp.branches[name])
         return guided - inp.cond_scale * scale * perpendicular
-
-    def windows(self) -> tuple[tuple[str, Schedule], ...]:
-        return ((self.label, self.schedule),)
