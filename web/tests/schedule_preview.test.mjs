@@ -16,6 +16,7 @@ import { PREVIEW_STEPS, shapeCaption, sigmaCaption } from "../js/schedule_math.j
 
 const source = fileURLToPath(new URL("../js/schedule_preview.js", import.meta.url));
 const mathUrl = new URL("../js/schedule_math.js", import.meta.url).href;
+const widgetUrl = new URL("../js/plot_widget.js", import.meta.url).href;
 const PREVIEW_TYPE = "gk_schedule_preview";
 let extension;
 let dir;
@@ -112,11 +113,13 @@ before(async () => {
   const appImport = 'import { app } from "../../../scripts/app.js";';
   assert.ok(text.includes(appImport), "served at /extensions/<pack>/js/, app.js is three levels up");
   assert.ok(text.includes('from "./schedule_math.js"'));
+  assert.ok(text.includes('from "./plot_widget.js"'));
   dir = mkdtempSync(join(tmpdir(), "gk-preview-"));
   const file = join(dir, "schedule_preview.mjs");
   writeFileSync(file, text
     .replace(appImport, "const app = globalThis.__gkFakeApp;")
-    .replace('from "./schedule_math.js"', `from ${JSON.stringify(mathUrl)}`));
+    .replace('from "./schedule_math.js"', `from ${JSON.stringify(mathUrl)}`)
+    .replace('from "./plot_widget.js"', `from ${JSON.stringify(widgetUrl)}`));
   globalThis.__gkFakeApp = { registerExtension: (ext) => (extension = ext), canvas: { canvas: graphCanvas } };
   globalThis.document = fakeDocument;
   globalThis.requestAnimationFrame = (f) => frames.push(f);
