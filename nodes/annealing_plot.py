@@ -30,7 +30,7 @@ PREVIEW_ROUTE = "/guidance_kit/annealing_preview"
 PREVIEW_POINTS = 41  # progress points of a preview curve
 MAX_POINTS = 201
 MAX_LEVELS = 6
-DELTA_LEVELS = (0.25, 1.0, 2.0)  # default ‖ε_u − ε_c‖ levels, × the policy's δ normalisation
+DELTA_LEVELS = (0.025, 0.25, 1.0)  # default ‖ε_u − ε_c‖ levels, × the policy's δ normalisation
 TIMESTEP_MAX = 999.0  # t = 999·(1 − p): SD-type discrete timesteps (what the shipped and the authors' policies read)
 REGISTERED_FLAG = "_guidance_kit_annealing_routes"  # set on the PromptServer instance: routes added once
 

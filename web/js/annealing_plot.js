@@ -2,8 +2,8 @@
 //
 // Before a run: the policy selected on the node, evaluated by the server (GET
 // /guidance_kit/annealing_preview, nodes/annealing_plot.py) for the node's λ over sampling progress p
-// (0 = first step), one curve per level of ‖ε_c − ε_u‖ (labelled), with t = 999·(1 − p) (SD-type
-// discrete timesteps). It is fetched again when λ or the policy changes. An error (a policy file
+// (0 = first step), one curve per level of ‖ε_c − ε_u‖ (labelled: the policy's defaults, after a run
+// the smallest, median and largest the run saw), with t = 999·(1 − p) (SD-type discrete timesteps). It is fetched again when λ or the policy changes. An error (a policy file
 // that is refused, a λ out of range) is shown in red in place of the curves.
 // After a run: the scales the plan actually chose, per model evaluation (the batch mean as a line
 // with dots, the min–max over the batch as a band), against the run's progress; the server sends
@@ -41,8 +41,21 @@ export const LEVEL_COLORS = ["#9fd2ff", COLORS.curve, "#2f80db", "#7fb8ff", "#4a
 export const RUN_COLOR = "#ffa640";
 const RUN_BAND = "rgba(255, 166, 64, 0.3)";
 
-export function previewUrl(policy, lambda) {
-  return `${PREVIEW_ROUTE}?policy=${encodeURIComponent(String(policy))}&lambda=${encodeURIComponent(String(lambda))}`;
+export function previewUrl(policy, lambda, deltas = null) {
+  const url = `${PREVIEW_ROUTE}?policy=${encodeURIComponent(String(policy))}&lambda=${encodeURIComponent(String(lambda))}`;
+  return deltas?.length ? `${url}&delta=${deltas.join(",")}` : url;
+}
+
+/**
+ * The ‖ε_c − ε_u‖ levels a run saw: its smallest, median and largest batch mean (2 significant digits,
+ * repeats dropped); null without values. The curves are then drawn at these levels.
+ */
+export function runDeltas(run) {
+  const values = (run?.steps ?? []).map((s) => s?.delta_norm).filter((v) => typeof v === "number" && Number.isFinite(v) && v >= 0);
+  if (!values.length) return null;
+  values.sort((a, b) => a - b);
+  const picks = [values[0], values[Math.floor((values.length - 1) / 2)], values.at(-1)].map((v) => Number(v.toPrecision(2)));
+  return [...new Set(picks)];
 }
 
 /** A run message's evaluations in progress order: [{progress, mean, min, max}] (invalid entries left out). */
@@ -85,8 +98,12 @@ export function drawAnnealing(ctx, state, x, y, w, h) {
   }
   const captions = [];
   if (preview) captions.push(`progress 0 → 1 · ${preview.timestep_note ?? ""}`);
-  if (series.length) captions.push(`last run: w_t chosen per step, batch mean and min–max (λ ${label(state.run.lambda ?? NaN)})`);
-  const pad = { left: 28, right: 6, top: 2 * font + 10, bottom: font * captions.length + 8 };
+  if (series.length) {
+    const deltas = (state.run.steps ?? []).map((s) => s?.delta_norm).filter((v) => typeof v === "number" && Number.isFinite(v));
+    const range = deltas.length ? `, ‖δ‖ ${label(Math.min(...deltas))}–${label(Math.max(...deltas))}` : "";
+    captions.push(`last run: w_t chosen per step, batch mean and min–max (λ ${label(Number(state.run.lambda))}${range})`);
+  }
+  const pad = { left: 28, right: 6, top: 2 * font + 16, bottom: font * captions.length + 8 };
   const px = x + pad.left;
   const py = y + pad.top;
   const pw = w - pad.left - pad.right;
@@ -167,6 +184,7 @@ class AnnealingState {
     this.preview = null;
     this.error = "";
     this.run = null;
+    this.deltas = null; // the ‖δ‖ levels of the curves: the server's defaults, or those of the last run
     this.version = 0;
     this.timer = null;
     this.plot = null;
@@ -181,19 +199,20 @@ class AnnealingState {
   refresh() {
     const { policy, lambda } = this.inputs();
     if (policy === undefined || lambda === undefined) return;
-    const key = JSON.stringify([policy, lambda]);
+    const key = JSON.stringify([policy, lambda, this.deltas]);
     if (key === this.key) return;
     this.key = key;
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.fetch(key, policy, lambda), FETCH_DELAY_MS);
+    const deltas = this.deltas;
+    this.timer = setTimeout(() => this.fetch(key, previewUrl(policy, lambda, deltas)), FETCH_DELAY_MS);
     this.timer?.unref?.();
   }
 
-  async fetch(key, policy, lambda) {
+  async fetch(key, url) {
     let preview = null;
     let error = "";
     try {
-      const response = await api.fetchApi(previewUrl(policy, lambda));
+      const response = await api.fetchApi(url);
       const body = (await response.json().catch(() => null)) ?? {};
       if (response.ok && Array.isArray(body.levels)) preview = body;
       else error = body.error ?? `Annealing Guidance plot: the server answered HTTP ${response.status}`;
@@ -208,6 +227,8 @@ class AnnealingState {
 
   setRun(message) {
     this.run = message;
+    this.deltas = runDeltas(message) ?? this.deltas;
+    this.refresh();
     this.changed();
   }
 

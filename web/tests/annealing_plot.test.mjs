@@ -200,18 +200,25 @@ test("a run's message (by node id, also inside a subgraph) overlays the chosen w
   const node = create(7);
   await sleep(320);
   draw(node);
-  const steps = [0.6, 0, 0.3, 0.9].map((p) => ({ progress: p, mean: 2 - p, min: 1.8 - p, max: 2.2 - p, sigma: 1, step: 0 }));
+  const steps = [0.6, 0, 0.3, 0.9].map((p) => ({ progress: p, mean: 2 - p, min: 1.8 - p, max: 2.2 - p, sigma: 1, step: 0, delta_norm: 3 + p }));
   for (const fn of listeners[plot.EVENT]) fn({ detail: { node: "7", policy: "digits_guidance_policy.safetensors", lambda: 0.5, steps } });
-  const ctx = draw(node);
+  const ctx = draw(node, 640);
   assert.equal(widgetOf(node).element.dataset.runSteps, "4");
   assert.equal(strokes(ctx, plot.RUN_COLOR), 1, "the mean line");
   assert.equal(ctx.calls.filter((c) => c[0] === "arc").length, 4, "a dot per evaluation");
   assert.ok(ctx.calls.some((c) => c[0] === "fill") && ctx.calls.some((c) => c[0] === "closePath"), "the band");
-  assert.ok(texts(ctx).some((t) => t.startsWith("last run: w_t chosen per step")), texts(ctx).join(" | "));
+  assert.ok(texts(ctx).some((t) => t.startsWith("last run: w_t chosen per step") && t.includes("(λ 0.5, ‖δ‖ 3–3.9)")), texts(ctx).join(" | "));
   // the mean line runs in progress order, left to right
   const runLine = ctx.calls.findIndex((c) => c[0] === "set strokeStyle" && c[1] === plot.RUN_COLOR);
   const xs = ctx.calls.slice(runLine).filter((c) => c[0] === "moveTo" || c[0] === "lineTo").slice(0, 4).map((c) => c[1]);
   assert.deepEqual(xs, [...xs].sort((a, b) => a - b));
+
+  // the curves are asked for again at the ‖δ‖ levels the run saw (smallest, median, largest)
+  await sleep(320);
+  assert.equal(requests.at(-1), plot.previewUrl("digits (shipped with the pack)", 0.5, [3, 3.3, 3.9]));
+  assert.match(requests.at(-1), /&delta=3,3.3,3.9$/);
+  assert.deepEqual(plot.runDeltas({ steps: [{ delta_norm: 0.234 }, { delta_norm: 0.234 }] }), [0.23]);
+  assert.equal(plot.runDeltas({ steps: [{ mean: 1 }] }), null);
 
   // inside a subgraph: "<subgraph node>:<node>"
   const inner = new FakeNode(12);

@@ -46,6 +46,8 @@ import { inflateSync } from "node:zlib";
 const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const PACK_PATH = "/extensions/comfyui-guidance-kit/";
 const PREVIEW_TYPE = "gk_schedule_preview";
+const ANNEALING_TYPE = "gk_annealing_plot";
+const ANNEALING_WORKFLOW = join(REPO, "workflows/annealing_guidance_digits.json");
 
 // Console errors / failed requests that come from the frontend or a fresh ComfyUI, not from this pack.
 // Each entry: [what, test(text, url)].
@@ -179,6 +181,8 @@ function countPixels(png, test) {
 // (a faint blue over a dark background) and the grey lines / labels pass neither.
 const isCurve = (r, g, b) => b >= 150 && b - r >= 70 && g >= 90;
 const isError = (r, g, b) => r >= 100 && r - g >= 40 && r - b >= 40;
+// The Annealing Guidance plot's run overlay: #ffa640 (line, dots) over its translucent band.
+const isRun = (r, g, b) => r >= 190 && g >= 110 && g <= 190 && b <= 110;
 
 const playwright = await loadPlaywright().catch((e) => usage(`playwright-core not found (${e.message}); set PLAYWRIGHT_CORE`));
 const { chromium } = playwright.chromium ? playwright : playwright.default; // CommonJS package
@@ -224,7 +228,7 @@ async function settle(page, ms = 1200) {
 }
 
 /** Geometry and state of the preview element of each node (by id) in the page. */
-function inspectPreviews(page, ids) {
+function inspectPreviews(page, ids, type = PREVIEW_TYPE) {
   return page.evaluate(({ ids, PREVIEW_TYPE }) => {
     const app = window.comfyAPI.app.app;
     return ids.map((id) => {
@@ -262,18 +266,20 @@ function inspectPreviews(page, ids) {
         topmost: !!top && el.contains(top),
         visible: style.visibility !== "hidden" && style.display !== "none" && Number(style.opacity) > 0.5,
         error: el.dataset.error ?? "",
+        levels: el.dataset.levels ?? null, // the Annealing Guidance plot: curves drawn, run steps overlaid
+        runSteps: el.dataset.runSteps ?? null,
         serialize: widget.serialize,
         optionsSerialize: widget.options?.serialize,
       };
     });
-  }, { ids, PREVIEW_TYPE });
+  }, { ids, PREVIEW_TYPE: type });
 }
 
 async function screenshotCounts(page, id) {
   const handle = await page.$(`[data-gk-check="${id}"]`);
-  if (!handle) return { curve: 0, error: 0 };
+  if (!handle) return { curve: 0, error: 0, run: 0 };
   const png = decodePng(await handle.screenshot());
-  return { curve: countPixels(png, isCurve), error: countPixels(png, isError), size: [png.width, png.height] };
+  return { curve: countPixels(png, isCurve), error: countPixels(png, isError), run: countPixels(png, isRun), size: [png.width, png.height] };
 }
 
 function checkPreview(info, counts, what, { wantCurve, wantError, minCurve = 150 }) {
@@ -293,6 +299,101 @@ function checkPreview(info, counts, what, { wantCurve, wantError, minCurve = 150
 }
 
 const near = (a, b) => (typeof a === "number" && typeof b === "number" ? Math.abs(a - b) < 1e-6 : JSON.stringify(a) === JSON.stringify(b));
+
+/**
+ * The Annealing Guidance plot, on the digits workflow (workflows/annealing_guidance_digits.json): the
+ * policy's curves from the server's preview route are on screen; a policy file that does not exist shows
+ * the route's message in red; a real run (the prompt queued from the page, on the server's CPU) sends the
+ * chosen w_t, which the plot overlays (orange line and band).
+ */
+async function checkAnnealingPlot(page) {
+  const workflow = JSON.parse(readFileSync(ANNEALING_WORKFLOW, "utf8"));
+  const id = await page.evaluate(async (wf) => {
+    const app = window.comfyAPI.app.app;
+    await app.loadGraphData(wf);
+    const node = app.graph.nodes.find((n) => n.type === "GuidanceKit_AnnealingGuidance");
+    app.canvas.ds.scale = 1;
+    app.canvas.ds.offset = [160 - node.pos[0], 140 - node.pos[1]];
+    return node.id;
+  }, workflow);
+  await page.keyboard.press("Escape");
+  const what = "annealing plot";
+  const setPolicy = (value) => page.evaluate(({ id, value }) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const w = node.widgets.find((w) => w.name === "policy");
+    w.value = value;
+    w.callback?.(w.value, app.canvas, node);
+  }, { id, value });
+  const inspect = async () => {
+    const [info] = await inspectPreviews(page, [id], ANNEALING_TYPE);
+    return { ...info, pixels: await screenshotCounts(page, id) };
+  };
+  /** Settle until test(info) holds (or the time is up); the last info. */
+  const waitFor = async (test, ms) => {
+    const until = Date.now() + ms;
+    let info;
+    do {
+      await settle(page, 500);
+      info = await inspect();
+    } while (!test(info) && Date.now() < until);
+    return info;
+  };
+  facts.annealing = {};
+
+  // 1. the policy's curves (three ‖δ‖ levels) for λ 0.5, fetched from the route
+  const preview = await waitFor((i) => i.levels === "3", 15_000);
+  facts.annealing.preview = preview;
+  checkPreview(preview, preview.pixels, `${what}: the policy's curves`, { wantCurve: true });
+  if (preview.levels !== "3") problems.push(`${what}: ${preview.levels} curves drawn, expected 3 ‖δ‖ levels (error: "${preview.error}")`);
+  // the node serializes to its own two widgets' values (nothing for the plot)
+  const serialized = await page.evaluate((id) => {
+    const app = window.comfyAPI.app.app;
+    return app.graph.serialize().nodes.find((n) => String(n.id) === String(id))?.widgets_values;
+  }, id);
+  const saved = workflow.nodes.find((n) => String(n.id) === String(id)).widgets_values;
+  if (JSON.stringify(serialized) !== JSON.stringify(saved)) {
+    problems.push(`${what}: the node serializes to ${JSON.stringify(serialized)}, the file holds ${JSON.stringify(saved)}`);
+  }
+
+  // 2. an unknown policy file: the route's JSON error, in red, no curve
+  await setPolicy("missing_policy.safetensors");
+  const bad = await waitFor((i) => /no policy file/.test(i.error), 10_000);
+  facts.annealing.unknownPolicy = { error: bad.error, pixels: bad.pixels };
+  if (!/no policy file 'missing_policy.safetensors'/.test(bad.error)) problems.push(`${what}: no message for an unknown policy ("${bad.error}")`);
+  const badCounts = bad.pixels;
+  if (badCounts.error < 30) problems.push(`${what}: the unknown policy's message is not on screen (${badCounts.error} red pixels)`);
+  if (badCounts.curve > 30) problems.push(`${what}: curves drawn for an unknown policy (${badCounts.curve} pixels)`);
+  await setPolicy(saved[1]);
+  await waitFor((i) => i.levels === "3" && !i.error, 10_000);
+
+  // 3. a real run: the prompt queued from the page; the server sends the chosen w_t per step (a new seed:
+  // the same prompt again, e.g. the other mode's check on this server, would come from ComfyUI's cache)
+  const queued = await page.evaluate(async () => {
+    const app = window.comfyAPI.app.app;
+    const api = window.comfyAPI.api.api;
+    const sampler = app.graph.nodes.find((n) => n.type === "KSampler");
+    const seed = sampler.widgets.find((w) => w.name === "seed");
+    seed.value = Math.floor(Math.random() * 1e9);
+    seed.callback?.(seed.value, app.canvas, sampler);
+    if (typeof app.queuePrompt === "function") {
+      await app.queuePrompt(0, 1);
+      return "app.queuePrompt";
+    }
+    const { output } = await app.graphToPrompt();
+    await api.queuePrompt(0, { output });
+    return "api.queuePrompt";
+  });
+  const steps = workflow.nodes.find((n) => n.type === "KSampler").widgets_values[2];
+  const run = await waitFor((i) => i.runSteps === String(steps), 90_000);
+  facts.annealing.run = { queued, runSteps: run.runSteps, pixels: run.pixels };
+  if (run.runSteps !== String(steps)) problems.push(`${what}: the run's chosen w_t did not arrive (${run.runSteps} of ${steps} steps)`);
+  if (run.pixels.run < 60) problems.push(`${what}: the run's overlay is not on screen (${run.pixels.run} orange pixels)`);
+  checkPreview(run, run.pixels, `${what} after the run`, { wantCurve: true });
+  const shot = out.replace(/\.png$/, "-annealing.png");
+  await page.screenshot({ path: shot });
+  facts.screenshots.push(shot);
+}
 
 // the server's settings before the check, put back afterwards (a check against one's own ComfyUI)
 let savedSettings = null;
@@ -332,7 +433,8 @@ try {
     () => {
       const app = window.comfyAPI?.app?.app;
       return !!(app?.graph && app?.canvas && window.LiteGraph?.registered_node_types?.GuidanceKit_CFGSchedule &&
-        app.extensions?.some((e) => e.name === "GuidanceKit.SchedulePreview"));
+        app.extensions?.some((e) => e.name === "GuidanceKit.SchedulePreview") &&
+        app.extensions?.some((e) => e.name === "GuidanceKit.AnnealingPlot"));
     },
     null,
     { timeout: 90_000 },
@@ -509,6 +611,8 @@ try {
     facts.screenshots.push(shot);
     facts[name] = `${loaded.length} nodes, ${withPreview.length} with a preview`;
   }
+
+  await checkAnnealingPlot(page);
 } catch (e) {
   problems.push(`check failed: ${e.stack ?? e}`);
 } finally {
@@ -532,4 +636,4 @@ if (problems.length) {
   console.log(`${summary}: FAIL (${problems.length} problem${problems.length > 1 ? "s" : ""})`);
   process.exit(1);
 }
-console.log(`${summary}: PASS (curve drawn, invalid step list shows its message, ${workflows.length} workflow(s) load with their values)`);
+console.log(`${summary}: PASS (curve drawn, invalid step list shows its message, ${workflows.length} workflow(s) load with their values; annealing plot: policy curves, unknown-policy message, a run's w_t overlaid)`);
