@@ -1,4 +1,4 @@
-// Real-browser check of the schedule preview (not part of `node --test web/tests/`; the automatic
+// Real-browser check of the schedule preview and the Annealing Guidance plot (not part of `node --test web/tests/`; the automatic
 // run is web/tests/run_browser_checks.sh, which installs what this needs and starts ComfyUI).
 //
 // Against a running ComfyUI with this pack, in headless Chromium, in one rendering mode:
@@ -17,7 +17,12 @@
 //      Guidance Kit node holds the value at its place in the file's widgets_values (widgets the file
 //      predates keep their defaults: listed under "notes"), each such node serializes to exactly its
 //      own widgets' values (the preview widget adds none), and every preview draws its curve;
-//   4. saves screenshots (--out, --workflow-out; one per workflow, suffixed -2, -3, ...).
+//   4. loads workflows/annealing_guidance_digits.json: the Annealing Guidance plot draws the policy's
+//      three curves (from the pack's preview route), shows the route's message for an unknown policy
+//      file, and after a real run (queued from the page with a new seed, sampled by the server on its
+//      CPU) overlays the w_t the run chose (one per step, orange line and band on screen);
+//   5. saves screenshots (--out, --workflow-out; one per workflow, suffixed -2, -3, ...; --out with
+//      -annealing for the plot after the run).
 // Prints one summary line "browser check <label>: PASS|FAIL ..." and exits 1 on a failed check or a
 // console / page error, 2 on bad usage.
 //
