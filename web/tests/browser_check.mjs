@@ -1,5 +1,6 @@
-// Real-browser check of the schedule preview and the Annealing Guidance plot (not part of `node --test web/tests/`; the automatic
-// run is web/tests/run_browser_checks.sh, which installs what this needs and starts ComfyUI).
+// Real-browser check of the schedule preview and the Annealing Guidance plot (not part of
+// `node --test web/tests/`; the automatic run is web/tests/run_browser_checks.sh, which installs what
+// this needs and starts ComfyUI).
 //
 // Against a running ComfyUI with this pack, in headless Chromium, in one rendering mode:
 //   --mode classic  the LiteGraph canvas (Comfy.VueNodes.Enabled = false)
