@@ -182,6 +182,10 @@ class PlanMethod:
         """Text appended to the engine's per-run line (model passes), e.g. what Adaptive Guidance stopped."""
         return ""
 
+    def run_finished(self, state: GuidanceState) -> None:
+        """Called once after every sampling run with the run's state (Annealing Guidance hands its chosen scales to
+        the node's plot); nothing by default."""
+
 
 # ------------------------------------------------------------------------------------------------
 # roles: what the combine calls, stage by stage
@@ -482,6 +486,10 @@ class GuidancePlan:
 
     def run_reports(self, state: GuidanceState) -> list[str]:
         return [text for text in (m.run_report(state) for m in self.methods) if text]
+
+    def run_finished(self, state: GuidanceState) -> None:
+        for m in self.methods:
+            m.run_finished(state)
 
 
 def _notes(groups: Iterable[list[Note]]) -> list[Note]:

@@ -9,6 +9,7 @@ from typing_extensions import override
 from . import (
     adaptive,
     annealing_guidance,
+    annealing_plot,
     attention_methods,
     cfg_extensions,
     cfg_methods,
@@ -36,5 +37,10 @@ def node_list() -> list[type[io.ComfyNode]]:
 
 class GuidanceKitExtension(ComfyExtension):
     @override
+    async def on_load(self) -> None:  # newer ComfyUI calls it; 0.3.64 calls get_node_list only
+        annealing_plot.register_routes()
+
+    @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        annealing_plot.register_routes()  # the Annealing Guidance plot's preview route, where PromptServer runs
         return node_list()

@@ -15,6 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from ..guiders.methods.annealing_guidance import AnnealingGuidance, PolicyFileError, SharedPolicy, load_policy
+from .annealing_plot import PlotSender
 from .common import CATEGORY_CFG, NODE_PREFIX, add_method, model_input, model_output, node_error
 from .seed_papers import is_digits_model
 
@@ -38,6 +39,27 @@ def policy_choices() -> list[str]:
 
     register_policy_folder()
     return [PACK_POLICY, *folder_paths.get_filename_list(POLICY_FOLDER)]
+
+
+def policy_path(policy: str):
+    """The file of a ``policy`` choice (the pack's digits policy, or a file in models/guidance_policies); a ValueError
+    naming the node and the fix where there is none."""
+    label = AnnealingGuidanceNode.LABEL
+    if policy == PACK_POLICY:
+        from ..digits.train_guidance_policy import POLICY_WEIGHTS
+
+        if not POLICY_WEIGHTS.is_file():
+            raise node_error(f"{label}: the digits policy file is missing ({POLICY_WEIGHTS}); restore it with 'git "
+                             f"checkout -- digits/weights' or run 'python -m digits.train_guidance_policy' in the "
+                             f"pack folder.")
+        return POLICY_WEIGHTS
+    import folder_paths
+
+    register_policy_folder()
+    found = folder_paths.get_full_path(POLICY_FOLDER, policy)
+    if found is None:
+        raise node_error(f"{label}: no policy file {policy!r} in ComfyUI/models/{POLICY_FOLDER}.")
+    return found
 
 
 def timestep_table(model) -> tuple[tuple[float, float], ...]:
@@ -78,7 +100,8 @@ class AnnealingGuidanceNode(io.ComfyNode):
                 "with CFG++ re-noising: to follow it, use a CFG++ sampler (Guidance Kit's CFG++ sampler node, or "
                 "ComfyUI's *_cfg_pp samplers). The pack's policy is trained for the embedded digits model; for "
                 "other models put a policy file (the authors' checkpoint, or the pack's safetensors format) in "
-                "models/guidance_policies. The chosen scales are logged after the run."),
+                "models/guidance_policies. The node plots the policy's scale over sampling progress for λ, and "
+                "after a run the scales it chose; they are also logged."),
             inputs=[
                 model_input(),
                 io.Float.Input("guidance_lambda", default=0.5, min=0.0, max=1.0, step=0.05,
@@ -92,30 +115,16 @@ class AnnealingGuidanceNode(io.ComfyNode):
                                        "is downloaded)."),
             ],
             outputs=[model_output()],
+            hidden=[io.Hidden.unique_id],  # the node's plot: the run's chosen scales go to this node
         )
 
     @classmethod
     def _policy(cls, model, policy: str) -> SharedPolicy:
-        if policy == PACK_POLICY:
-            from ..digits.train_guidance_policy import POLICY_WEIGHTS
-
-            if not is_digits_model(model):
-                raise node_error(f"{cls.LABEL}: the pack's policy is trained for the embedded digits model only. "
-                                 f"For this model put a policy trained for it (e.g. the authors' SDXL checkpoint) "
-                                 f"in ComfyUI/models/{POLICY_FOLDER} and choose it under 'policy'.")
-            path = POLICY_WEIGHTS
-            if not path.is_file():
-                raise node_error(f"{cls.LABEL}: the digits policy file is missing ({path}); restore it with 'git "
-                                 f"checkout -- digits/weights' or run 'python -m digits.train_guidance_policy' in "
-                                 f"the pack folder.")
-        else:
-            import folder_paths
-
-            register_policy_folder()
-            found = folder_paths.get_full_path(POLICY_FOLDER, policy)
-            if found is None:
-                raise node_error(f"{cls.LABEL}: no policy file {policy!r} in ComfyUI/models/{POLICY_FOLDER}.")
-            path = found
+        if policy == PACK_POLICY and not is_digits_model(model):
+            raise node_error(f"{cls.LABEL}: the pack's policy is trained for the embedded digits model only. "
+                             f"For this model put a policy trained for it (e.g. the authors' SDXL checkpoint) "
+                             f"in ComfyUI/models/{POLICY_FOLDER} and choose it under 'policy'.")
+        path = policy_path(policy)
         try:
             return SharedPolicy(load_policy(path), os.path.basename(str(path)))
         except PolicyFileError as e:
@@ -125,8 +134,9 @@ class AnnealingGuidanceNode(io.ComfyNode):
     def execute(cls, model, guidance_lambda, policy=PACK_POLICY):
         if not 0.0 <= float(guidance_lambda) <= 1.0:
             raise node_error(f"{cls.LABEL}: guidance_lambda must lie in [0, 1] (got {guidance_lambda}).")
+        node_id = getattr(cls.hidden, "unique_id", None)  # None when called outside a prompt (tests, compare.py)
         method = AnnealingGuidance(cls._policy(model, policy), float(guidance_lambda), timestep_table(model),
-                                   cls.LABEL)
+                                   cls.LABEL, publish=PlotSender(str(node_id)) if node_id is not None else None)
         return io.NodeOutput(add_method(model, method))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ from ..tensor_ops import per_sample
 if TYPE_CHECKING:
     from ..step import DirectionInputs, GuidanceState
 
-STATE_KEY = "annealing_guidance"  # method_state: the chosen scales, one entry per step
+STATE_KEY = "annealing_guidance"  # method_state: the chosen scales, one ChosenScales per evaluation
 CONFIG_METADATA_KEY = "guidance_scale_model"
 POLICY_DEFAULTS = dict(t_embed_dim=4, delta_embed_dim=4, lambda_embed_dim=4, t_embed_normalization=1e3,
                        delta_embed_normalization=5.0, w_bias=1.0, w_scale=1.0)
@@ -204,6 +205,8 @@ class AnnealingGuidance(WeightFactor):
     guidance_lambda: float = 0.5
     timesteps: tuple[tuple[float, float], ...] = field(default=((1.0, 1.0),))  # (σ, model timestep), by σ
     label: str = "Annealing Guidance"
+    # called once after every run with ``plot_payload`` (the node sends it to its plot); tensor-free, compared by value
+    publish: Callable[[dict], None] | None = None
 
     def validate(self) -> None:
         if not isinstance(self.policy, SharedPolicy):
@@ -213,32 +216,65 @@ class AnnealingGuidance(WeightFactor):
         if not self.timesteps or any(a[0] > b[0] for a, b in zip(self.timesteps, self.timesteps[1:])):
             raise PlanError(f"{self.label}: the σ → timestep table must be sorted by σ")
 
-    def scales(self, direction: DirectionInputs) -> torch.Tensor:
+    def scales(self, direction: DirectionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen scale w_t and ‖ε_u − ε_c‖ of every sample ([B] each, on the CPU)."""
         step = direction.step
         sigma = torch.as_tensor(step.sigma, dtype=torch.float32).reshape(-1)
         norms = noise_difference_norm(direction.cond, direction.uncond, sigma.to(direction.cond.device),
-                                      step.parameterization == "flow")
+                                      step.parameterization == "flow").cpu()
         timestep = timestep_of_sigma(step.sigma_value, self.timesteps)
         with torch.no_grad():
-            chosen = self.policy.policy(timestep, norms.cpu(), self.guidance_lambda).float()
+            chosen = self.policy.policy(timestep, norms, self.guidance_lambda).float()
         if not torch.isfinite(chosen).all():
             raise PlanError(f"{self.label}: the policy {self.policy.name} returned a non-finite scale at σ "
                             f"{step.sigma_value:.4g}")
-        return chosen
+        return chosen, norms
 
     def scale_weights(self, weights: list, direction: DirectionInputs) -> list:
         if len(weights) > 1:
             raise PlanError(f"{self.label}: it chooses one CFG scale per sample and cannot follow a band split (FDG) "
                             f"in the same plan; remove one of the two nodes.")
-        chosen = self.scales(direction)
+        chosen, norms = self.scales(direction)
         log = direction.state.method_state.setdefault(STATE_KEY, [])
-        log.append((direction.step.position.step, direction.step.sigma_value, chosen.tolist()))
+        position = direction.step.position
+        log.append(ChosenScales(position.step, direction.step.sigma_value, position.progress,
+                                tuple(chosen.tolist()), tuple(norms.tolist())))
         return [per_sample(chosen.to(direction.cond.device), direction.cond)]
 
     def run_report(self, state: GuidanceState) -> str:
         log = state.method_state.get(STATE_KEY)
         if not log:
             return ""
-        steps = "; ".join(f"σ {sigma:.3g}: {sum(w) / len(w):.3g} ({min(w):.3g}–{max(w):.3g})" for _, sigma, w in log)
+        steps = "; ".join(f"σ {e.sigma:.3g}: {e.mean:.3g} ({min(e.scales):.3g}–{max(e.scales):.3g})" for e in log)
         return (f". {self.label} (policy {self.policy.name}, λ {self.guidance_lambda:g}): chosen scale w_t per "
                 f"step, mean (range) over the batch: {steps}")
+
+    def run_finished(self, state: GuidanceState) -> None:
+        """Hands the run's chosen scales to ``publish`` (the node's plot on the ComfyUI page), if one is set."""
+        log = state.method_state.get(STATE_KEY)
+        if log and self.publish is not None:
+            self.publish(self.plot_payload(log))
+
+    def plot_payload(self, log: list[ChosenScales]) -> dict:
+        """The run's chosen scales per evaluation, in sampling order: progress, σ, the batch mean and min–max of
+        w_t, the batch mean of ‖ε_u − ε_c‖ (plain numbers, JSON-ready)."""
+        return {"policy": self.policy.name, "lambda": self.guidance_lambda,
+                "steps": [{"progress": e.progress, "sigma": e.sigma, "step": e.step, "mean": e.mean,
+                           "min": min(e.scales), "max": max(e.scales),
+                           "delta_norm": sum(e.delta_norms) / len(e.delta_norms)} for e in log]}
+
+
+@dataclass(frozen=True)
+class ChosenScales:
+    """What the policy chose at one evaluation: where (step of the call, σ, progress) and, per sample, w_t and
+    ‖ε_u − ε_c‖."""
+
+    step: float
+    sigma: float
+    progress: float
+    scales: tuple[float, ...]
+    delta_norms: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scales) / len(self.scales)

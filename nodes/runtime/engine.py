@@ -123,9 +123,23 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options.pop(RUN_KEY, None)
-        report = call_report(run, get_plan(guider.model_options))
+        plan = get_plan(guider.model_options)
+        report = call_report(run, plan)
         if report:
             log.info(report)
+        finish_run(run, plan)
+
+
+def finish_run(run: RunState, plan: GuidancePlan | None) -> None:
+    """The methods' end-of-run hook (``run_finished``: e.g. Annealing Guidance's plot message); a failure there is
+    logged, never raised over the run's result."""
+    plan = run.plan or plan
+    if plan is None:
+        return
+    try:
+        plan.run_finished(run.guidance)
+    except Exception as e:  # noqa: BLE001  (what a method publishes must not fail the sampling)
+        log.warning(f"{PACK}: a method's end-of-run hook failed: {e}")
 
 
 def call_report(run: RunState, plan: GuidancePlan | None) -> str:

@@ -107,7 +107,9 @@ def test_the_step_is_cfg_at_the_policys_scale_per_sample(dtype, shape):
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(out.float(), expected, atol=tolerance, rtol=tolerance)
     logged = state.method_state[STATE_KEY]
-    assert len(logged) == 1 and len(logged[0][2]) == 3 and len(set(logged[0][2])) == 3  # one scale per sample
+    assert len(logged) == 1 and len(set(logged[0].scales)) == 3  # one scale per sample: the ones the step used
+    assert torch.allclose(torch.tensor(logged[0].scales), w.float()) and torch.allclose(torch.tensor(
+        logged[0].delta_norms), norms)
     assert "chosen scale w_t per step" in method.run_report(state)
 
 
@@ -118,6 +120,28 @@ def test_runs_on_the_mixture_and_logs_every_step():
     out, den = sample_plan(GuidancePlan.of(method), gmm, 1, 1.0, sigmas, n=6)
     assert torch.isfinite(out).all()
     assert len(den.state.method_state[STATE_KEY]) == len(sigmas) - 1
+
+
+def test_the_end_of_run_hook_publishes_the_logged_scales():
+    gmm = GaussianMixture(torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2)) * 1.5, std=0.4)
+    sigmas = karras_sigmas(6)
+    published = []
+    plan = GuidancePlan.of(AnnealingGuidance(SharedPolicy(random_policy(2), "random"), 0.4, TABLE,
+                                             publish=published.append))
+    _, den = sample_plan(plan, gmm, 1, 1.0, sigmas, n=4)
+    plan.run_finished(den.state)
+    (payload,) = published
+    log = den.state.method_state[STATE_KEY]
+    assert payload["policy"] == "random" and payload["lambda"] == 0.4 and len(payload["steps"]) == len(log) == 6
+    for entry, logged in zip(payload["steps"], log):
+        assert entry["mean"] == pytest.approx(sum(logged.scales) / 4) and entry["sigma"] == logged.sigma
+        assert (entry["min"], entry["max"]) == (min(logged.scales), max(logged.scales))
+        assert entry["delta_norm"] == pytest.approx(sum(logged.delta_norms) / 4)
+    assert [e["sigma"] for e in payload["steps"]] == pytest.approx([float(s) for s in sigmas[:-1]])
+    # a method without a publisher, or a run without scales, sends nothing
+    GuidancePlan.of(AnnealingGuidance(SharedPolicy(random_policy(2), "random"), 0.4, TABLE)).run_finished(den.state)
+    plan.run_finished(GuidanceState())
+    assert len(published) == 1
 
 
 def shipped_policy() -> GuidanceScalePolicy:

@@ -1,5 +1,6 @@
-// Real-browser check of the schedule preview (not part of `node --test web/tests/`; the automatic
-// run is web/tests/run_browser_checks.sh, which installs what this needs and starts ComfyUI).
+// Real-browser check of the schedule preview and the Annealing Guidance plot (not part of
+// `node --test web/tests/`; the automatic run is web/tests/run_browser_checks.sh, which installs what
+// this needs and starts ComfyUI).
 //
 // Against a running ComfyUI with this pack, in headless Chromium, in one rendering mode:
 //   --mode classic  the LiteGraph canvas (Comfy.VueNodes.Enabled = false)
@@ -17,7 +18,12 @@
 //      Guidance Kit node holds the value at its place in the file's widgets_values (widgets the file
 //      predates keep their defaults: listed under "notes"), each such node serializes to exactly its
 //      own widgets' values (the preview widget adds none), and every preview draws its curve;
-//   4. saves screenshots (--out, --workflow-out; one per workflow, suffixed -2, -3, ...).
+//   4. loads workflows/annealing_guidance_digits.json: the Annealing Guidance plot draws the policy's
+//      three curves (from the pack's preview route), shows the route's message for an unknown policy
+//      file, and after a real run (queued from the page with a new seed, sampled by the server on its
+//      CPU) overlays the w_t the run chose (one per step, orange line and band on screen);
+//   5. saves screenshots (--out, --workflow-out; one per workflow, suffixed -2, -3, ...; --out with
+//      -annealing for the plot after the run).
 // Prints one summary line "browser check <label>: PASS|FAIL ..." and exits 1 on a failed check or a
 // console / page error, 2 on bad usage.
 //
@@ -41,11 +47,13 @@ import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
-import { inflateSync } from "node:zlib";
+import { countPixels, decodePng, isCurve, isError, isRun } from "./png.mjs";
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const PACK_PATH = "/extensions/comfyui-guidance-kit/";
 const PREVIEW_TYPE = "gk_schedule_preview";
+const ANNEALING_TYPE = "gk_annealing_plot";
+const ANNEALING_WORKFLOW = join(REPO, "workflows/annealing_guidance_digits.json");
 
 // Console errors / failed requests that come from the frontend or a fresh ComfyUI, not from this pack.
 // Each entry: [what, test(text, url)].
@@ -112,74 +120,6 @@ async function loadPlaywright() {
   return import("playwright-core");
 }
 
-/** RGBA pixels of an 8-bit, non-interlaced PNG (what Chromium's screenshots are). */
-function decodePng(buf) {
-  if (buf.readUInt32BE(0) !== 0x89504e47) throw new Error("not a PNG");
-  let pos = 8;
-  let width, height, colorType, bitDepth, interlace;
-  const idat = [];
-  while (pos < buf.length) {
-    const len = buf.readUInt32BE(pos);
-    const type = buf.toString("latin1", pos + 4, pos + 8);
-    const data = buf.subarray(pos + 8, pos + 8 + len);
-    if (type === "IHDR") {
-      width = data.readUInt32BE(0);
-      height = data.readUInt32BE(4);
-      bitDepth = data[8];
-      colorType = data[9];
-      interlace = data[12];
-    } else if (type === "IDAT") idat.push(data);
-    else if (type === "IEND") break;
-    pos += 12 + len;
-  }
-  const channels = { 0: 1, 2: 3, 4: 2, 6: 4 }[colorType];
-  if (bitDepth !== 8 || !channels || interlace) throw new Error(`unsupported PNG (depth ${bitDepth}, colour ${colorType})`);
-  const raw = inflateSync(Buffer.concat(idat));
-  const stride = width * channels;
-  const px = Buffer.alloc(height * stride);
-  for (let y = 0; y < height; y++) {
-    const filter = raw[y * (stride + 1)];
-    const src = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
-    const row = px.subarray(y * stride, (y + 1) * stride);
-    const prev = y ? px.subarray((y - 1) * stride, y * stride) : Buffer.alloc(stride);
-    for (let i = 0; i < stride; i++) {
-      const a = i >= channels ? row[i - channels] : 0;
-      const b = prev[i];
-      const c = i >= channels ? prev[i - channels] : 0;
-      let v = src[i];
-      if (filter === 1) v += a;
-      else if (filter === 2) v += b;
-      else if (filter === 3) v += (a + b) >> 1;
-      else if (filter === 4) {
-        const p = a + b - c;
-        const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
-        v += pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
-      }
-      row[i] = v & 0xff;
-    }
-  }
-  const rgba = Buffer.alloc(width * height * 4);
-  for (let i = 0; i < width * height; i++) {
-    const s = px.subarray(i * channels, (i + 1) * channels);
-    const [r, g, b, al] = channels >= 3 ? [s[0], s[1], s[2], channels === 4 ? s[3] : 255] : [s[0], s[0], s[0], channels === 2 ? s[1] : 255];
-    rgba.set([r, g, b, al], i * 4);
-  }
-  return { width, height, rgba };
-}
-
-/** Pixels of a PNG that pass test(r, g, b). */
-function countPixels(png, test) {
-  let n = 0;
-  const d = png.rgba;
-  for (let i = 0; i < d.length; i += 4) if (test(d[i], d[i + 1], d[i + 2])) n++;
-  return n;
-}
-// The curve is #5ab0ff and the message #ff7a7a; anti-aliased edges and thin text come out darker,
-// so these test the hue and a minimum brightness rather than the exact colour. The window shading
-// (a faint blue over a dark background) and the grey lines / labels pass neither.
-const isCurve = (r, g, b) => b >= 150 && b - r >= 70 && g >= 90;
-const isError = (r, g, b) => r >= 100 && r - g >= 40 && r - b >= 40;
-
 const playwright = await loadPlaywright().catch((e) => usage(`playwright-core not found (${e.message}); set PLAYWRIGHT_CORE`));
 const { chromium } = playwright.chromium ? playwright : playwright.default; // CommonJS package
 const profile = mkdtempSync(join(tmpdir(), "gk-chromium-"));
@@ -224,7 +164,7 @@ async function settle(page, ms = 1200) {
 }
 
 /** Geometry and state of the preview element of each node (by id) in the page. */
-function inspectPreviews(page, ids) {
+function inspectPreviews(page, ids, type = PREVIEW_TYPE) {
   return page.evaluate(({ ids, PREVIEW_TYPE }) => {
     const app = window.comfyAPI.app.app;
     return ids.map((id) => {
@@ -262,18 +202,20 @@ function inspectPreviews(page, ids) {
         topmost: !!top && el.contains(top),
         visible: style.visibility !== "hidden" && style.display !== "none" && Number(style.opacity) > 0.5,
         error: el.dataset.error ?? "",
+        levels: el.dataset.levels ?? null, // the Annealing Guidance plot: curves drawn, run steps overlaid
+        runSteps: el.dataset.runSteps ?? null,
         serialize: widget.serialize,
         optionsSerialize: widget.options?.serialize,
       };
     });
-  }, { ids, PREVIEW_TYPE });
+  }, { ids, PREVIEW_TYPE: type });
 }
 
 async function screenshotCounts(page, id) {
   const handle = await page.$(`[data-gk-check="${id}"]`);
-  if (!handle) return { curve: 0, error: 0 };
+  if (!handle) return { curve: 0, error: 0, run: 0 };
   const png = decodePng(await handle.screenshot());
-  return { curve: countPixels(png, isCurve), error: countPixels(png, isError), size: [png.width, png.height] };
+  return { curve: countPixels(png, isCurve), error: countPixels(png, isError), run: countPixels(png, isRun), size: [png.width, png.height] };
 }
 
 function checkPreview(info, counts, what, { wantCurve, wantError, minCurve = 150 }) {
@@ -293,6 +235,101 @@ function checkPreview(info, counts, what, { wantCurve, wantError, minCurve = 150
 }
 
 const near = (a, b) => (typeof a === "number" && typeof b === "number" ? Math.abs(a - b) < 1e-6 : JSON.stringify(a) === JSON.stringify(b));
+
+/**
+ * The Annealing Guidance plot, on the digits workflow (workflows/annealing_guidance_digits.json): the
+ * policy's curves from the server's preview route are on screen; a policy file that does not exist shows
+ * the route's message in red; a real run (the prompt queued from the page, on the server's CPU) sends the
+ * chosen w_t, which the plot overlays (orange line and band).
+ */
+async function checkAnnealingPlot(page) {
+  const workflow = JSON.parse(readFileSync(ANNEALING_WORKFLOW, "utf8"));
+  const id = await page.evaluate(async (wf) => {
+    const app = window.comfyAPI.app.app;
+    await app.loadGraphData(wf);
+    const node = app.graph.nodes.find((n) => n.type === "GuidanceKit_AnnealingGuidance");
+    app.canvas.ds.scale = 1;
+    app.canvas.ds.offset = [160 - node.pos[0], 140 - node.pos[1]];
+    return node.id;
+  }, workflow);
+  await page.keyboard.press("Escape");
+  const what = "annealing plot";
+  const setPolicy = (value) => page.evaluate(({ id, value }) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(id);
+    const w = node.widgets.find((w) => w.name === "policy");
+    w.value = value;
+    w.callback?.(w.value, app.canvas, node);
+  }, { id, value });
+  const inspect = async () => {
+    const [info] = await inspectPreviews(page, [id], ANNEALING_TYPE);
+    return { ...info, pixels: await screenshotCounts(page, id) };
+  };
+  /** Settle until test(info) holds (or the time is up); the last info. */
+  const waitFor = async (test, ms) => {
+    const until = Date.now() + ms;
+    let info;
+    do {
+      await settle(page, 500);
+      info = await inspect();
+    } while (!test(info) && Date.now() < until);
+    return info;
+  };
+  facts.annealing = {};
+
+  // 1. the policy's curves (three ‖δ‖ levels) for λ 0.5, fetched from the route
+  const preview = await waitFor((i) => i.levels === "3", 15_000);
+  facts.annealing.preview = preview;
+  checkPreview(preview, preview.pixels, `${what}: the policy's curves`, { wantCurve: true });
+  if (preview.levels !== "3") problems.push(`${what}: ${preview.levels} curves drawn, expected 3 ‖δ‖ levels (error: "${preview.error}")`);
+  // the node serializes to its own two widgets' values (nothing for the plot)
+  const serialized = await page.evaluate((id) => {
+    const app = window.comfyAPI.app.app;
+    return app.graph.serialize().nodes.find((n) => String(n.id) === String(id))?.widgets_values;
+  }, id);
+  const saved = workflow.nodes.find((n) => String(n.id) === String(id)).widgets_values;
+  if (JSON.stringify(serialized) !== JSON.stringify(saved)) {
+    problems.push(`${what}: the node serializes to ${JSON.stringify(serialized)}, the file holds ${JSON.stringify(saved)}`);
+  }
+
+  // 2. an unknown policy file: the route's JSON error, in red, no curve
+  await setPolicy("missing_policy.safetensors");
+  const bad = await waitFor((i) => /no policy file/.test(i.error), 10_000);
+  facts.annealing.unknownPolicy = { error: bad.error, pixels: bad.pixels };
+  if (!/no policy file 'missing_policy.safetensors'/.test(bad.error)) problems.push(`${what}: no message for an unknown policy ("${bad.error}")`);
+  const badCounts = bad.pixels;
+  if (badCounts.error < 30) problems.push(`${what}: the unknown policy's message is not on screen (${badCounts.error} red pixels)`);
+  if (badCounts.curve > 30) problems.push(`${what}: curves drawn for an unknown policy (${badCounts.curve} pixels)`);
+  await setPolicy(saved[1]);
+  await waitFor((i) => i.levels === "3" && !i.error, 10_000);
+
+  // 3. a real run: the prompt queued from the page; the server sends the chosen w_t per step (a new seed:
+  // the same prompt again, e.g. the other mode's check on this server, would come from ComfyUI's cache)
+  const queued = await page.evaluate(async () => {
+    const app = window.comfyAPI.app.app;
+    const api = window.comfyAPI.api.api;
+    const sampler = app.graph.nodes.find((n) => n.type === "KSampler");
+    const seed = sampler.widgets.find((w) => w.name === "seed");
+    seed.value = Math.floor(Math.random() * 1e9);
+    seed.callback?.(seed.value, app.canvas, sampler);
+    if (typeof app.queuePrompt === "function") {
+      await app.queuePrompt(0, 1);
+      return "app.queuePrompt";
+    }
+    const { output } = await app.graphToPrompt();
+    await api.queuePrompt(0, { output });
+    return "api.queuePrompt";
+  });
+  const steps = workflow.nodes.find((n) => n.type === "KSampler").widgets_values[2];
+  const run = await waitFor((i) => i.runSteps === String(steps), 90_000);
+  facts.annealing.run = { queued, runSteps: run.runSteps, pixels: run.pixels };
+  if (run.runSteps !== String(steps)) problems.push(`${what}: the run's chosen w_t did not arrive (${run.runSteps} of ${steps} steps)`);
+  if (run.pixels.run < 60) problems.push(`${what}: the run's overlay is not on screen (${run.pixels.run} orange pixels)`);
+  checkPreview(run, run.pixels, `${what} after the run`, { wantCurve: true });
+  const shot = out.replace(/\.png$/, "-annealing.png");
+  await page.screenshot({ path: shot });
+  facts.screenshots.push(shot);
+}
 
 // the server's settings before the check, put back afterwards (a check against one's own ComfyUI)
 let savedSettings = null;
@@ -332,7 +369,8 @@ try {
     () => {
       const app = window.comfyAPI?.app?.app;
       return !!(app?.graph && app?.canvas && window.LiteGraph?.registered_node_types?.GuidanceKit_CFGSchedule &&
-        app.extensions?.some((e) => e.name === "GuidanceKit.SchedulePreview"));
+        app.extensions?.some((e) => e.name === "GuidanceKit.SchedulePreview") &&
+        app.extensions?.some((e) => e.name === "GuidanceKit.AnnealingPlot"));
     },
     null,
     { timeout: 90_000 },
@@ -509,6 +547,8 @@ try {
     facts.screenshots.push(shot);
     facts[name] = `${loaded.length} nodes, ${withPreview.length} with a preview`;
   }
+
+  await checkAnnealingPlot(page);
 } catch (e) {
   problems.push(`check failed: ${e.stack ?? e}`);
 } finally {
@@ -532,4 +572,4 @@ if (problems.length) {
   console.log(`${summary}: FAIL (${problems.length} problem${problems.length > 1 ? "s" : ""})`);
   process.exit(1);
 }
-console.log(`${summary}: PASS (curve drawn, invalid step list shows its message, ${workflows.length} workflow(s) load with their values)`);
+console.log(`${summary}: PASS (curve drawn, invalid step list shows its message, ${workflows.length} workflow(s) load with their values; annealing plot: policy curves, unknown-policy message, a run's w_t overlaid)`);

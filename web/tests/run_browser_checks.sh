@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Browser checks of the schedule preview (web/tests/browser_check.mjs) against a real ComfyUI, for
-# two frontends × two rendering modes:
+# Browser checks of the schedule preview and the Annealing Guidance plot (web/tests/browser_check.mjs) against
+# a real ComfyUI, for two frontends × two rendering modes:
 #   pinned  the frontend ComfyUI pins (comfyui-frontend-package in its requirements.txt, installed in
 #           the Python below; ComfyUI serves it when no --front-end-root is given)
 #   newest  the newest 1.x comfyui-frontend-package on PyPI (pip install --target into the cache)

@@ -13,85 +13,14 @@ import { after, before, beforeEach, test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { PREVIEW_STEPS, shapeCaption, sigmaCaption } from "../js/schedule_math.js";
+import { FakeElement } from "./fakes.mjs";
 
 const source = fileURLToPath(new URL("../js/schedule_preview.js", import.meta.url));
 const mathUrl = new URL("../js/schedule_math.js", import.meta.url).href;
+const widgetUrl = new URL("../js/plot_widget.js", import.meta.url).href;
 const PREVIEW_TYPE = "gk_schedule_preview";
 let extension;
 let dir;
-
-/** A 2D context that records calls and measures text at 6 px per character. */
-function recordingContext() {
-  const calls = [];
-  const state = {};
-  return new Proxy(state, {
-    get(target, prop) {
-      if (prop === "calls") return calls;
-      if (prop === "measureText") return (t) => ({ width: String(t).length * 6 });
-      if (prop in target) return target[prop];
-      return (...args) => calls.push([prop, ...args]);
-    },
-    set(target, prop, value) {
-      target[prop] = value;
-      calls.push(["set " + String(prop), value]);
-      return true;
-    },
-  });
-}
-
-/** Just enough of an HTML element: children, style, dataset, listeners, a size set by the test. */
-class FakeElement {
-  constructor(tag) {
-    this.tagName = tag.toUpperCase();
-    this.style = {};
-    this.dataset = {};
-    this.children = [];
-    this.parent = null;
-    this.listeners = {};
-    this.attributes = {};
-    this.title = "";
-    this.attached = false; // true for the page's root elements
-    this.clientWidth = 0;
-    this.clientHeight = 0;
-    this.zoom = 1; // getBoundingClientRect() / client size (a CSS transform)
-    this.width = 300; // canvas bitmap
-    this.height = 150;
-    this.context = null;
-  }
-  get isConnected() {
-    return this.attached || !!this.parent?.isConnected;
-  }
-  get parentNode() {
-    return this.parent;
-  }
-  appendChild(child) {
-    child.parent?.children.splice(child.parent.children.indexOf(child), 1);
-    child.parent = this;
-    this.children.push(child);
-    return child;
-  }
-  remove() {
-    if (this.parent) this.parent.children.splice(this.parent.children.indexOf(this), 1);
-    this.parent = null;
-  }
-  addEventListener(type, fn) {
-    (this.listeners[type] ??= []).push(fn);
-  }
-  dispatch(event) {
-    event.target ??= this;
-    for (const fn of this.listeners[event.type] ?? []) fn(event);
-  }
-  setAttribute(name, value) {
-    this.attributes[name] = String(value);
-  }
-  getBoundingClientRect() {
-    return { width: this.clientWidth * this.zoom, height: this.clientHeight * this.zoom };
-  }
-  getContext(kind) {
-    assert.equal(kind, "2d");
-    return (this.context ??= recordingContext());
-  }
-}
 
 const fakeDocument = {
   body: null, // set per test where a Vue node body is looked up
@@ -112,11 +41,13 @@ before(async () => {
   const appImport = 'import { app } from "../../../scripts/app.js";';
   assert.ok(text.includes(appImport), "served at /extensions/<pack>/js/, app.js is three levels up");
   assert.ok(text.includes('from "./schedule_math.js"'));
+  assert.ok(text.includes('from "./plot_widget.js"'));
   dir = mkdtempSync(join(tmpdir(), "gk-preview-"));
   const file = join(dir, "schedule_preview.mjs");
   writeFileSync(file, text
     .replace(appImport, "const app = globalThis.__gkFakeApp;")
-    .replace('from "./schedule_math.js"', `from ${JSON.stringify(mathUrl)}`));
+    .replace('from "./schedule_math.js"', `from ${JSON.stringify(mathUrl)}`)
+    .replace('from "./plot_widget.js"', `from ${JSON.stringify(widgetUrl)}`));
   globalThis.__gkFakeApp = { registerExtension: (ext) => (extension = ext), canvas: { canvas: graphCanvas } };
   globalThis.document = fakeDocument;
   globalThis.requestAnimationFrame = (f) => frames.push(f);
