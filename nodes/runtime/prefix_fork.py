@@ -15,7 +15,9 @@ Per forward, an APPLY_MODEL wrapper builds a ``ForkState`` from the forward's ch
 whose effect says which blocks it perturbs (``perturbed_blocks(noise_key)``) and whose source chunk runs in the
 same forward forks at its first perturbed unit. A hooked unit runs only the rows of the chunks that have not been
 left out (``cond_or_uncond`` of the call narrowed to them, so every other hook inside finds its rows) and gives
-the left-out branch rows the output of their source rows (a gather). Several branches fork at their own units.
+the left-out branch rows the output of their source rows (a copy of row ranges). A UNet spatial transformer wholly
+before every fork of the forward runs as one unit (``ForkLayout.spans``: one gather, its norm narrowed too); where
+a fork lies inside it, its units decide one by one. Several branches fork at their own units.
 
 Where the fork cannot be placed the branch runs as before and the run's report says which and why: a branch
 whose source chunk is not in the forward (ComfyUI split the batch, or the branch's conditioning appears more
