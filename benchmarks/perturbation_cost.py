@@ -3,23 +3,29 @@ with the prefix shared (the branch forks at its first perturbed block, ``nodes/r
 physical limit of that sharing, and ComfyUI core's own nodes (CPU).
 
     python benchmarks/perturbation_cost.py [--steps 12] [--repeats 5] [--families sd15,flux,sd3,wan21,...]
-                                           [--digits 300] [--full-size sdxl] [--skip-tiny]
+                                           [--digits 300] [--full-size sdxl] [--skip-tiny] [--keep-freed-memory]
 
 Needs a ComfyUI checkout (COMFYUI_PATH or ~/ComfyUI). For every method: CPU ms per step (this process's user +
 system time, the least of interleaved runs: robust to other processes on a shared machine) and its ratio to plain
 CFG in the same run, before (``×CFG``) and with the prefix shared (``shared``); the
 physical limit ``1 + Σ_branches (FLOP share of the network from the branch's first perturbed block on) × ½``
 (``limit``; FLOPs per unit counted with ``torch.utils.flop_counter.FlopCounterMode`` on the plain model's own
-forward); model forwards and batch rows per step; whether the output differs from plain CFG. Our branches run
+forward); model forwards and batch rows per step; whether the output differs from plain CFG. The digits table adds
+plain CFG on 1.5× the batch (the rows of one extra branch): its ×CFG is 1.5 by FLOPs, and what it measures above
+that is what this machine charges per row for the larger batch (caches, page faults of fresh large activations),
+which the FLOP limit does not see (``--keep-freed-memory``: glibc keeps freed memory in the process, so large
+activations no longer fault their pages in on every call, as with a GPU's caching allocator). Our branches run
 inside the cond/uncond forward; core PAG and core SkipLayerGuidanceDiT run a second forward (and do nothing on
-families they do not support, at full extra cost). On tiny CPU models the time mostly measures per-call
-overhead; the digits model at batch 300 (``--digits 300``) and a random-weight full-size SDXL UNet
-(``--full-size sdxl``, bf16, one step at a small latent) are compute-bound, where the rows are what costs.
+families they do not support, at full extra cost).
+On tiny CPU models the time mostly measures per-call overhead; the digits model at batch 300 (``--digits 300``)
+and a random-weight full-size SDXL UNet (``--full-size sdxl``, bf16, one step at a small latent) are
+compute-bound, where the rows are what costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -174,9 +180,11 @@ def unshared(model):
     return m
 
 
-def measure(base_model, sample, cases: dict, steps: int, repeats: int, sigmas: list[float]) -> list[tuple]:
+def measure(base_model, sample, cases: dict, steps: int, repeats: int, sigmas: list[float],
+            references: dict | None = None) -> list[tuple]:
     """Rows (name, ms/step before, ×CFG before, ×CFG shared, limit, forwards, rows, changes); ``sample(model)``
-    runs ``steps`` steps."""
+    runs ``steps`` steps. ``references``: name → another sampling of the plain model (plain CFG on a larger batch),
+    timed in the same interleaved runs."""
     plain = sample(base_model.clone())
     flops = unit_flops(base_model.clone(), lambda m: sample_one_step(sample, m))
     models, info = {"CFG (plain)": base_model.clone()}, {}
@@ -193,11 +201,18 @@ def measure(base_model, sample, cases: dict, steps: int, repeats: int, sigmas: l
         models[name] = model if name != "CFG (plain)" else models[name]
         if prefix_fork.installed(model):
             models[name + " [before]"] = unshared(model)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    samplers = {name: (model, sample) for name, model in models.items()}
+    for name, reference in (references or {}).items():
+        counted_model, counter = counted(base_model.clone())
+        result = reference(counted_model)
+        info[name] = (counter.calls / steps, sum(counter.batches) / steps, rel_diff(result.float(), plain.float())
+                      if result.shape == plain.shape else float("nan"), None)
+        samplers[name] = (base_model.clone(), reference)
+    times: dict[str, list[float]] = {name: [] for name in samplers}
     for _ in range(repeats):
-        for name, model in models.items():
+        for name, (model, run) in samplers.items():
             start = time.process_time()
-            sample(model)
+            run(model)
             times[name].append((time.process_time() - start) / steps)
     median = {name: min(t) for name, t in times.items()}  # the least disturbed run (the CPU is shared)
     base = median["CFG (plain)"]
@@ -221,8 +236,9 @@ def print_table(title: str, rows: list[tuple]) -> None:
     for name, seconds, before, shared, limit, forwards, batch_rows, changes in rows:
         shared_text = f"{shared:7.2f}" if shared is not None else f"{'—':>7s}"
         limit_text = f"{limit:6.2f}" if limit is not None else f"{'—':>6s}"
+        changes_text = f"{changes:8.3f}" if changes == changes else f"{'—':>8s}"  # NaN: another batch
         print(f"{name:28s} {seconds * 1e3:9.2f} {before:6.2f} {shared_text} {limit_text} {forwards:5.2f} "
-              f"{batch_rows:5.2f} {changes:8.3f}")
+              f"{batch_rows:5.2f} {changes_text}")
     print(flush=True)
 
 
@@ -253,12 +269,16 @@ def run_digits(batch: int, steps: int, repeats: int, methods: list[str] | None =
     digits = cached_digits_model()
     classes = [i % 10 for i in range(batch)]
 
-    def sample(model, steps=steps):
+    def sample(model, steps=steps, classes=classes):
         return sampling.sample(model, digits, classes, 0, CFG, steps)
 
+    # plain CFG on the rows of one extra branch (×1.5 the batch): what this machine charges for those rows, against
+    # the 1.5 that their FLOPs say (larger activations can cost more per row: caches, page faults)
+    wider = [i % 10 for i in range(batch * 3 // 2)]
+    references = {f"CFG (plain), batch {len(wider)}": lambda model: sample(model, classes=wider)}
     print_table(f"digits model (8×8 UNet, eps), batch {batch}, {steps} euler steps",
                 measure(digits.patcher, sample, {m: METHODS[m] for m in methods or METHODS}, steps, repeats,
-                        sigmas_of(digits.patcher, steps)))
+                        sigmas_of(digits.patcher, steps), references))
 
 
 SDXL_UNET = dict(
@@ -349,6 +369,11 @@ def run_full_size_sdxl(latent: int, repeats: int) -> None:
                 measure(base, sample, cases, 1, repeats, sigmas_of(base, 1)))
 
 
+# glibc's malloc settings for --keep-freed-memory: every allocation from the heap, which is never given back to the
+# OS (by default an activation above the mmap threshold is a fresh mapping whose pages fault in on every call)
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "8589934592"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -364,9 +389,16 @@ def main() -> None:
     parser.add_argument("--limits-latent", type=int, default=128, help="latent side for --limits (128: 1024 px)")
     parser.add_argument("--full-size", default="", help="'sdxl': time a random-weight full-size SDXL UNet, one step")
     parser.add_argument("--full-size-latent", type=int, default=32)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory in the process (no page faults on every large activation, "
+                             "as a GPU's caching allocator); restarts the process with its malloc settings")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, 1 thread, CPU, cfg {CFG}, CPU time (user + system) per step, least of "
-          f"{args.repeats} interleaved runs. ms/step "
+    if args.keep_freed_memory and KEEP_FREED_MEMORY.items() - os.environ.items():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+    allocator = "glibc keeps freed memory (" + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ")" \
+        if not KEEP_FREED_MEMORY.items() - os.environ.items() else "default allocator"
+    print(f"torch {torch.__version__}, 1 thread, CPU, {allocator}, cfg {CFG}, CPU time (user + system) per step, "
+          f"least of {args.repeats} interleaved runs. ms/step "
           f"and ×CFG: before (the branch computes the whole network); shared: ×CFG with the prefix shared; limit: "
           f"1 + Σ (FLOP share from the first perturbed block on) × ½; fwd = model forwards per step, rows = batch "
           f"rows per step (plain CFG: 1 / 2), changes = max relative difference of the final latent from plain CFG "

@@ -28,7 +28,7 @@ from ...guiders.plan import BranchEffect
 from ...guiders.sparse_attention import tempered_attention
 from ..runtime import install as installer
 from ..runtime import prefix_fork
-from ..runtime.attention_layout import from_bhld, heads_of, split_rows, take, to_bhld
+from ..runtime.attention_layout import from_bhld, heads_of, select_rows, split_rows, take, to_bhld
 from ..runtime.families import FamilyError, FamilySpec
 from ..runtime.rows import BRANCH_MAP_KEY, Forward
 from ..runtime.slots import BlockCall, Contributor, Guarded, LayerCall, mark_applied
@@ -268,9 +268,9 @@ class BlockPerturbations(Contributor):
         grid = tuple(shape[-2:]) if shape is not None else None
         q, k, v = call.q, call.k, call.v
         return split_rows(batch_size, groups,
-                          lambda p, rows: perturbed_attention(p, q[rows], k[rows], v[rows], heads, False, False,
-                                                              None, None, grid),
-                          lambda rows: inner(call.with_qkv(q[rows], k[rows], v[rows])))
+                          lambda p, rows: perturbed_attention(p, *(select_rows(t, rows) for t in (q, k, v)), heads,
+                                                              False, False, None, None, grid),
+                          lambda rows: inner(call.with_qkv(*(select_rows(t, rows) for t in (q, k, v)))))
 
     def layer(self, call: LayerCall) -> None:
         forward = Forward(call.options, call.batch_size)

@@ -49,10 +49,28 @@ def from_token_major(out: torch.Tensor, skip_output_reshape: bool, heads: int) -
     return out
 
 
+def as_range(rows: torch.Tensor) -> slice | None:
+    """``rows`` as a slice when they are one ascending range (a chunk's rows: views instead of copies)."""
+    n = rows.numel()
+    if not n or rows.ndim != 1:
+        return None
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 != n or (n > 1 and not bool((rows[1:] - rows[:-1] == 1).all())):
+        return None
+    return slice(first, last + 1)
+
+
+def select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t``'s ``rows``: a view when they are one range, else a copy."""
+    span = as_range(rows)
+    return t[span] if span is not None else t.index_select(0, rows.to(t.device))
+
+
 def take(value, rows: torch.Tensor, batch_size: int):
-    """``value``'s ``rows`` when it is a per-row tensor of the batch, else ``value``."""
+    """``value``'s ``rows`` when it is a per-row tensor of the batch, else ``value`` (a view when the rows are one
+    range)."""
     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size:
-        return value.index_select(0, rows.to(value.device))
+        return select_rows(value, rows)
     return value
 
 
@@ -60,7 +78,11 @@ def place(out, part, rows, batch_size):
     """Write ``part`` into the batch output ``out`` at ``rows`` (allocated on the first part)."""
     if out is None:
         out = part.new_empty((batch_size,) + tuple(part.shape[1:]))
-    out[rows.to(out.device)] = part
+    span = as_range(rows)
+    if span is not None:
+        out[span] = part
+    else:
+        out[rows.to(out.device)] = part
     return out
 
 

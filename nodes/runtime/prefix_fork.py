@@ -15,7 +15,9 @@ Per forward, an APPLY_MODEL wrapper builds a ``ForkState`` from the forward's ch
 whose effect says which blocks it perturbs (``perturbed_blocks(noise_key)``) and whose source chunk runs in the
 same forward forks at its first perturbed unit. A hooked unit runs only the rows of the chunks that have not been
 left out (``cond_or_uncond`` of the call narrowed to them, so every other hook inside finds its rows) and gives
-the left-out branch rows the output of their source rows (a gather). Several branches fork at their own units.
+the left-out branch rows the output of their source rows (a copy of row ranges). A UNet spatial transformer wholly
+before every fork of the forward runs as one unit (``ForkLayout.spans``: one gather, its norm narrowed too); where
+a fork lies inside it, its units decide one by one. Several branches fork at their own units.
 
 Where the fork cannot be placed the branch runs as before and the run's report says which and why: a branch
 whose source chunk is not in the forward (ComfyUI split the batch, or the branch's conditioning appears more
@@ -61,10 +63,14 @@ def enabled_in(transformer_options: dict) -> bool:
 
 @dataclass(frozen=True)
 class ForkLayout:
-    """The model's units in execution order: ``units`` (keys) and, on UNets, ``paths`` (their modules)."""
+    """The model's units in execution order: ``units`` (keys) and, on UNets, ``paths`` (their modules) and
+    ``spans``: (path, first, last) of each module that runs the units ``first``…``last`` and nothing else of
+    weight (a spatial transformer: its norm, projections and layers); before every fork it runs as one unit (one
+    gather instead of one per unit inside)."""
 
     units: tuple = ()
     paths: tuple = ()
+    spans: tuple = ()
 
     @property
     def index(self) -> dict:
@@ -89,13 +95,14 @@ def unet_layout(net) -> ForkLayout:
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample, VideoResBlock
 
-    units, paths = [], []
+    units, paths, spans = [], [], []
     groups = (("input", list(net.input_blocks)), ("middle", [net.middle_block]), ("output", list(net.output_blocks)))
     for group, blocks in groups:
         for b, block in enumerate(blocks):
             prefix = "diffusion_model.middle_block" if group == "middle" else f"diffusion_model.{group}_blocks.{b}"
             for c, layer in enumerate(block):
                 if type(layer) is SpatialTransformer:  # its projections (matmuls) and layers; not its norm
+                    spans.append((f"{prefix}.{c}", len(units), len(units) + len(layer.transformer_blocks) + 1))
                     units.append((group, b, f"proj_in {c}"))
                     paths.append(f"{prefix}.{c}.proj_in")
                     for t in range(len(layer.transformer_blocks)):
@@ -107,7 +114,7 @@ def unet_layout(net) -> ForkLayout:
                         or (group == "input" and b == 0 and isinstance(layer, torch.nn.Conv2d)):
                     units.append((group, b, f"layer {c}"))
                     paths.append(f"{prefix}.{c}")
-    return ForkLayout(tuple(units), tuple(paths))
+    return ForkLayout(tuple(units), tuple(paths), tuple(spans))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ class Selection:
     """The rows one unit runs (``kept``), the chunks they are, and each full row's row in the unit's output."""
 
     kept: torch.Tensor | slice  # a slice where the kept rows are one range (a view, no copy)
-    gather: torch.Tensor
+    gather: tuple  # (start, stop) ranges of the unit's output rows that, concatenated, are the full batch
     chunks: list  # positions of the kept chunks in the forward's ``cond_or_uncond``
     left_out: tuple
 
@@ -149,6 +156,7 @@ class ForkState:
         self.seen = -1  # the last unit that ran through us
         self.stopped_at: int | None = None  # the sharing stopped (a unit was bypassed or blocked)
         self.notes: list[tuple[str, str]] = []
+        self.inside = 0  # > 0 while a span unit runs its units narrowed (their own hooks then pass through)
         self._selections: dict = {}
 
     def stop(self, position: int, reason: str) -> None:
@@ -158,6 +166,21 @@ class ForkState:
                 if fork.at > position:
                     self.notes.append((fork.label, f"{fork.label} computes its prefix from "
                                                    f"{self.layout.describe(position)} on: {reason}"))
+
+    def enter_span(self, first: int, last: int, rows: int, options: dict, foreign: str = "") -> Selection | None:
+        """A module that runs the units ``first``…``last`` is about to run: the rows it runs, when it can run them
+        as one unit (every branch left out at ``first`` stays left out after ``last``); None: its units decide,
+        each on its own (nothing recorded here)."""
+        if self.stopped_at is not None or self.seen != first - 1 or foreign or rows != self.batch_size:
+            return None
+        left_out = tuple(f for f in self.forks if f.at > first)
+        if not left_out or any(f.at <= last for f in left_out) or \
+                any(options.get(key) is not None for key in FULL_BATCH_ROW_STATES):
+            return None
+        self.seen = last
+        for fork in left_out:
+            fork.shared.update(range(first, last + 1))
+        return self._selection(left_out)
 
     def enter(self, position: int, rows: int, options: dict, foreign: str = "") -> Selection | None:
         """Unit ``position`` is about to run on ``rows`` rows: the rows it runs (None: all)."""
@@ -185,6 +208,9 @@ class ForkState:
             return None
         for fork in left_out:
             fork.shared.add(position)
+        return self._selection(left_out)
+
+    def _selection(self, left_out: tuple) -> Selection:
         key = tuple(f.entry for f in left_out)
         selection = self._selections.get(key)
         if selection is None:
@@ -208,8 +234,19 @@ class ForkState:
         first = kept_rows[0]
         contiguous = kept_rows == list(range(first, first + len(kept_rows)))
         return Selection(kept=slice(first, first + len(kept_rows)) if contiguous else torch.tensor(kept_rows),
-                         gather=torch.tensor([position_of[row] for row in gather], dtype=torch.long),
+                         gather=ranges([position_of[row] for row in gather]),
                          chunks=[i for i, entry in enumerate(self.chunks) if entry not in dropped], left_out=left_out)
+
+
+def ranges(rows: list[int]) -> tuple:
+    """``rows`` as (start, stop) ranges of consecutive rows, in order."""
+    out: list[list[int]] = []
+    for row in rows:
+        if out and out[-1][1] == row:
+            out[-1][1] += 1
+        else:
+            out.append([row, row + 1])
+    return tuple((start, stop) for start, stop in out)
 
 
 def _branch_forks(layout: ForkLayout, forward: Forward) -> tuple[list[Fork], list[tuple[str, str]]]:
@@ -299,7 +336,7 @@ def take_rows(value, kept: torch.Tensor | slice, n: int):
     if torch.is_tensor(value):
         if not value.ndim or value.shape[0] != n:
             return value
-        return value[kept] if isinstance(kept, slice) else value[kept.to(value.device)]
+        return value[kept] if isinstance(kept, slice) else value.index_select(0, kept.to(value.device))
     if isinstance(value, (tuple, list)):
         return type(value)(take_rows(v, kept, n) for v in value)
     if isinstance(value, dict):
@@ -310,10 +347,13 @@ def take_rows(value, kept: torch.Tensor | slice, n: int):
     return value
 
 
-def expand_rows(value, gather: torch.Tensor, m: int):
-    """The unit's output on ``m`` rows as the full batch: row r is the output's row ``gather[r]``."""
+def expand_rows(value, gather: tuple, m: int):
+    """The unit's output on ``m`` rows as the full batch: its row ranges ``gather`` concatenated (one copy of the
+    rows; a range copy is cheaper than a per-row gather)."""
     if torch.is_tensor(value):
-        return value[gather.to(value.device)] if value.ndim and value.shape[0] == m else value
+        if not value.ndim or value.shape[0] != m:
+            return value
+        return torch.cat([value[start:stop] for start, stop in gather])
     if isinstance(value, (tuple, list)):
         return type(value)(expand_rows(v, gather, m) for v in value)
     if isinstance(value, dict):
@@ -373,32 +413,52 @@ class PrefixForkBlock(DitBlockHook):
 
 class PrefixForkUnit(ModulePatch):
     """Object patch of a UNet unit's ``forward`` before some branch's fork (ResBlock, sampler, input conv,
-    transformer layer): it runs the kept rows only; the left-out branch rows get their source rows' output."""
+    transformer layer), or of a module that runs the units ``position``…``last`` (``ForkLayout.spans``): it runs
+    the kept rows only; the left-out branch rows get their source rows' output."""
 
     is_guidance_kit = True
 
-    def __init__(self, module, position: int, previous=None):
+    def __init__(self, module, position: int, previous=None, last: int | None = None, inner: tuple = ()):
         super().__init__(module, previous)
         self.position = position
+        self.last = position if last is None else last
+        self.inner = inner  # a span's unit modules: each must run our hook, on no other node's patch
+
+    def _inner_foreign(self) -> str:
+        for module in self.inner:
+            hook = module.__dict__.get("forward")
+            if not isinstance(hook, PrefixForkUnit):
+                return "a unit inside was replaced"
+            if _foreign(hook.previous):
+                return _foreign(hook.previous)
+        return ""
 
     def __call__(self, x, *args, **kwargs):
         published_options = current_options()
         state = published_options.get(FORK_KEY)
-        if state is None or not torch.is_tensor(x):
+        if state is None or state.inside or not torch.is_tensor(x):  # inside: a span unit already runs narrowed
             return self.original(x, *args, **kwargs)
         options = kwargs.get("transformer_options")
-        options = options if isinstance(options, dict) else published_options
-        selection = state.enter(self.position, x.shape[0], options, _foreign(self.previous))
-        if selection is None:
-            return self.original(x, *args, **kwargs)
-        n = x.shape[0]
+        if not isinstance(options, dict):  # passed by position (a spatial transformer's call), or not at all
+            options = next((a for a in args if isinstance(a, dict) and "cond_or_uncond" in a), published_options)
+        n, foreign = x.shape[0], _foreign(self.previous)
+        if self.last > self.position:
+            selection = state.enter_span(self.position, self.last, n, options, foreign or self._inner_foreign())
+            if selection is None:
+                return self.original(x, *args, **kwargs)
+        else:
+            selection = state.enter(self.position, n, options, foreign)
+            if selection is None:
+                return self.original(x, *args, **kwargs)
         local = _narrowed(options, selection)
-        if "transformer_options" in kwargs:
-            kwargs = dict(kwargs, transformer_options=local)
-        args = take_rows(args, selection.kept, n)
-        kwargs = {k: (v if k == "transformer_options" else take_rows(v, selection.kept, n)) for k, v in kwargs.items()}
-        with published(local, {}):
-            out = self.original(take_rows(x, selection.kept, n), *args, **kwargs)
+        args = tuple(local if a is options else take_rows(a, selection.kept, n) for a in args)
+        kwargs = {k: (local if v is options else take_rows(v, selection.kept, n)) for k, v in kwargs.items()}
+        state.inside += 1
+        try:
+            with published(local, {}):
+                out = self.original(take_rows(x, selection.kept, n), *args, **kwargs)
+        finally:
+            state.inside -= 1
         _merge_back(options, local)
         return expand_rows(out, selection.gather, selection.count)
 
@@ -455,18 +515,26 @@ def _hook_dit_blocks(model_patcher, spec, units: ForkLayout, upto: int) -> None:
 
 
 def _hook_unet_units(model_patcher, units: ForkLayout, upto: int) -> None:
+    hooks = [(path, position, position) for position, path in enumerate(units.paths[:upto])]
+    hooks += [(path, first, last) for path, first, last in units.spans if last < upto]
+    for path, first, last in hooks:
+        _hook_unet_unit(model_patcher, units, path, first, last)
+
+
+def _hook_unet_unit(model_patcher, units: ForkLayout, path: str, first: int, last: int) -> None:
     import comfy.utils
 
-    for position in range(upto):
-        path = units.paths[position]
-        current = model_patcher.object_patches.get(f"{path}.forward")
-        occupant = current
-        while occupant is not None and not isinstance(occupant, PrefixForkUnit):
-            occupant = getattr(occupant, "previous", None)
-        if occupant is not None:
-            continue
-        module = comfy.utils.get_attr(model_patcher.model, path)
-        model_patcher.add_object_patch(f"{path}.forward", PrefixForkUnit(module, position, previous=current))
+    current = model_patcher.object_patches.get(f"{path}.forward")
+    occupant = current
+    while occupant is not None and not isinstance(occupant, PrefixForkUnit):
+        occupant = getattr(occupant, "previous", None)
+    if occupant is not None:
+        return
+    module = comfy.utils.get_attr(model_patcher.model, path)
+    inner = tuple(comfy.utils.get_attr(model_patcher.model, p) for p in units.paths[first:last + 1]) \
+        if last > first else ()
+    model_patcher.add_object_patch(f"{path}.forward", PrefixForkUnit(module, first, previous=current, last=last,
+                                                                     inner=inner))
 
 
 def installed(model_patcher) -> bool:

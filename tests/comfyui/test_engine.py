@@ -18,7 +18,7 @@ from guidance_kit.guiders.plan import Branch, BranchEffect
 from guidance_kit.guiders.schedules import Schedule, Window
 from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes.runtime import install
-from guidance_kit.nodes.runtime.attention_layout import split_rows
+from guidance_kit.nodes.runtime.attention_layout import as_range, select_rows, split_rows
 from guidance_kit.nodes.runtime.engine import BRANCH_MAP_KEY, PLAN_KEY, GuidanceRuntimeError, apply_plan, plan_of
 from guidance_kit.nodes.runtime.rows import Forward
 from guidance_kit.nodes.runtime.slots import Contributor
@@ -366,3 +366,20 @@ def test_cfg_one_with_a_cfg_pp_sampler_does_not_warn_about_uncond_rewrites(caplo
     with caplog.at_level(logging.WARNING, logger="guidance_kit"):
         ksample(model, "sd15", 1.0, STEPS, sampler="euler_cfg_pp")
     assert "cfg is 1" not in caplog.text
+
+
+def test_row_splits_take_a_chunk_as_a_view_and_other_rows_as_copies():
+    """A chunk's rows (one range) are a view of the batch; scattered rows a copy; the merged output is the same."""
+    x = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)
+    assert as_range(torch.tensor([2, 3, 4])) == slice(2, 5) and as_range(torch.tensor([1, 3])) is None
+    assert as_range(torch.tensor([3, 2])) is None and as_range(torch.tensor([], dtype=torch.long)) is None
+    chunk = select_rows(x, torch.tensor([2, 3, 4]))
+    assert chunk.data_ptr() == x[2].data_ptr() and torch.equal(chunk, x[2:5])
+    scattered = select_rows(x, torch.tensor([0, 5]))
+    assert scattered.data_ptr() != x.data_ptr() and torch.equal(scattered, x[[0, 5]])
+    for rows in (torch.tensor([2, 3, 4]), torch.tensor([0, 2, 5])):
+        merged = split_rows(6, [("half", rows)], lambda effect, r: select_rows(x, r) * 0.5,
+                            lambda r: select_rows(x, r) + 1.0)
+        expected = x + 1.0
+        expected[rows] = x[rows] * 0.5
+        assert torch.equal(merged, expected)

@@ -215,3 +215,49 @@ def test_families_with_per_block_object_patches_equal_unshared_and_the_report_sa
         assert "prefix shared" in lines and "runs whole" not in lines, lines
     else:
         assert "PAG's branch runs whole (no prefix shared)" in lines, lines
+
+
+def test_a_spatial_transformer_before_the_fork_runs_as_one_unit():
+    """PAG forks at the middle block's first layer: each spatial transformer of the input blocks runs its kept rows
+    as one unit (its norm too: one gather for the whole module), the middle one's units decide one by one (its
+    fork lies inside it, so its norm runs the whole batch); the output equals the unshared run."""
+    model = build("PAG", "sd15")
+    units = prefix_fork.fork_layout(model, family_of(model, "test"), block_layout(model, family_of(model, "test")))
+    assert units.spans and all(last > first for _, first, last in units.spans)
+    norms = {path: comfy.utils.get_attr(model.model, path).norm for path, _, _ in units.spans}
+    seen: dict[str, set] = {}
+    hooks = [norm.register_forward_pre_hook(lambda m, a, path=path: seen.setdefault(path, set()).add(a[0].shape[0]))
+             for path, norm in norms.items()]
+    try:
+        shared = ksample(model, "sd15", CFG, STEPS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    whole = ksample(shared_off(model), "sd15", CFG, STEPS)
+    assert rel_diff(shared, whole) <= SAME
+    before = [path for path in norms if ".input_blocks." in path]
+    assert before and all(seen[path] == {2} for path in before), seen
+    assert seen["diffusion_model.middle_block.1"] == {3}, seen
+
+
+def test_another_nodes_patch_inside_a_spatial_transformer_falls_back_and_says_why(caplog):
+    """Another node's object patch on a transformer layer inside a spatial transformer before the fork: that module
+    does not run as one unit, the patched layer runs the whole batch and the report says so."""
+    caplog.set_level(logging.INFO, logger="guidance_kit")
+    calls = []
+    base = tiny_model("sd15")
+    units = prefix_fork.fork_layout(base, family_of(base, "test"), block_layout(base, family_of(base, "test")))
+    path, first, _ = units.spans[0]
+    layer = comfy.utils.get_attr(base.model, units.paths[first + 1])
+
+    def foreign(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return type(layer).forward(layer, x, *args, **kwargs)
+
+    base.add_object_patch(f"{units.paths[first + 1]}.forward", foreign)
+    model = out(P.PAGNode.execute(base, 3.0, "auto", **WHOLE_RUN))
+    shared = ksample(model, "sd15", CFG, STEPS)
+    whole = ksample(shared_off(model), "sd15", CFG, STEPS)
+    assert rel_diff(shared, whole) <= SAME
+    assert set(calls) == {3}
+    assert "another node's patch" in report(caplog), report(caplog)
