@@ -5,13 +5,13 @@
 // The real-browser check (both frontends, classic and Nodes 2.0, a real run) is web/tests/run_browser_checks.sh.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, beforeEach, test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
-import { FakeElement } from "./fakes.mjs";
+import { FakeElement, removeFakeFrontend } from "./fakes.mjs";
 
 const source = fileURLToPath(new URL("../js/annealing_plot.js", import.meta.url));
 const widgetUrl = new URL("../js/plot_widget.js", import.meta.url).href;
@@ -53,12 +53,7 @@ before(async () => {
   extension.setup();
 });
 
-after(() => {
-  rmSync(dir, { recursive: true, force: true });
-  delete globalThis.document;
-  delete globalThis.requestAnimationFrame;
-  delete globalThis.LiteGraph;
-});
+after(() => removeFakeFrontend(dir));
 
 beforeEach(() => {
   requests.length = 0;

@@ -2,6 +2,7 @@
 // enough of an HTML element. Not a test file itself (it only exports).
 
 import assert from "node:assert/strict";
+import { rmSync } from "node:fs";
 
 /** A 2D context that records calls and measures text at 6 px per character. */
 export function recordingContext() {
@@ -74,4 +75,12 @@ export class FakeElement {
     assert.equal(kind, "2d");
     return (this.context ??= recordingContext());
   }
+}
+
+/** Removes the copied extension folder and the globals the fake frontend set (document, requestAnimationFrame, LiteGraph). */
+export function removeFakeFrontend(dir) {
+  rmSync(dir, { recursive: true, force: true });
+  delete globalThis.document;
+  delete globalThis.requestAnimationFrame;
+  delete globalThis.LiteGraph;
 }

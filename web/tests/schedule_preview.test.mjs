@@ -6,14 +6,14 @@
 // The real-browser checks (both frontends, classic and Nodes 2.0) are web/tests/run_browser_checks.sh.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, beforeEach, test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { PREVIEW_STEPS, shapeCaption, sigmaCaption } from "../js/schedule_math.js";
-import { FakeElement } from "./fakes.mjs";
+import { FakeElement, removeFakeFrontend } from "./fakes.mjs";
 
 const source = fileURLToPath(new URL("../js/schedule_preview.js", import.meta.url));
 const mathUrl = new URL("../js/schedule_math.js", import.meta.url).href;
@@ -55,12 +55,7 @@ before(async () => {
   await import(pathToFileURL(file).href);
 });
 
-after(() => {
-  rmSync(dir, { recursive: true, force: true });
-  delete globalThis.document;
-  delete globalThis.requestAnimationFrame;
-  delete globalThis.LiteGraph;
-});
+after(() => removeFakeFrontend(dir));
 
 beforeEach(() => {
   globalThis.LiteGraph.vueNodesMode = false;
