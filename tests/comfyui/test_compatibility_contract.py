@@ -13,6 +13,8 @@ ComfyUI's own classes and records what ComfyUI hands over.
 from tests.comfyui import harness  # noqa: F401  (first: ComfyUI on sys.path, or skip the module without it)
 # isort: on
 
+from pathlib import Path
+
 import comfy.k_diffusion.sampling as k_sampling
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.lora
@@ -415,6 +417,32 @@ def _():
     edited = ksample(model, "sd15", 4.0, 2)
     assert seen["guider"] and seen["edits"] == 2, seen
     assert not torch.equal(plain, edited), "an in-place edit of x in PREDICT_NOISE did not reach the sampler"
+
+
+@internal("server.PromptServer (instance, routes, client_id, send_sync(event, data, sid)), routes before add_routes")
+def _():
+    # the Annealing Guidance plot (nodes/annealing_plot.py): its preview route and its run message; PromptServer cannot
+    # be built in this process, so the source is read
+    from tests.conftest import COMFYUI_PATH
+
+    server = (Path(COMFYUI_PATH) / "server.py").read_text(encoding="utf-8")
+    assert "def send_sync(self, event, data, sid=None):" in server
+    assert "routes = web.RouteTableDef()" in server and "self.routes = routes" in server
+    assert "self.client_id = None" in server and "PromptServer.instance = self" in server
+    main = (Path(COMFYUI_PATH) / "main.py").read_text(encoding="utf-8")
+    assert main.index("init_extra_nodes(") < main.index("prompt_server.add_routes()"), \
+        "custom nodes must load (and add their routes) before the server adds its routes to the app"
+
+
+@internal("comfy_api.latest io.Hidden.unique_id, a V3 node's cls.hidden")
+def _():
+    from comfy_api.latest import io
+
+    from guidance_kit.nodes.annealing_guidance import AnnealingGuidanceNode
+
+    assert io.Hidden.unique_id.value == "UNIQUE_ID"
+    # ComfyUI's executor prepares a V3 node class per prompt with its hidden inputs (the node's id in the graph)
+    assert AnnealingGuidanceNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "7"}).hidden.unique_id == "7"
 
 
 @pytest.mark.parametrize("name", list(CONTRACT), ids=list(CONTRACT))
