@@ -10,17 +10,15 @@ from tests.comfyui import harness  # noqa: F401  (first: ComfyUI on sys.path, or
 import pytest
 import torch
 
-from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes import nag as N
 from guidance_kit.nodes.runtime import blocks as model_blocks
 from guidance_kit.nodes.runtime import families
-from tests.comfyui.harness import conditioning, counted, ksample, out, rel_diff, tiny_model
-from tests.comfyui.test_perturbation_nodes import pag, s2g, seg, slg, tpg
+from tests.comfyui.harness import conditioning, ksample, tiny_model
+from tests.comfyui.test_perturbation_nodes import BLOCK_METHODS, check_every_block_method_in_one_batched_call, pag
 
 FAMILY = "cosmos"
 CFG = 4.0
 STEPS = 3
-BLOCK_METHODS = {"PAG": pag, "SEG": seg, "TPG": tpg, "SLG": slg, "S2G": s2g}
 
 
 def test_the_family_row_and_its_block_patches():
@@ -36,17 +34,7 @@ def test_the_family_row_and_its_block_patches():
 
 
 def test_every_block_method_in_one_batched_call_with_a_batch_of_two_stacked_with_cfg_space_terms():
-    base = tiny_model(FAMILY)
-    model = base
-    for method in BLOCK_METHODS.values():
-        model = method(model)
-    model = out(cm.CFGZeroStarNode.execute(out(cm.APGNode.execute(model, 0.0, 15.0, -0.5)), True, 0))
-    model, counter = counted(model)
-    both = ksample(model, FAMILY, CFG, STEPS, batch=2, seed=3)
-    assert torch.isfinite(both).all()
-    assert counter.calls == STEPS and counter.batches == [2 * 7] * STEPS  # 2 latents × (cond, uncond, 5 branches)
-    assert rel_diff(both, ksample(base, FAMILY, CFG, STEPS, batch=2, seed=3)) > 1e-3
-    assert rel_diff(both[:1], ksample(model, FAMILY, CFG, STEPS, batch=1, seed=3)) <= 1e-4  # rows stay apart
+    check_every_block_method_in_one_batched_call(FAMILY, CFG, STEPS)  # rows must not mix along the fourth axis
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -10,17 +10,15 @@ from tests.comfyui import harness  # noqa: F401  (first: ComfyUI on sys.path, or
 import pytest
 import torch
 
-from guidance_kit.nodes import cfg_methods as cm
 from guidance_kit.nodes import nag as N
 from guidance_kit.nodes.runtime import blocks as model_blocks
 from guidance_kit.nodes.runtime import families
-from tests.comfyui.harness import conditioning, counted, ksample, out, rel_diff, tiny_model
-from tests.comfyui.test_perturbation_nodes import pag, s2g, seg, slg, tpg
+from tests.comfyui.harness import conditioning, ksample, tiny_model
+from tests.comfyui.test_perturbation_nodes import BLOCK_METHODS, check_every_block_method_in_one_batched_call
 
 FAMILY = "mochi"
 CFG = 4.0
 STEPS = 2
-BLOCK_METHODS = {"PAG": pag, "SEG": seg, "TPG": tpg, "SLG": slg, "S2G": s2g}
 
 
 def test_the_family_row_and_its_defaults():
@@ -33,15 +31,7 @@ def test_the_family_row_and_its_defaults():
 
 
 def test_every_block_method_in_one_batched_call_with_a_batch_of_two():
-    base = tiny_model(FAMILY)
-    model = base
-    for method in BLOCK_METHODS.values():
-        model = method(model)
-    model, counter = counted(out(cm.APGNode.execute(model, 0.0, 15.0, -0.5)))
-    both = ksample(model, FAMILY, CFG, STEPS, batch=2, seed=3)
-    assert torch.isfinite(both).all()
-    assert counter.calls == STEPS and counter.batches == [2 * 7] * STEPS  # 2 latents × (cond, uncond, 5 branches)
-    assert rel_diff(both, ksample(base, FAMILY, CFG, STEPS, batch=2, seed=3)) > 1e-3
+    check_every_block_method_in_one_batched_call(FAMILY, CFG, STEPS, cfg_zero_star=False, rows_apart=False)
 
 
 def test_bf16_model_gives_finite_outputs():

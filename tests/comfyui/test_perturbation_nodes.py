@@ -50,6 +50,28 @@ def s2g(m, scale=0.5, drop_ratio=0.6, layers="auto", seed=0):
     return out(P.S2GuidanceNode.execute(m, scale, drop_ratio, layers, seed, "constant", 0.0, 1.0))
 
 
+BLOCK_METHODS = {"PAG": pag, "SEG": seg, "TPG": tpg, "SLG": slg, "S2G": s2g}
+
+
+def check_every_block_method_in_one_batched_call(family, cfg, steps, cfg_zero_star=True, rows_apart=True):
+    """Every block method stacked with APG (and CFG-Zero*) on ``family``: one batched call per step, a batch of two
+    latents × (cond, uncond, 5 branches); the stack acts; with ``rows_apart`` the first latent equals its run alone."""
+    base = tiny_model(family)
+    model = base
+    for method in BLOCK_METHODS.values():
+        model = method(model)
+    model = out(cm.APGNode.execute(model, 0.0, 15.0, -0.5))
+    if cfg_zero_star:
+        model = out(cm.CFGZeroStarNode.execute(model, True, 0))
+    model, counter = counted(model)
+    both = ksample(model, family, cfg, steps, batch=2, seed=3)
+    assert torch.isfinite(both).all()
+    assert counter.calls == steps and counter.batches == [2 * 7] * steps
+    assert rel_diff(both, ksample(base, family, cfg, steps, batch=2, seed=3)) > 1e-3
+    if rows_apart:
+        assert rel_diff(both[:1], ksample(model, family, cfg, steps, batch=1, seed=3)) <= 1e-4
+
+
 def tsg(m, scale=2.0, s=2.0, seed=0, perturb=P.TSG_PERTURB[0], noise=0.2):
     if perturb == P.TSG_PERTURB[0] and type(m.model.diffusion_model).__name__.startswith("Chroma"):
         perturb = P.TSG_PERTURB[1]  # Chroma has no time embedding of its own (tests/comfyui/test_tsg_icg.py)
