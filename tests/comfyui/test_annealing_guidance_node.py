@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 
-from guidance_kit.digits import model as digits_model
 from guidance_kit.guiders.methods.annealing_guidance import GuidanceScalePolicy
 from guidance_kit.nodes.annealing_guidance import POLICY_FOLDER, AnnealingGuidanceNode, policy_choices
 from guidance_kit.nodes.cfg_methods import APGNode
@@ -18,19 +17,6 @@ from guidance_kit.nodes.cfg_methods import APGNode
 from .harness import out, tiny_model
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    cpu = torch.device("cpu")
-    return digits_model.load_digits_model(digits_model.UNET_WEIGHTS, cpu, cpu)
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes():
-    import nodes
-
-    return nodes
 
 
 def sample(comfy_nodes, loaded, model, digits, cfg=3.0, seed=0, start=0, end=STEPS, latent=None, sampler="euler"):

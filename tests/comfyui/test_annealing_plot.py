@@ -19,7 +19,6 @@ import types
 import pytest
 import torch
 
-from guidance_kit.digits import model as digits_model
 from guidance_kit.digits.train_guidance_policy import POLICY_WEIGHTS
 from guidance_kit.guiders.methods.annealing_guidance import load_policy
 from guidance_kit.nodes import annealing_plot
@@ -52,12 +51,6 @@ def server(monkeypatch):
     module.PromptServer = type("PromptServer", (), {"instance": recorder})
     monkeypatch.setitem(sys.modules, "server", module)
     return recorder
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    cpu = torch.device("cpu")
-    return digits_model.load_digits_model(digits_model.UNET_WEIGHTS, cpu, cpu)
 
 
 def test_the_preview_is_the_policy_evaluated_directly():

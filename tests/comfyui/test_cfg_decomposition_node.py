@@ -21,19 +21,6 @@ from .harness import out, tiny_model
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    cpu = torch.device("cpu")
-    return digits_model.load_digits_model(digits_model.UNET_WEIGHTS, cpu, cpu)
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes():
-    import nodes
-
-    return nodes
-
-
 def sample(comfy_nodes, loaded, model, digits, cfg=4.0, seed=0, start=0, end=STEPS, latent=None):
     if latent is None:
         latent = {"samples": torch.zeros(len(digits), 1, 8, 8)}

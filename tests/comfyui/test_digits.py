@@ -74,13 +74,6 @@ def test_missing_or_foreign_weights_are_clear_errors(tmp_path):
 # the nodes in ComfyUI's KSampler path
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def comfy_nodes():
-    import nodes
-
-    return nodes
-
-
 def sample_with_ksampler(comfy_nodes, digit: int, cfg: float, batch: int = 8, seed: int = 0, model=None):
     loaded = DigitsModelLoader.execute(digit)
     loaded_model, positive, negative = out(loaded, 0), out(loaded, 1), out(loaded, 2)

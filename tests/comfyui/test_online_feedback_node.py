@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 
-from guidance_kit.digits import model as digits_model
 from guidance_kit.digits.sampling import sample
 from guidance_kit.nodes.contributors.feedback_evaluators import ClipVisionEvaluator, downscale_latent
 from guidance_kit.nodes.seed_papers import OnlineFeedbackCFGNode
@@ -18,12 +17,6 @@ from guidance_kit.nodes.seed_papers import OnlineFeedbackCFGNode
 from .harness import init_random_, ksample, out, tiny_model
 
 PROJECTION = 16
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    cpu = torch.device("cpu")
-    return digits_model.load_digits_model(digits_model.UNET_WEIGHTS, cpu, cpu)
 
 
 @pytest.fixture(scope="module")
